@@ -1,0 +1,77 @@
+"""The `msmae` command line (typer). Heavy modules are imported inside commands so start-up stays fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="MSMAE at cluster scale: ingest, train, tune.")
+
+
+@app.command()
+def ingest(
+    src: Annotated[Path | None, typer.Argument(help="ImageFolder root (<class>/<file>). Omit when using --manifest.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder for shards, quarantine.csv, dataset.json.")] = ...,
+    manifest: Annotated[Path | None, typer.Option(help="CSV or Parquet manifest instead of an ImageFolder.")] = None,
+    image_root: Annotated[Path | None, typer.Option(help="Folder the manifest's image ids are relative to.")] = None,
+    image_col: Annotated[str | None, typer.Option(help="Manifest column with the image path or id (extension optional).")] = None,
+    label_col: Annotated[str | None, typer.Option(help="Manifest column with the class name.")] = None,
+    group_col: Annotated[str | None, typer.Option(help="Manifest column with a group (patient, lesion) kept in one split.")] = None,
+    classes: Annotated[str | None, typer.Option(help="Comma-separated class names, in id order; others are quarantined as unknown_label.")] = None,
+    mode: Annotated[str, typer.Option(help="Pixel mode images are converted to: RGB or L.")] = "RGB",
+    max_side: Annotated[int | None, typer.Option(help="Downscale so the longer side is at most this many pixels.")] = None,
+    val: Annotated[float, typer.Option(help="Validation fraction (per class, by images, whole groups).")] = 0.2,
+    test: Annotated[float, typer.Option(help="Test fraction; 0 for no test split.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    rows_per_shard: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 2048,
+    workers: Annotated[int | None, typer.Option(help="Decode processes (default: all CPUs).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail (write no shards) if any file is quarantined.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Validate, de-duplicate and split images into Parquet shards (a no-op when already up to date)."""
+    import os
+
+    from pipelines.ingest import IngestError, IngestOptions
+    from pipelines.ingest import ingest as run_ingest
+    from pipelines.sources import ManifestSpec
+
+    if manifest is not None:
+        missing = [n for n, v in (("--image-root", image_root), ("--image-col", image_col), ("--label-col", label_col)) if v is None]
+        if missing:
+            raise typer.BadParameter(f"--manifest also needs {', '.join(missing)}")
+        if src is not None:
+            raise typer.BadParameter("give either SRC (an ImageFolder root) or --manifest, not both")
+        source: Path | ManifestSpec = ManifestSpec(manifest, image_root, image_col, label_col, group_col)
+    elif src is None:
+        raise typer.BadParameter("give SRC (an ImageFolder root) or --manifest FILE")
+    else:
+        source = src
+    opts = IngestOptions(
+        mode=mode, max_side=max_side, val=val, test=test, seed=seed, strict=strict, rows_per_shard=rows_per_shard,
+        classes=[c.strip() for c in classes.split(",")] if classes else None, workers=workers or os.cpu_count() or 1,
+    )
+    try:
+        result = run_ingest(source, out, opts, progress=progress, log=typer.echo)
+    except (IngestError, FileNotFoundError, ValueError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from e
+    s = result.summary
+    typer.echo(f"{s['num_images']} images kept, {s['quarantined']} quarantined, {s['duplicate_groups']} duplicate groups "
+               f"({s['duplicate_images']} images), {s['label_conflict_groups']} label conflicts → {out}")
+    for split, counts in s["counts"].items():
+        typer.echo(f"  {split:5s} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+@app.callback()
+def _root() -> None:
+    """Keeps `msmae ingest` a sub-command even while it is the only one."""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

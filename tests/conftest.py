@@ -1,0 +1,71 @@
+"""Shared fixtures. Data fixtures are prefixed `data_` / `ray_`; add yours with your own prefix."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_BTMD = REPO / "data" / "sample" / "btmd"
+
+
+def data_png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def data_random_image(seed: int, size: tuple[int, int] = (40, 32), mode: str = "RGB") -> Image.Image:
+    """A deterministic noisy image (distinct per seed, so no accidental duplicates)."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr, "RGB").convert(mode)
+
+
+@pytest.fixture(scope="session")
+def data_sample_btmd() -> Path:
+    """The bundled BTMD sample (data/sample/btmd); read-only, never write into it."""
+    if not SAMPLE_BTMD.is_dir():
+        pytest.fail(f"{SAMPLE_BTMD} missing: regenerate it with scripts/make_sample.py")
+    return SAMPLE_BTMD
+
+
+@pytest.fixture(scope="session")
+def data_sample_ingested(tmp_path_factory: pytest.TempPathFactory, data_sample_btmd: Path) -> Path:
+    """The bundled sample ingested once per session (val 0.2, test 0.1, seed 0)."""
+    from pipelines.ingest import IngestOptions, ingest
+
+    out = tmp_path_factory.mktemp("sample_ingest")
+    ingest(data_sample_btmd, out, IngestOptions(val=0.2, test=0.1, seed=0, workers=1), progress=False, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster per test session.
+
+    4 logical CPUs on a 2-core machine: Ray Data's read tasks need free CPU slots beside the
+    map tasks, or a run on 2 slots can hang waiting for resources.
+    """
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=tmp,
+        object_store_memory=512 * 1024 * 1024,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}},
+    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield ray
+    ray.shutdown()
