@@ -1,21 +1,31 @@
 """Move attention maps with the augmentation, so weight i belongs to patch i of the augmented image.
 
-A map is computed on the whole, un-augmented image (resize only). Training images are a
-random resized crop of that image, possibly flipped. The reference code indexes the map
-as if no crop happened (defect 2). Here the map is treated as a small image covering the
-source in normalised coordinates: each output patch takes the average of the bilinearly
-upsampled map over the region of the source that the patch shows (``roi_align``), and
-flipped samples are mirrored afterwards, exactly as the pixels were.
+A map is computed on the whole, un-augmented image (resize only): weight i is the
+attention on patch i, i.e. on that square of the image. Training images are a random
+resized crop of the image, possibly flipped; the reference code indexes the map as if no
+crop happened (defect 2). Here each patch of the augmented image gets the area-weighted
+mean of the source patches it shows. Area weights separate into a row and a column
+matrix, so a whole batch is two small batched matmuls: ``out = Wy · map · Wxᵀ``.
 """
 
 from __future__ import annotations
 
 import torch
-from torchvision.ops import roi_align
 
-# Bilinear samples per output patch and axis: averages the upsampled map over the patch
-# area rather than reading one point, so small crops do not alias.
-_SAMPLES_PER_PATCH = 4
+
+def _overlap_weights(start: torch.Tensor, end: torch.Tensor, out_cells: int, src_cells: int) -> torch.Tensor:
+    """``[B, out_cells, src_cells]``: the share of output cell j that lies in source cell c.
+
+    Output cell j covers ``[start + (end-start)·j/n, start + (end-start)·(j+1)/n]`` of the
+    source's normalised axis; source cell c covers ``[c/m, (c+1)/m]``.
+    """
+    steps = torch.arange(out_cells + 1, device=start.device, dtype=torch.float32) / out_cells
+    edges = start[:, None] + (end - start)[:, None] * steps  # [B, n + 1]
+    lo, hi = edges[:, :-1, None], edges[:, 1:, None]  # [B, n, 1]
+    src = torch.arange(src_cells + 1, device=start.device, dtype=torch.float32) / src_cells
+    src_lo, src_hi = src[:-1], src[1:]  # [m]
+    overlap = (torch.minimum(hi, src_hi) - torch.maximum(lo, src_lo)).clamp_min(0)  # [B, n, m]
+    return overlap / overlap.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 def crop_flip_maps(
@@ -25,7 +35,7 @@ def crop_flip_maps(
     flipped: torch.Tensor,
     out_grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Crop, resample and flip a batch of attention maps like their images were.
+    """Crop, resample and flip a batch of attention maps as their images were.
 
     Args:
         maps: ``[B, L]`` weights of the whole image, row-major over ``grid`` (``L = gh*gw``).
@@ -48,12 +58,11 @@ def crop_flip_maps(
             f"need crop_boxes [B, 4] and flipped [B] for B={batch}, "
             f"got {tuple(crop_boxes.shape)} and {tuple(flipped.shape)}"
         )
-    images = maps.float().reshape(batch, 1, gh, gw)
-    boxes = crop_boxes.to(device=maps.device, dtype=torch.float32)
-    scale = torch.tensor([gw, gh, gw, gh], device=maps.device, dtype=torch.float32)
-    batch_index = torch.arange(batch, device=maps.device, dtype=torch.float32)[:, None]
-    rois = torch.cat([batch_index, boxes * scale], dim=1)  # [B, 5] in map-pixel units
-    # aligned=True: pixel j covers [j, j+1), so a box (0, 0, gw, gh) reproduces the map.
-    out = roi_align(images, rois, (oh, ow), spatial_scale=1.0, sampling_ratio=_SAMPLES_PER_PATCH, aligned=True)
-    out = torch.where(flipped.to(maps.device).view(batch, 1, 1, 1), out.flip(-1), out)
+    boxes = crop_boxes.to(device=maps.device, dtype=torch.float32).clamp(0.0, 1.0)
+    x0, y0, x1, y1 = boxes.unbind(dim=1)
+    rows = _overlap_weights(y0, y1, oh, gh)  # [B, oh, gh]
+    cols = _overlap_weights(x0, x1, ow, gw)  # [B, ow, gw]
+    cols = torch.where(flipped.to(maps.device).view(batch, 1, 1), cols.flip(1), cols)
+    grid_maps = maps.float().reshape(batch, gh, gw)
+    out = rows @ grid_maps @ cols.transpose(1, 2)  # [B, oh, ow]
     return out.reshape(batch, oh * ow).to(maps.dtype)

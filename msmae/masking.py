@@ -40,9 +40,9 @@ def mask_counts(num_patches: int, mask_ratio: float, throw_ratio: float) -> tupl
     ⌊L·m⌋ masked, ⌊L·(m+t)⌋ − ⌊L·m⌋ thrown, the rest kept (49 of 196 at 0.45 / 0.30).
     """
     if not mask_ratio > 0:
-        raise ValueError(f"mask_ratio must be > 0 (got {mask_ratio}): at least one patch must be masked")
+        raise ValueError(f"mask_ratio={mask_ratio} must be > 0: at least one patch must be masked")
     if not throw_ratio >= 0:
-        raise ValueError(f"throw_ratio must be >= 0 (got {throw_ratio})")
+        raise ValueError(f"throw_ratio={throw_ratio} must be >= 0")
     if num_patches < 2:
         raise ValueError(f"need at least 2 patches to mask (got L={num_patches})")
     n_masked = math.floor(num_patches * mask_ratio + _COUNT_EPS)

@@ -1,0 +1,74 @@
+"""MSMAE — medical supervised masked autoencoders, the method (torch + timm only).
+
+Public API:
+    sam_masking, random_masking, MaskSplit   masking (msmae.masking)
+    attention_maps                           supervised attention maps (msmae.attention)
+    crop_flip_maps                           move maps with the augmentation (msmae.geometry)
+    build_pretrain_model, build_classifier,
+    load_pretrained_encoder, PRESETS         models by preset name (msmae.models)
+    AttentionTable                           per-image maps keyed by dataset index
+    pretrain_step, finetune_step, evaluate,
+    compute_attention_maps, draw_masks       step functions for any loop (msmae.engine)
+
+This package never imports Ray or MLflow: it runs alone on a GPU box.
+"""
+
+from msmae.attention import attention_maps
+from msmae.engine import (
+    MaskRatios,
+    compute_attention_maps,
+    draw_masks,
+    evaluate,
+    finetune_step,
+    predict_probs,
+    pretrain_step,
+)
+from msmae.geometry import crop_flip_maps
+from msmae.masking import MaskSplit, mask_counts, random_masking, sam_masking
+from msmae.metrics import ClassificationReport, classification_report
+from msmae.models import (
+    PRESETS,
+    MSMAEClassifier,
+    MSMAEPretrainModel,
+    ViTPreset,
+    build_classifier,
+    build_pretrain_model,
+    get_preset,
+    load_pretrained_encoder,
+)
+from msmae.schedules import MaskingSchedule, cosine_lr, layer_decay_param_groups, scaled_lr, set_lr
+from msmae.table import AttentionTable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "AttentionTable",
+    "ClassificationReport",
+    "MSMAEClassifier",
+    "MSMAEPretrainModel",
+    "MaskRatios",
+    "MaskSplit",
+    "MaskingSchedule",
+    "ViTPreset",
+    "attention_maps",
+    "build_classifier",
+    "build_pretrain_model",
+    "classification_report",
+    "compute_attention_maps",
+    "cosine_lr",
+    "crop_flip_maps",
+    "draw_masks",
+    "evaluate",
+    "finetune_step",
+    "get_preset",
+    "layer_decay_param_groups",
+    "load_pretrained_encoder",
+    "mask_counts",
+    "predict_probs",
+    "pretrain_step",
+    "random_masking",
+    "sam_masking",
+    "scaled_lr",
+    "set_lr",
+]

@@ -1,0 +1,175 @@
+"""One pre-training step, one fine-tuning step, one evaluation pass, one map refresh.
+
+Loops live elsewhere (the Ray Train loop in ``pipelines/``, or a plain single-GPU script);
+they call these functions with tensors already on the device. Steps return detached
+tensors rather than Python floats so a GPU loop is not forced to synchronise every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from msmae.attention import attention_maps
+from msmae.losses import pretrain_loss
+from msmae.masking import MaskSplit, random_masking, sam_masking
+from msmae.metrics import ClassificationReport, classification_report
+from msmae.models import MSMAEClassifier, MSMAEPretrainModel
+from msmae.schedules import MaskingPhase
+
+
+def autocast(device: torch.device | str, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the device runs it fast (CUDA with bf16); a no-op elsewhere.
+
+    CPU bf16 autocast is slower than fp32 on most CPUs, so CPU runs stay fp32.
+    """
+    device = torch.device(device)
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class MaskRatios:
+    """SAM ratios and the ratio of MAE-style random masking used before SAM starts."""
+
+    mask: float = 0.45
+    throw: float = 0.30
+    random_mask: float = 0.75
+
+
+def draw_masks(
+    phase: MaskingPhase,
+    ratios: MaskRatios,
+    batch_size: int,
+    num_patches: int,
+    weights: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> MaskSplit:
+    """The batch's kept / masked / thrown patches for the current masking phase.
+
+    ``weights`` (``[B, L]``, already moved with the augmentation) are required in the
+    ``sam`` phase and ignored in the ``random`` phase.
+    """
+    if phase == "random":
+        return random_masking(batch_size, num_patches, ratios.random_mask, generator, device)
+    if weights is None:
+        raise ValueError("SAM masking needs attention weights for the batch")
+    return sam_masking(weights, ratios.mask, ratios.throw, generator)
+
+
+@dataclass
+class PretrainStepOutput:
+    loss: torch.Tensor
+    reconstruction: torch.Tensor
+    classification: torch.Tensor
+
+
+def pretrain_step(
+    model: MSMAEPretrainModel,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    split: MaskSplit,
+    cls_weight: float = 0.1,
+    norm_pix_loss: bool = False,
+    amp: bool = True,
+    grad_clip: float | None = None,
+) -> PretrainStepOutput:
+    """Forward on the kept tokens, loss on the masked ones, one optimiser step."""
+    model.train()
+    with autocast(images.device, amp):
+        pred, logits = model(images, split)
+    loss, recon, cls = pretrain_loss(
+        pred, logits, images, labels, split.masked, model.preset.patch_size, cls_weight, norm_pix_loss
+    )
+    _backward_step(loss, model, optimizer, grad_clip)
+    return PretrainStepOutput(loss.detach(), recon.detach(), cls.detach())
+
+
+def finetune_step(
+    model: MSMAEClassifier,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    kept: torch.Tensor | None,
+    label_smoothing: float = 0.1,
+    amp: bool = True,
+    grad_clip: float | None = None,
+) -> torch.Tensor:
+    """A training step on the visible tokens only (``kept=None``: all tokens); returns the loss."""
+    model.train()
+    with autocast(images.device, amp):
+        logits = model(images, kept)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    _backward_step(loss, model, optimizer, grad_clip)
+    return loss.detach()
+
+
+def _backward_step(
+    loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None
+) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}; lower the learning rate or check the inputs")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
+@torch.no_grad()
+def predict_probs(model: MSMAEClassifier, images: torch.Tensor, amp: bool = True) -> torch.Tensor:
+    """Class probabilities ``[B, C]`` from the whole image (all tokens), eval mode."""
+    model.eval()
+    with autocast(images.device, amp):
+        logits = model(images)
+    return logits.float().softmax(dim=-1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MSMAEClassifier,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    amp: bool = True,
+) -> tuple[ClassificationReport, torch.Tensor, torch.Tensor]:
+    """Full-image evaluation over ``(images, labels)`` batches.
+
+    Returns the report plus the gathered probabilities and labels (on CPU), which
+    distributed callers all-gather before computing a global report.
+    """
+    all_probs, all_labels = [], []
+    for images, labels in batches:
+        all_probs.append(predict_probs(model, images, amp).cpu())
+        all_labels.append(labels.cpu())
+    if not all_probs:
+        raise ValueError("evaluation got no batches: is the validation split empty?")
+    probs, labels = torch.cat(all_probs), torch.cat(all_labels)
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels.long()).item()
+    return classification_report(probs, labels, num_classes, loss), probs, labels
+
+
+@torch.no_grad()
+def compute_attention_maps(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    amp: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps for un-augmented ``(images, index)`` batches: ``(index [N], maps [N, L])`` on CPU.
+
+    Any batch size works, a last partial batch included (reference-code defect 4).
+    """
+    indices, maps = [], []
+    for images, index in batches:
+        with autocast(images.device, amp):
+            maps.append(attention_maps(model, images).float().cpu())
+        indices.append(index.cpu().long())
+    if not maps:
+        raise ValueError("no images to compute attention maps from")
+    return torch.cat(indices), torch.cat(maps)

@@ -1,0 +1,64 @@
+"""MSMAE's training objective: reconstruction of masked patches + λ · CLS cross-entropy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[B, 3, H, W] -> [B, L, p*p*3]``, patches row-major, pixels (p, p, channel) inside."""
+    batch, channels, height, width = images.shape
+    gh, gw = height // patch_size, width // patch_size
+    x = images.reshape(batch, channels, gh, patch_size, gw, patch_size)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(batch, gh * gw, patch_size**2 * channels)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Inverse of ``patchify``: ``[B, L, p*p*3] -> [B, 3, H, W]``."""
+    gh, gw = grid
+    batch = patches.shape[0]
+    x = patches.reshape(batch, gh, gw, patch_size, patch_size, -1)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(batch, -1, gh * patch_size, gw * patch_size)
+
+
+def reconstruction_loss(
+    pred: torch.Tensor,
+    images: torch.Tensor,
+    masked: torch.Tensor,
+    patch_size: int,
+    norm_pix_loss: bool = False,
+) -> torch.Tensor:
+    """Mean squared error over the masked patches only.
+
+    ``pred`` is ``[B, n_masked, p*p*3]`` in the order of ``masked`` (``[B, n_masked]``);
+    kept and thrown patches never enter the loss. With ``norm_pix_loss`` each target
+    patch is standardised by its own mean and variance (MAE's option).
+    """
+    target = patchify(images, patch_size)  # [B, L, p*p*3]
+    target = torch.gather(target, 1, masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    return F.mse_loss(pred.float(), target.float())
+
+
+def pretrain_loss(
+    pred: torch.Tensor,
+    logits: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    masked: torch.Tensor,
+    patch_size: int,
+    cls_weight: float = 0.1,
+    norm_pix_loss: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(total, reconstruction, classification)``; total = MSE + λ · CE.
+
+    Cross-entropy takes raw logits: the reference code applied softmax first and so
+    squashed the classifier's gradient (defect 1).
+    """
+    recon = reconstruction_loss(pred, images, masked, patch_size, norm_pix_loss)
+    cls = F.cross_entropy(logits.float(), labels)
+    return recon + cls_weight * cls, recon, cls

@@ -1,0 +1,72 @@
+"""Learning-rate and masking schedules, as pure functions of the (fractional) epoch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+
+def cosine_lr(epoch: float, base_lr: float, min_lr: float, warmup_epochs: float, total_epochs: float) -> float:
+    """Linear warm-up to ``base_lr``, then half-cosine decay to ``min_lr`` (MAE's per-step schedule)."""
+    if epoch < warmup_epochs:
+        return base_lr * epoch / warmup_epochs
+    span = max(total_epochs - warmup_epochs, 1e-12)
+    progress = min((epoch - warmup_epochs) / span, 1.0)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def scaled_lr(base_lr_per_256: float, global_batch: int) -> float:
+    """The linear scaling rule the paper uses: lr = blr · batch / 256."""
+    return base_lr_per_256 * global_batch / 256
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr, honouring a group's ``lr_scale`` (layer-wise decay)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def layer_decay_param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Parameter groups with layer-wise lr decay for fine-tuning (timm's BEiT-style grouping).
+
+    Blocks near the input get ``layer_decay ** depth`` of the lr; the head gets the full lr.
+    Biases, norms, position embeddings and the CLS token get no weight decay.
+    """
+    from timm.optim import param_groups_layer_decay
+
+    no_decay = getattr(model, "no_weight_decay", lambda: set())()
+    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
+
+
+MaskingPhase = Literal["random", "sam"]
+
+
+@dataclass(frozen=True)
+class MaskingSchedule:
+    """When masking is random vs supervised, and at which epochs attention maps are refreshed.
+
+    Pre-training (paper): random until ``sam_start`` = W = 40, maps refreshed at W and every
+    K = 40 epochs after. Fine-tuning: ``sam_start`` = 0, refresh at 0 and every 20.
+    """
+
+    sam_start: int
+    refresh_every: int
+
+    def __post_init__(self) -> None:
+        if self.sam_start < 0:
+            raise ValueError(f"sam_start (warm-up epochs) must be >= 0, got {self.sam_start}")
+        if self.refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1 epoch, got {self.refresh_every}")
+
+    def phase(self, epoch: int) -> MaskingPhase:
+        return "random" if epoch < self.sam_start else "sam"
+
+    def refresh_due(self, epoch: int) -> bool:
+        """Refresh the maps at the start of this epoch (from the model as it is then)?"""
+        return epoch >= self.sam_start and (epoch - self.sam_start) % self.refresh_every == 0
+
+    def refresh_epochs(self, total_epochs: int) -> list[int]:
+        return [e for e in range(total_epochs) if self.refresh_due(e)]
