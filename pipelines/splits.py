@@ -51,7 +51,7 @@ def fractions_for(val: float, test: float) -> dict[str, float]:
     """Validated split fractions; train gets the remainder."""
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"split fractions must satisfy 0 <= val, test and val + test < 1; got val={val}, test={test}")
-    fr = {"train": 1.0 - val - test, "val": val}
+    fr = {"train": round(1.0 - val - test, 12), "val": val}
     if test > 0:
         fr["test"] = test
     return fr
