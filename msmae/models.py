@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -96,18 +97,36 @@ def build_vit(preset: ViTPreset, num_classes: int, global_pool: str, drop_path_r
 
 
 def embed_tokens(vit: VisionTransformer, images: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
-    """Patch-embed, add positions, keep the visible patches, prepend CLS: ``[B, 1 + n, D]``.
+    """Patch-embed the kept patches, add their positions, prepend CLS: ``[B, 1 + n, D]``.
 
-    Positions are added *before* gathering so a kept token carries the position of the
-    patch it came from; ``kept=None`` keeps all L patches (evaluation, attention maps).
+    ``kept=None`` embeds all L patches (evaluation, attention maps). With ``kept``, only
+    the kept patches are cut out and projected, so dropped patches cost nothing at all;
+    each kept token carries the position of the patch it came from.
     """
-    x = vit.patch_embed(images)  # [B, L, D]
-    x = x + vit.pos_embed[:, 1:]
-    if kept is not None:
-        x = torch.gather(x, 1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, n, D]
+    if kept is None:
+        x = vit.patch_embed(images) + vit.pos_embed[:, 1:]  # [B, L, D]
+    else:
+        x = _embed_kept_patches(vit, images, kept) + _gather_tokens(vit.pos_embed[:, 1:].expand(kept.shape[0], -1, -1), kept)
     cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
     x = torch.cat([cls, x], dim=1)
     return vit.norm_pre(vit.pos_drop(x))
+
+
+def _gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tokens[b, index[b]]`` for every b: ``[B, L, D], [B, n] -> [B, n, D]``."""
+    return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def _embed_kept_patches(vit: VisionTransformer, images: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The patch-embedding convolution applied to the kept patches only: ``[B, n, D]``.
+
+    A stride-p, p x p convolution is a linear map of each flattened (C, p, p) patch.
+    """
+    proj = vit.patch_embed.proj
+    patch = proj.kernel_size[0]
+    patches = F.unfold(images, kernel_size=patch, stride=patch).transpose(1, 2)  # [B, L, C*p*p]
+    x = F.linear(_gather_tokens(patches, kept), proj.weight.flatten(1), proj.bias)
+    return vit.patch_embed.norm(x)
 
 
 def encode(vit: VisionTransformer, images: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,8 +180,7 @@ class MSMAEPretrainModel(nn.Module):
         """
         x = self.decoder_embed(latent)  # [B, 1 + n_kept, Dd]
         pos = self.decoder_pos_embed.expand(x.shape[0], -1, -1)
-        visible_pos = torch.gather(pos[:, 1:], 1, kept.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
-        masked_pos = torch.gather(pos[:, 1:], 1, masked.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
+        visible_pos, masked_pos = _gather_tokens(pos[:, 1:], kept), _gather_tokens(pos[:, 1:], masked)
         x = torch.cat(
             [x[:, :1] + pos[:, :1], x[:, 1:] + visible_pos, self.mask_token + masked_pos], dim=1
         )

@@ -1,0 +1,114 @@
+"""Shared pieces of the step benchmarks: build one training step per variant, count its
+FLOPs with ``torch.utils.flop_counter``, time it. Used by ``bench_steps.py`` (CPU, the
+README table) and ``gpu_check.py`` (a lent GPU box: torch + timm only, no Ray)."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+
+from msmae.engine import MaskRatios, draw_masks, finetune_step, predict_probs, pretrain_step  # noqa: E402
+from msmae.models import build_classifier, build_pretrain_model, get_preset  # noqa: E402
+
+# (phase, variant) -> what the step does. Ratios are the paper's defaults.
+VARIANTS = {
+    ("finetune", "all tokens"): "ViT on all L tokens (plain fine-tuning)",
+    ("finetune", "SAM 25%"): "encoder on the 25 % kept tokens (m 0.45, t 0.30)",
+    ("pretrain", "MAE"): "random 75 % masking, decoder on all L tokens",
+    ("pretrain", "MSMAE"): "SAM m 0.45 / t 0.30: encoder on 25 %, decoder on kept + masked",
+    ("eval", "all tokens"): "inference forward on the whole image",
+}
+
+
+@dataclass
+class StepResult:
+    preset: str
+    phase: str
+    variant: str
+    batch: int
+    flops: float  # per step (forward + backward for training steps)
+    seconds: float  # median per step
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / self.seconds
+
+    @property
+    def tflops_per_s(self) -> float:
+        return self.flops / self.seconds / 1e12
+
+
+def make_step(preset: str, phase: str, variant: str, batch: int, device: torch.device, amp: bool) -> Callable[[], None]:
+    """A closure running one step of the variant on random data (fixed per closure)."""
+    spec = get_preset(preset)
+    num_classes = 4
+    images = torch.randn(batch, 3, spec.img_size, spec.img_size, device=device)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    weights = torch.rand(batch, spec.num_patches, device=device)
+    ratios = MaskRatios()
+    if phase == "pretrain":
+        model = build_pretrain_model(spec, num_classes).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+        masking_phase = "random" if variant == "MAE" else "sam"
+
+        def step() -> None:
+            split = draw_masks(masking_phase, ratios, batch, spec.num_patches, weights, generator, device)
+            pretrain_step(model, optimizer, images, labels, split, amp=amp)
+
+        return step
+    model = build_classifier(spec, num_classes).to(device)
+    if phase == "eval":
+        return lambda: predict_probs(model, images, amp)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        kept = None
+        if variant.startswith("SAM"):
+            kept = draw_masks("sam", ratios, batch, spec.num_patches, weights, generator, device).kept
+        finetune_step(model, optimizer, images, labels, kept, amp=amp)
+
+    return step
+
+
+def count_flops(step: Callable[[], None]) -> float:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds per step after ``warmup`` untimed steps."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_variant(
+    preset: str, phase: str, variant: str, batch: int, device: torch.device, amp: bool, warmup: int, repeats: int
+) -> StepResult:
+    step = make_step(preset, phase, variant, batch, device, amp)
+    flops = count_flops(step)
+    seconds = time_step(step, device, warmup, repeats)
+    return StepResult(preset, phase, variant, batch, flops, seconds)
