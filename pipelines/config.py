@@ -1,0 +1,180 @@
+"""Run configuration: typed, validated once at the edge, loaded from YAML presets under ``configs/``.
+
+Every stage receives these objects, never dicts of strings. Unknown keys and bad values are
+rejected with the dotted key named (``finetune.epochs: must be >= 1``), so a typo in a sweep
+does not silently run the defaults. ``--set key.path=value`` overrides parse the value as YAML.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    img_size: int = Field(64, ge=16, description="training/eval image side in pixels")
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    preset: Literal["tiny", "small", "base"] = "tiny"
+    patch_size: int | None = Field(None, ge=2, description="override the preset's patch size")
+
+
+class MaskingConfig(_Section):
+    mask_ratio: float = Field(0.45, gt=0, lt=1)
+    throw_ratio: float = Field(0.30, ge=0, lt=1)
+    sam_start: int = Field(0, ge=0, description="epochs of random masking before SAM (W)")
+    refresh_every: int = Field(20, ge=1, description="epochs between attention-map refreshes (K)")
+
+    @model_validator(mode="after")
+    def _leaves_tokens_visible(self) -> "MaskingConfig":
+        if self.mask_ratio + self.throw_ratio > 0.97:
+            raise ValueError(
+                f"mask_ratio + throw_ratio = {self.mask_ratio + self.throw_ratio:.3f} leaves almost no visible "
+                "tokens; keep it <= 0.97"
+            )
+        return self
+
+
+class OptimConfig(_Section):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="global batch (split across workers)")
+    blr: float = Field(gt=0, description="base lr; lr = blr * batch_size / 256")
+    min_lr: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+
+
+class PretrainConfig(OptimConfig):
+    epochs: int = Field(300, ge=1)
+    batch_size: int = Field(64, ge=1)
+    blr: float = Field(1e-3, gt=0)
+    warmup_epochs: float = Field(40, ge=0)
+    masking: MaskingConfig = MaskingConfig(sam_start=40, refresh_every=40)
+    random_mask_ratio: float = Field(0.75, gt=0, lt=1, description="MAE masking before SAM starts")
+    cls_weight: float = Field(0.1, ge=0, description="lambda: weight of the CLS cross-entropy")
+    norm_pix_loss: bool = False
+
+
+class FinetuneConfig(OptimConfig):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=1)
+    blr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(5, ge=0)
+    layer_decay: float = Field(0.75, gt=0, le=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    sam: bool = Field(True, description="drop tokens by SAM in fine-tuning (False: train on all tokens)")
+    masking: MaskingConfig = MaskingConfig(sam_start=0, refresh_every=20)
+
+
+class ScalingConfig(_Section):
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(1, ge=1, description="checkpoint every N epochs")
+    keep: int = Field(2, ge=1, description="checkpoints kept (the best by the validation metric stays)")
+    metric: str = "val_macro_f1"
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db or $MLFLOW_TRACKING_URI")
+    experiment: str = "msmae"
+    model_name: str = "msmae-classifier"
+
+
+class RunConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """``{"pretrain.masking.mask_ratio": 0.45, ...}`` for logging as parameters."""
+        return _flatten(self.model_dump())
+
+
+class ConfigError(ValueError):
+    """A configuration value was rejected; the message names the dotted key."""
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. finetune.epochs=50")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """A preset name (``demo``) from ``configs/``, or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"}:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("space-"))
+        raise ConfigError(f"unknown config preset {name_or_path!r}; choose one of {known} or pass a .yaml path")
+    return candidate
+
+
+def load_config(preset: str | Path = "demo", overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a preset (or YAML file), apply ``--set`` overrides, validate."""
+    path = preset_path(preset)
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return validate_config(tree, source=str(path))
+
+
+def validate_config(tree: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            message = "unknown key (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append(f"  {key}: {message} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {key}: {message}")
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems)) from None
