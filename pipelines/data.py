@@ -99,7 +99,18 @@ def _read(data_dir: str | Path, split: str) -> ray.data.Dataset:
     files = shard_files(Path(data_dir), split)
     if not files:
         raise ValueError(f"split {split!r} of {data_dir} is empty; re-run ingest with a larger --val/--test")
-    return ray.data.read_parquet([str(f) for f in files]).select_columns(_READ_COLUMNS)
+    # Ray 2.60's default Parquet reader (DataSourceV2) reads file footers in nested remote
+    # tasks on every pass; on a small node that costs 5-10 s per epoch (measured: 420 images,
+    # 0.9 s per pass with the V1 reader, 7-11 s with V2). The flag is read only while the plan
+    # is built, so it is set for this one call and restored; the Dataset keeps the V1 reader.
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        ds = ray.data.read_parquet([str(f) for f in files])
+    finally:
+        ctx.use_datasource_v2 = previous
+    return ds.select_columns(_READ_COLUMNS)
 
 
 # --- per-batch transforms (run inside Ray Data workers; plain functions of numpy batches) ---

@@ -1,0 +1,119 @@
+"""Training-stream throughput: Ray Data vs a torch DataLoader doing the same work.
+
+Both sides run the exact same per-batch function (`pipelines.data.augment_batch`: decode,
+RandomResizedCrop 0.2–1 bicubic, flip, normalise, crop box) over the same train split of an
+ingested dataset, with the same number of CPU workers (`--workers`: DataLoader processes /
+Ray Data map tasks in flight) and the same batch size. Each side runs `--epochs` passes; the
+first includes start-up (process spawn, imports), later ones are steady state.
+
+    .venv/bin/python benchmarks/bench_data.py            # BTMD Training if present, else the sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
+BTMD = REPO.parent / "shared/datasets/btmd/Training"
+SAMPLE = REPO / "data/sample/btmd"
+
+
+class ShardBatches(torch.utils.data.Dataset):
+    """Map-style dataset over the split's rows; one item = one batch of row positions."""
+
+    def __init__(self, files: list[Path], size: int, seed: int) -> None:
+        table = pa.concat_tables([pq.read_table(f, columns=["image", "label", "index"]) for f in files])
+        self.images = np.array(table.column("image").to_pylist(), dtype=object)
+        self.labels = table.column("label").to_numpy()
+        self.indices = table.column("index").to_numpy()
+        self.size, self.seed = size, seed
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, rows: list[int]) -> dict[str, np.ndarray]:
+        from pipelines.data import augment_batch
+
+        batch = {"image": self.images[rows], "label": self.labels[rows], "index": self.indices[rows]}
+        return augment_batch(batch, size=self.size, seed=self.seed, repeatable=False)
+
+
+def run_torch(files: list[Path], size: int, workers: int, batch: int, epochs: int) -> list[float]:
+    ds = ShardBatches(files, size, seed=0)
+    sampler = BatchSampler(SequentialSampler(range(len(ds))), batch_size=batch, drop_last=False)
+    loader = DataLoader(ds, sampler=sampler, batch_size=None, num_workers=workers, persistent_workers=True, prefetch_factor=2)
+    rates = []
+    for _ in range(epochs):
+        t, n = time.perf_counter(), 0
+        for b in loader:
+            n += len(b["index"])
+        rates.append(n / (time.perf_counter() - t))
+    return rates
+
+
+def run_ray(data_dir: Path, size: int, workers: int, batch: int, epochs: int) -> list[float]:
+    import ray
+
+    from pipelines.data import train_stream
+
+    # logical CPUs > cores: read tasks need free slots beside the `workers` map tasks (see STACK.md)
+    ray.init(num_cpus=workers + 2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ds = train_stream(data_dir, "train", size, seed=0, batch_size=batch, concurrency=workers)
+    rates = []
+    try:
+        for _ in range(epochs):
+            t, n = time.perf_counter(), 0
+            for b in ds.iter_torch_batches(batch_size=batch):
+                n += len(b["index"])
+            rates.append(n / (time.perf_counter() - t))
+    finally:
+        ray.shutdown()
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", type=Path, default=BTMD if BTMD.is_dir() else SAMPLE, help="ImageFolder to ingest")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "msmae_bench_data", help="ingest output (reused)")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=2)
+    args = ap.parse_args()
+
+    from pipelines.ingest import IngestOptions, ingest, shard_files
+
+    data_dir = args.work / args.src.name
+    res = ingest(args.src, data_dir, IngestOptions(), progress=False, log=lambda _: None)
+    files = shard_files(data_dir, "train")
+    n = res.summary["counts"]["train"]["total"]
+    print(f"train split of {args.src}: {n} images, S={args.size}, batch {args.batch}, {args.workers} CPU workers each")
+
+    torch.set_num_threads(1)
+    torch_rates = run_torch(files, args.size, args.workers, args.batch, args.epochs)
+    ray_rates = run_ray(data_dir, args.size, args.workers, args.batch, args.epochs)
+
+    print("\n| epoch | torch DataLoader (img/s) | Ray Data (img/s) | Ray / torch |")
+    print("|---:|---:|---:|---:|")
+    for e, (t, r) in enumerate(zip(torch_rates, ray_rates, strict=True), start=1):
+        print(f"| {e} | {t:.0f} | {r:.0f} | {r / t:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
