@@ -246,3 +246,20 @@ def test_bundled_sample_ingests_cleanly(data_sample_ingested: Path, data_sample_
         n = sum(s["counts"][split][cls] for split in ("train", "val", "test"))
         assert n == len(list((data_sample_btmd / cls).iterdir()))
         assert s["counts"]["val"][cls] > 0 and s["counts"]["test"][cls] > 0
+
+
+def test_cli_ingests_a_manifest_and_reports_counts(data_manifest, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    manifest, img_dir = data_manifest
+    args = ["ingest", "--manifest", str(manifest), "--image-root", str(img_dir), "--image-col", "image_id",
+            "--label-col", "dx", "--group-col", "lesion_id", "--workers", "1", "--no-progress"]
+    first = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o")])
+    assert first.exit_code == 0, first.output
+    assert "61 images kept, 2 quarantined, 1 duplicate groups" in first.output
+    again = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o")])
+    assert again.exit_code == 0 and "nothing rewritten" in again.output
+    strict = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "s"), "--strict"])
+    assert strict.exit_code == 1 and "--strict" in strict.output
