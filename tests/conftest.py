@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_BTMD = REPO / "data" / "sample" / "btmd"
-
-
-def data_png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def data_random_image(seed: int, size: tuple[int, int] = (40, 32), mode: str = "RGB") -> Image.Image:
-    """A deterministic noisy image (distinct per seed, so no accidental duplicates)."""
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(arr, "RGB").convert(mode)
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +39,9 @@ def ray_local():
     """
     import ray
 
+    if ray.is_initialized():  # another session fixture started it: share, and leave shutdown to it
+        yield ray
+        return
     tmp = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
     ray.init(
         num_cpus=4,

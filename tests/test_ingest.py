@@ -16,9 +16,21 @@ from PIL import Image
 
 from pipelines.ingest import IngestOptions, ingest, iter_rows
 from pipelines.sources import ManifestSpec
-from tests.conftest import data_png_bytes, data_random_image
 
 QUIET = {"progress": False, "log": lambda _: None}
+
+
+def data_png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def data_random_image(seed: int, size: tuple[int, int] = (40, 32), mode: str = "RGB") -> Image.Image:
+    """A deterministic noisy image (distinct per seed, so no accidental duplicates)."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr, "RGB").convert(mode)
 
 
 def _all_rows(out: Path) -> list[dict]:
