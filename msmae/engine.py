@@ -85,9 +85,8 @@ def pretrain_step(
     model.train()
     with autocast(images.device, amp):
         pred, logits = model(images, split)
-    loss, recon, cls = pretrain_loss(
-        pred, logits, images, labels, split.masked, model.preset.patch_size, cls_weight, norm_pix_loss
-    )
+    patch_size = _unwrap(model).preset.patch_size
+    loss, recon, cls = pretrain_loss(pred, logits, images, labels, split.masked, patch_size, cls_weight, norm_pix_loss)
     _backward_step(loss, model, optimizer, grad_clip)
     return PretrainStepOutput(loss.detach(), recon.detach(), cls.detach())
 
@@ -109,6 +108,11 @@ def finetune_step(
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     _backward_step(loss, model, optimizer, grad_clip)
     return loss.detach()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel (or similar) wrapper."""
+    return getattr(model, "module", model)
 
 
 def _backward_step(
