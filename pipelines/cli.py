@@ -64,6 +64,36 @@ def ingest(
         typer.echo(f"  {split:5s} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
 
 
+@app.command()
+def run(
+    source: Annotated[Path, typer.Argument(help="Raw ImageFolder root, or a folder made by `msmae ingest`.")] = Path("data/sample/btmd"),
+    config: Annotated[str, typer.Option("--config", "-c", help="Preset name under configs/ (demo, btmd-base) or a YAML file.")] = "demo",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set finetune.epochs=50 (repeatable).")] = None,
+    workdir: Annotated[Path, typer.Option(help="Folder for ingested data, checkpoints, MLflow store.")] = Path("msmae-work"),
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or SQLite in --workdir).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers (overrides scaling.workers).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the last run in --workdir from its checkpoints.")] = False,
+) -> None:
+    """Ingest -> pre-train -> fine-tune -> evaluate -> register, in one command."""
+    from pipelines.config import ConfigError, load_config
+
+    overrides = list(set_ or [])
+    if workers is not None:
+        overrides.append(f"scaling.workers={workers}")
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from e
+    if not source.exists():
+        typer.secho(f"error: {source} does not exist", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    from pipelines.run import run_pipeline
+    from pipelines.tracking import resolve_tracking_uri
+
+    run_pipeline(source, cfg, workdir, resolve_tracking_uri(tracking_uri, workdir), resume=resume, log=typer.echo)
+
+
 @app.callback()
 def _root() -> None:
     """Keeps `msmae ingest` a sub-command even while it is the only one."""

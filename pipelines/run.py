@@ -1,0 +1,129 @@
+"""``msmae run``: ingest → pre-train → fine-tune → evaluate → register, one command.
+
+Everything a run writes lives in one working folder: the ingested data, Ray Train's
+checkpoints (``storage/``), the MLflow SQLite store and artifacts, and ``last_run.json``
+which ``--resume`` reads to continue the same run from its last checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import yaml
+
+from pipelines.config import RunConfig
+from pipelines.evaluate import evaluate_split, format_report, load_classifier
+from pipelines.train import class_names, dataset_info, ensure_ray, run_stage, split_size
+from pipelines.worker import StageSpec
+
+
+@dataclass
+class RunOutcome:
+    run_name: str
+    mlflow_run_id: str
+    model_version: str
+    champion: bool
+    val: dict
+    test: dict | None
+    seconds: float
+
+
+def prepare_data(source: Path, cfg: RunConfig, workdir: Path, log=print) -> Path:
+    """An ingested folder as is, or a raw ImageFolder ingested into ``workdir/data``."""
+    if (source / "dataset.json").is_file():
+        return source
+    from pipelines.ingest import IngestOptions, ingest
+
+    out = workdir / "data"
+    opts = IngestOptions(val=cfg.data.val_fraction, test=cfg.data.test_fraction, seed=cfg.data.seed)
+    result = ingest(source, out, opts, progress=True, log=log)
+    summary = result.summary
+    log(f"ingest: {summary['num_images']} images, {summary['quarantined']} quarantined, "
+        f"{summary['duplicate_groups']} duplicate groups -> {out}")
+    return out
+
+
+def _run_state(workdir: Path, resume: bool) -> dict:
+    state_file = workdir / "last_run.json"
+    if resume:
+        if not state_file.is_file():
+            raise FileNotFoundError(f"--resume: no earlier run in {workdir} (missing {state_file.name})")
+        return json.loads(state_file.read_text())
+    return {"run_name": time.strftime("run-%Y%m%d-%H%M%S")}
+
+
+def run_pipeline(
+    source: Path, cfg: RunConfig, workdir: Path, tracking_uri: str, resume: bool = False,
+    fail_at_epoch: int | None = None, log=print,
+) -> RunOutcome:
+    start = time.time()
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    state = _run_state(workdir, resume)
+    data_dir = prepare_data(source, cfg, workdir, log)
+    info = dataset_info(data_dir)
+    names = class_names(info)
+    ensure_ray()
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+        artifacts = (workdir / "mlartifacts").as_uri() if tracking_uri.startswith("sqlite:") else None
+        mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    with mlflow.start_run(run_id=state.get("mlflow_run_id"), run_name=state["run_name"]) as run:
+        state["mlflow_run_id"] = run.info.run_id
+        (workdir / "last_run.json").write_text(json.dumps(state))
+        if not resume:
+            from pipelines.tracking import log_params
+
+            log_params(cfg.flat())
+            mlflow.log_dict(cfg.model_dump(), "config.yaml")
+            mlflow.log_artifact(str(data_dir / "dataset.json"))
+        log("resolved configuration:\n" + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+
+        common = dict(
+            config=cfg.model_dump(), num_classes=len(names), num_train=split_size(info, "train"),
+            class_names=names, mlflow_uri=tracking_uri, mlflow_run_id=run.info.run_id,
+        )
+        storage = workdir / "storage"
+        pre = run_stage(StageSpec("pretrain", fail_at_epoch=fail_at_epoch, **common), cfg, data_dir, storage, f"{state['run_name']}-pretrain")
+        fine = run_stage(
+            StageSpec("finetune", init_checkpoint=pre.checkpoint.path, **common), cfg, data_dir, storage, f"{state['run_name']}-finetune"
+        )
+        best_dir = _best_checkpoint(fine, cfg.checkpoint.metric)
+        model, _ = load_classifier(best_dir)
+        val = evaluate_split(model, data_dir, "val", cfg.data.img_size)
+        log(format_report(val, names, f"validation (model chosen on validation {cfg.checkpoint.metric})"))
+        mlflow.log_metrics(val.scalars("final_val/"))
+        mlflow.log_dict({"class_names": names, **val.__dict__}, "final_val_report.json")
+        test = None
+        if split_size(info, "test"):
+            test = evaluate_split(model, data_dir, "test", cfg.data.img_size)  # once, at the end
+            log(format_report(test, names, "test (evaluated once, after selection)"))
+            mlflow.log_metrics(test.scalars("final_test/"))
+
+        import torch
+
+        from pipelines.tracking import register_model
+
+        example = torch.zeros(1, 3, cfg.data.img_size, cfg.data.img_size)
+        version, champion = register_model(
+            model, cfg.tracking.model_name, names, cfg.checkpoint.metric,
+            getattr(val, cfg.checkpoint.metric.removeprefix("val_")), info.get("fingerprint", ""), example,
+        )
+    seconds = time.time() - start
+    log(f"registered {cfg.tracking.model_name} version {version}" + (" as @champion" if champion else " (champion kept)"))
+    log(f"done in {seconds:.0f} s. Open the MLflow UI with:\n  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
+    return RunOutcome(state["run_name"], run.info.run_id, version, champion, val.scalars(), test.scalars() if test else None, seconds)
+
+
+def _best_checkpoint(result, metric: str) -> str:
+    """The fine-tuning checkpoint with the best validation metric (Ray keeps it by score)."""
+    candidates = [(m.get(metric, float("-inf")), c.path) for c, m in (result.best_checkpoints or [])]
+    if not candidates:
+        return result.checkpoint.path
+    return max(candidates)[1]
