@@ -37,8 +37,9 @@ CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 FLIP_P = 0.5
 INTERPOLATION = InterpolationMode.BICUBIC
-_MEAN = np.asarray(IMAGENET_DEFAULT_MEAN, dtype=np.float32).reshape(3, 1, 1)
-_STD = np.asarray(IMAGENET_DEFAULT_STD, dtype=np.float32).reshape(3, 1, 1)
+# (x / 255 - mean) / std  ==  x * _SCALE + _SHIFT, done in two passes over the pixels
+_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_DEFAULT_STD, dtype=np.float64))).astype(np.float32).reshape(3, 1, 1)
+_SHIFT = (-np.asarray(IMAGENET_DEFAULT_MEAN) / np.asarray(IMAGENET_DEFAULT_STD)).astype(np.float32).reshape(3, 1, 1)
 _READ_COLUMNS = ["image", "label", "index"]
 
 
@@ -122,10 +123,12 @@ def decode(data: bytes) -> Image.Image:
         return img.convert("RGB")
 
 
-def normalise(img: Image.Image) -> np.ndarray:
-    """PIL RGB → float32 [3, H, W], ImageNet mean/std."""
-    arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
-    return (arr - _MEAN) / _STD
+def normalise(img: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+    """PIL RGB → float32 [3, H, W], ImageNet mean/std; written into `out` when given."""
+    chw = np.asarray(img).transpose(2, 0, 1)  # uint8 [3, H, W], a view
+    out = np.multiply(chw, _SCALE, out=out, dtype=np.float32)
+    out += _SHIFT
+    return out
 
 
 def sample_crop(img: Image.Image) -> tuple[tuple[int, int, int, int], bool]:
@@ -152,10 +155,11 @@ def augment_batch(batch: dict[str, np.ndarray], size: int, seed: int, repeatable
     nonce = 0 if repeatable else secrets.randbits(63)
     for k in range(n):
         index = int(batch["index"][k])
-        torch.manual_seed(int(np.random.SeedSequence([seed, index, nonce]).generate_state(1, np.uint64)[0] >> 1))
+        # the CPU generator only: torch.manual_seed also queues a lazy CUDA seed with a stack trace
+        torch.random.default_generator.manual_seed(int(np.random.SeedSequence([seed, index, nonce]).generate_state(1, np.uint64)[0] >> 1))
         img = decode(batch["image"][k])
         (top, left, h, w), flip = sample_crop(img)
-        images[k] = normalise(apply_crop(img, (top, left, h, w), flip, size))
+        normalise(apply_crop(img, (top, left, h, w), flip, size), out=images[k])
         boxes[k] = (left / img.width, top / img.height, (left + w) / img.width, (top + h) / img.height)
         flipped[k] = flip
     return {
@@ -172,5 +176,5 @@ def resize_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
     images = np.empty((n, 3, size, size), dtype=np.float32)  # [B, 3, S, S]
     for k in range(n):
         img = decode(batch["image"][k])
-        images[k] = normalise(TF.resize(img, [size, size], interpolation=INTERPOLATION))
+        normalise(TF.resize(img, [size, size], interpolation=INTERPOLATION), out=images[k])
     return {"image": images, "label": batch["label"].astype(np.int64), "index": batch["index"].astype(np.int64)}
