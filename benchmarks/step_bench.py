@@ -58,7 +58,7 @@ def make_step(preset: str, phase: str, variant: str, batch: int, device: torch.d
     ratios = MaskRatios()
     if phase == "pretrain":
         model = build_pretrain_model(spec, num_classes).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
         masking_phase = "random" if variant == "MAE" else "sam"
 
         def step() -> None:
@@ -69,7 +69,7 @@ def make_step(preset: str, phase: str, variant: str, batch: int, device: torch.d
     model = build_classifier(spec, num_classes).to(device)
     if phase == "eval":
         return lambda: predict_probs(model, images, amp)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def step() -> None:
         kept = None

@@ -61,6 +61,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     Locally Ray gets more logical CPUs than the machine has cores: two Train workers of one
     CPU each would otherwise leave nothing for Ray Data's decode tasks and hang.
     """
+    _quiet_ray_data()
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -68,6 +69,16 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     cpus = num_cpus or max(4, (os.cpu_count() or 2) * 2)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's per-operator progress output drowns the epoch lines; keep it off."""
+    import logging
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def run_stage(spec: StageSpec, cfg: RunConfig, data_dir: Path, storage_path: Path, name: str) -> ray.train.Result:

@@ -9,6 +9,7 @@ and every worker ends up with the identical full table (keyed by the dataset's s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -69,6 +70,12 @@ def refresh_table(model: torch.nn.Module, table: msmae.AttentionTable, shard, ba
     parts = _gather((index, maps.half()))
     table.update(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).float(), epoch=epoch)
     return sum(len(p[0]) for p in parts)
+
+
+def table_replicas_equal(table: msmae.AttentionTable) -> bool:
+    """Do all workers hold the identical table? (a digest per worker, compared on every worker)"""
+    digest = hashlib.sha256(table.maps.numpy().tobytes()).hexdigest()
+    return len(set(_gather(digest))) == 1
 
 
 def validate(model: torch.nn.Module, shard, batch_size: int, device, num_classes: int) -> msmae.ClassificationReport:
@@ -172,9 +179,10 @@ def train_loop(loop_config: dict) -> None:
         epoch_start = time.perf_counter()
         if spec.fail_at_epoch == epoch and rank == world - 1 and not checkpoint:
             raise RuntimeError(f"injected worker failure at epoch {epoch} (fault-injection test)")
-        refreshed = 0
+        refreshed, replicas_equal = 0, float("nan")
         if use_sam and schedule.refresh_due(epoch):
             refreshed = refresh_table(raw, table, plain_shard, per_worker_batch, device, epoch)
+            replicas_equal = float(table_replicas_equal(table))
         phase = schedule.phase(epoch) if use_sam else "random"
         totals: dict[str, float] = {}
         seen = 0
@@ -208,6 +216,7 @@ def train_loop(loop_config: dict) -> None:
             "images_per_s": images_per_s,
             "epoch_seconds": time.perf_counter() - epoch_start,
             "maps_refreshed": refreshed,
+            "attention_table_replicas_equal": replicas_equal,
             "masking_phase_sam": float(phase == "sam"),
         }
         score = metrics.get(cfg.checkpoint.metric)
