@@ -31,6 +31,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
 BTMD = REPO.parent / "shared/datasets/btmd/Training"
 SAMPLE = REPO / "data/sample/btmd"
+PREFETCH_PER_WORKER = 2  # torch's default prefetch_factor
 
 
 class ShardBatches(torch.utils.data.Dataset):
@@ -57,7 +58,8 @@ def torch_pass(files: list[Path], size: int, workers: int, batch: int) -> Callab
     """A DataLoader with persistent worker processes; each call runs one epoch."""
     ds = ShardBatches(files, size, seed=0)
     sampler = BatchSampler(SequentialSampler(range(len(ds))), batch_size=batch, drop_last=False)
-    loader = DataLoader(ds, sampler=sampler, batch_size=None, num_workers=workers, persistent_workers=True, prefetch_factor=2)
+    loader = DataLoader(ds, sampler=sampler, batch_size=None, num_workers=workers, persistent_workers=True,
+                        prefetch_factor=PREFETCH_PER_WORKER)
     return lambda: sum(len(b["index"]) for b in loader)
 
 
@@ -74,7 +76,9 @@ def ray_pass(data_dir: Path, size: int, workers: int, batch: int) -> Callable[[]
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ds = train_stream(data_dir, "train", size, seed=0, batch_size=batch, concurrency=workers)
-    return lambda: sum(len(b["index"]) for b in ds.iter_torch_batches(batch_size=batch))
+    # as many batches prefetched as the DataLoader keeps in flight (workers × prefetch_factor)
+    prefetch = workers * PREFETCH_PER_WORKER
+    return lambda: sum(len(b["index"]) for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=prefetch))
 
 
 def timed(fn: Callable[[], int]) -> float:
@@ -122,6 +126,9 @@ def main() -> None:
     if args.epochs > 1:
         t, r = float(np.mean(torch_rates[1:])), float(np.mean(ray_rates[1:]))
         print(f"| 2–{args.epochs} mean | {t:.0f} | {r:.0f} | {r / t:.2f}× |")
+        # each epoch pair ran back to back, so its ratio cancels slow drifts in background load
+        ratios = [r / t for t, r in zip(torch_rates[1:], ray_rates[1:], strict=True)]
+        print(f"median of per-epoch ratios (epochs 2–{args.epochs}): {float(np.median(ratios)):.2f}×")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
