@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -56,3 +57,4 @@ def ray_local():
     ctx.print_on_execution_start = False
     yield ray
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
