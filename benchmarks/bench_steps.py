@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from step_bench import StepResult, run_variant
+from step_bench import StepResult, run_pair
 
 PAIRS = [  # (phase, variant, baseline variant)
     ("finetune", "SAM 25%", "all tokens"),
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: per preset)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -38,11 +38,9 @@ def main() -> None:
     for preset in args.presets:
         batch = args.batch or DEFAULT_BATCH.get(preset, 8)
         for phase, variant, baseline in PAIRS:
-            results = []
-            for name in (variant, baseline):
-                print(f"  {preset} {phase} {name} (batch {batch}) ...", flush=True)
-                results.append(run_variant(preset, phase, name, batch, device, True, args.warmup, args.repeats))
-            rows.append((results[0], results[1]))
+            print(f"  {preset} {phase}: {variant} vs {baseline} (batch {batch}) ...", flush=True)
+            ours, base = run_pair(preset, phase, (variant, baseline), batch, device, True, args.warmup, args.repeats)
+            rows.append((ours, base))
     print()
     print("| preset | phase | variant vs baseline | batch | GFLOP/step | ms/step | FLOPs ratio | time ratio |")
     print("|---|---|---|---:|---:|---:|---:|---:|")

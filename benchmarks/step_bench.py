@@ -105,6 +105,33 @@ def time_step(step: Callable[[], None], device: torch.device, warmup: int, repea
     return statistics.median(times)
 
 
+def time_interleaved(steps: list[Callable[[], None]], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Median seconds per step of several steps timed in turns (A, B, A, B, ...), so that
+    drift in the machine's speed (other processes, clock changes) hits all of them alike."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def run_pair(
+    preset: str, phase: str, variants: tuple[str, str], batch: int, device: torch.device, amp: bool, warmup: int, repeats: int
+) -> list[StepResult]:
+    """Two variants of the same phase, FLOPs counted and times measured in turns."""
+    steps = [make_step(preset, phase, v, batch, device, amp) for v in variants]
+    flops = [count_flops(step) for step in steps]
+    seconds = time_interleaved(steps, device, warmup, repeats)
+    return [StepResult(preset, phase, v, batch, f, t) for v, f, t in zip(variants, flops, seconds)]
+
+
 def run_variant(
     preset: str, phase: str, variant: str, batch: int, device: torch.device, amp: bool, warmup: int, repeats: int
 ) -> StepResult:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, ScalingConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
@@ -103,6 +103,7 @@ def run_stage(spec: StageSpec, cfg: RunConfig, data_dir: Path, storage_path: Pat
             checkpoint_score_attribute=cfg.checkpoint.metric if spec.stage == "finetune" else "epoch",
             checkpoint_score_order="max",
         ),
+        logging_config=LoggingConfig(log_level="WARNING"),  # per-report INFO lines would drown the epoch lines
     )
     trainer = TorchTrainer(
         train_loop,
