@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd fine-tuning and eval steps")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA device")
@@ -59,11 +60,14 @@ def main() -> None:
     device = torch.device("cuda")
     peak = device_peak(name)
     rows = []
-    for (phase, variant), what in VARIANTS.items():
+    jobs = [(phase, variant, False) for phase, variant in VARIANTS]
+    if args.compile:
+        jobs += [(phase, variant, True) for phase, variant in VARIANTS if phase != "pretrain"]
+    for phase, variant, compiled in jobs:
         batch = args.batch * 2 if phase == "eval" else args.batch
-        result = run_variant(args.preset, phase, variant, batch, device, True, args.warmup, args.repeats)
-        rows.append((result, what))
-        print(f"  {phase} {variant}: {result.images_per_s:.0f} img/s", flush=True)
+        result = run_variant(args.preset, phase, variant, batch, device, True, args.warmup, args.repeats, compiled)
+        rows.append((result, VARIANTS[(phase, variant)]))
+        print(f"  {phase} {result.variant}: {result.images_per_s:.0f} img/s", flush=True)
         torch.cuda.empty_cache()
     print()
     print(f"ViT preset {args.preset}, bf16 autocast, {name}; peak {peak or '?'} TFLOP/s dense bf16")

@@ -47,8 +47,13 @@ class StepResult:
         return self.flops / self.seconds / 1e12
 
 
-def make_step(preset: str, phase: str, variant: str, batch: int, device: torch.device, amp: bool) -> Callable[[], None]:
-    """A closure running one step of the variant on random data (fixed per closure)."""
+def make_step(
+    preset: str, phase: str, variant: str, batch: int, device: torch.device, amp: bool, compile_model: bool = False
+) -> Callable[[], None]:
+    """A closure running one step of the variant on random data (fixed per closure).
+
+    ``compile_model`` wraps the model in ``torch.compile`` (fine-tuning and eval only).
+    """
     spec = get_preset(preset)
     num_classes = 4
     images = torch.randn(batch, 3, spec.img_size, spec.img_size, device=device)
@@ -67,6 +72,8 @@ def make_step(preset: str, phase: str, variant: str, batch: int, device: torch.d
 
         return step
     model = build_classifier(spec, num_classes).to(device)
+    if compile_model:
+        model = torch.compile(model)
     if phase == "eval":
         return lambda: predict_probs(model, images, amp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -133,9 +140,15 @@ def run_pair(
 
 
 def run_variant(
-    preset: str, phase: str, variant: str, batch: int, device: torch.device, amp: bool, warmup: int, repeats: int
+    preset: str, phase: str, variant: str, batch: int, device: torch.device, amp: bool, warmup: int, repeats: int,
+    compile_model: bool = False,
 ) -> StepResult:
-    step = make_step(preset, phase, variant, batch, device, amp)
-    flops = count_flops(step)
+    if compile_model:  # FLOPs of the eager step: the flop counter does not see inside compiled graphs
+        flops = count_flops(make_step(preset, phase, variant, batch, device, amp))
+        step = make_step(preset, phase, variant, batch, device, amp, compile_model=True)
+    else:
+        step = make_step(preset, phase, variant, batch, device, amp)
+        flops = count_flops(step)
     seconds = time_step(step, device, warmup, repeats)
-    return StepResult(preset, phase, variant, batch, flops, seconds)
+    label = f"{variant} (compiled)" if compile_model else variant
+    return StepResult(preset, phase, label, batch, flops, seconds)

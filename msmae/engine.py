@@ -118,13 +118,20 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _backward_step(
     loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None
 ) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()}; lower the learning rate or check the inputs")
+    # No finiteness check here: reading the loss on the host would stall a GPU every step.
+    # Loops check the returned (detached) losses when they read them anyway (see check_finite).
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+
+
+def check_finite(value: float, what: str = "loss") -> float:
+    """Raise a clear error for a NaN/inf loss a loop has read back (the steps never sync)."""
+    if value != value or value in (float("inf"), float("-inf")):
+        raise FloatingPointError(f"{what} is {value}; lower the learning rate or check the inputs")
+    return value
 
 
 @torch.no_grad()

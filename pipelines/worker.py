@@ -202,15 +202,15 @@ def train_loop(loop_config: dict) -> None:
                 if cfg.finetune.sam:
                     kept = msmae.draw_masks("sam", ratios, len(images), preset.num_patches, weights, generator, device).kept
                 losses = {"loss": msmae.finetune_step(model, optimizer, images, labels, kept, cfg.finetune.label_smoothing)}
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * len(images)
+            for k, v in losses.items():  # summed on the device; read back once per epoch
+                totals[k] = totals.get(k, 0.0) + v * len(images)
             seen += len(images)
         train_seconds = time.perf_counter() - train_start
         report = validate(eval_model, val_shard, per_worker_batch, device, spec.num_classes)
         images_per_s = sum(_gather(seen)) / max(train_seconds, 1e-9)
         metrics = {
             "epoch": epoch,
-            **{f"train_{k}": v / max(seen, 1) for k, v in totals.items()},
+            **{f"train_{k}": msmae.engine.check_finite(float(v) / max(seen, 1), f"train {k}") for k, v in totals.items()},
             **{f"val_{k}": v for k, v in report.scalars().items()},
             "lr": optimizer.param_groups[-1]["lr"],
             "images_per_s": images_per_s,
