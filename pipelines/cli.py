@@ -94,6 +94,58 @@ def run(
     run_pipeline(source, cfg, workdir, resolve_tracking_uri(tracking_uri, workdir), resume=resume, log=typer.echo)
 
 
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option("--model", help="models:/NAME@champion, runs:/ID/model, or a checkpoint folder.")],
+    data: Annotated[Path, typer.Option("--data", help="A folder made by `msmae ingest`, or a raw labelled ImageFolder.")],
+    split: Annotated[str, typer.Option(help="Split of an ingested folder: val, test, train, or all.")] = "val",
+    img_size: Annotated[int, typer.Option(help="Image side the model was trained at.")] = 64,
+    out: Annotated[Path, typer.Option(help="Where to write the metrics JSON.")] = Path("evaluation.json"),
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ URIs.")] = None,
+) -> None:
+    """Evaluate a model on whole images; print a metrics table and write JSON."""
+    import json
+
+    from pipelines.evaluate import evaluate_data
+
+    if tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        results = evaluate_data(model, data, split, img_size, log=typer.echo)
+    except (FileNotFoundError, ValueError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from e
+    out.write_text(json.dumps(results, indent=2, default=str))
+    typer.echo(f"metrics written to {out}")
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option("--model", help="models:/NAME@champion, runs:/ID/model, or a checkpoint folder.")],
+    input_dir: Annotated[Path, typer.Option("--input", help="Folder of images (searched recursively).")],
+    out: Annotated[Path, typer.Option(help="Parquet file to write.")] = Path("predictions.parquet"),
+    img_size: Annotated[int, typer.Option(help="Image side the model was trained at.")] = 64,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ URIs.")] = None,
+) -> None:
+    """Predict every image of a folder with Ray Data batch inference; write path, class, probabilities."""
+    if tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+    from pipelines.predict import predict_folder
+    from pipelines.train import ensure_ray
+
+    ensure_ray()
+    try:
+        summary = predict_folder(model, input_dir, out, img_size)
+    except (FileNotFoundError, ValueError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from e
+    typer.echo(f"{summary['images']} images predicted ({summary['unreadable']} unreadable, marked ok=false) -> {summary['out']}")
+
+
 @app.callback()
 def _root() -> None:
     """Keeps `msmae ingest` a sub-command even while it is the only one."""

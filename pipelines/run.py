@@ -96,13 +96,14 @@ def run_pipeline(
         )
         best_dir = _best_checkpoint(fine, cfg.checkpoint.metric)
         model, _ = load_classifier(best_dir)
-        val = evaluate_split(model, data_dir, "val", cfg.data.img_size)
+        val, val_probs, val_labels = evaluate_split(model, data_dir, "val", cfg.data.img_size)
         log(format_report(val, names, f"validation (model chosen on validation {cfg.checkpoint.metric})"))
         mlflow.log_metrics(val.scalars("final_val/"))
         mlflow.log_dict({"class_names": names, **val.__dict__}, "final_val_report.json")
+        log_figures(model, pre.checkpoint.path, data_dir, cfg, names, val, val_probs, val_labels)
         test = None
         if split_size(info, "test"):
-            test = evaluate_split(model, data_dir, "test", cfg.data.img_size)  # once, at the end
+            test, _, _ = evaluate_split(model, data_dir, "test", cfg.data.img_size)  # once, at the end
             log(format_report(test, names, "test (evaluated once, after selection)"))
             mlflow.log_metrics(test.scalars("final_test/"))
 
@@ -119,6 +120,34 @@ def run_pipeline(
     log(f"registered {cfg.tracking.model_name} version {version}" + (" as @champion" if champion else " (champion kept)"))
     log(f"done in {seconds:.0f} s. Open the MLflow UI with:\n  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
     return RunOutcome(state["run_name"], run.info.run_id, version, champion, val.scalars(), test.scalars() if test else None, seconds)
+
+
+def log_figures(model, pretrain_checkpoint: str, data_dir: Path, cfg: RunConfig, names: list[str], report, probs, labels) -> None:
+    """Confusion matrix, ROC curves, attention overlays and masked reconstructions on validation images."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    import msmae
+    from pipelines import plots
+    from pipelines.data import eval_stream
+    from pipelines.worker import STATE_FILE
+
+    figures = {
+        "plots/confusion_matrix.png": plots.confusion_figure(report.confusion, names),
+        "plots/roc_curves.png": plots.roc_figure(probs, labels, names, report.per_class_auc),
+    }
+    sample = eval_stream(data_dir, "val", cfg.data.img_size).take_batch(8)
+    images = torch.as_tensor(sample["image"])
+    titles = [names[int(label)] for label in sample["label"]]
+    figures["plots/attention_overlays.png"] = plots.attention_figure(model.cpu(), images, titles)
+    state = torch.load(Path(pretrain_checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+    pretrain = msmae.build_pretrain_model(msmae.ViTPreset(**state["preset"]), state["num_classes"])
+    pretrain.load_state_dict(state["model"])
+    masking = cfg.pretrain.masking
+    figures["plots/reconstructions.png"] = plots.reconstruction_figure(pretrain, images, masking.mask_ratio, masking.throw_ratio)
+    for name, figure in figures.items():
+        mlflow.log_figure(figure, name)
+        plt.close(figure)
 
 
 def _best_checkpoint(result, metric: str) -> str:

@@ -68,7 +68,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(log_to_driver=True)
         return
     cpus = num_cpus or max(4, (os.cpu_count() or 2) * 2)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+    # The dashboard serves Ray's state API, which Ray Train's clean-up actor polls; bound to loopback.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, _node_ip_address="127.0.0.1")
 
 
 def _quiet_ray_data() -> None:

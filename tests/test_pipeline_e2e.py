@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -49,8 +50,12 @@ def train_mlflow_server(tmp_path_factory):
         proc.kill()
         pytest.fail(f"MLflow server did not start; see {root / 'server.log'}")
     yield uri
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:  # the server's workers ignore a polite stop now and then
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
 
 
 def _run(source, workdir, uri, overrides=(), fail_at_epoch=None, model_name="msmae-e2e"):
@@ -67,31 +72,88 @@ def _history(uri, run_id, key):
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
+@pytest.fixture(scope="module")
+def train_tiny_run(ray_local, train_mlflow_server, data_sample_ingested, tmp_path_factory):
+    """One tiny pretrain -> finetune -> register run shared by the tests below."""
+    return _run(data_sample_ingested, tmp_path_factory.mktemp("work"), train_mlflow_server)
+
+
 @pytest.mark.slow
-def test_tiny_run_end_to_end_registers_a_champion_that_predicts(ray_local, train_mlflow_server, data_sample_ingested, tmp_path):
-    outcome = _run(data_sample_ingested, tmp_path / "work", train_mlflow_server)
+def test_tiny_run_logs_every_epoch_and_registers_a_champion(train_tiny_run, train_mlflow_server):
+    outcome, uri = train_tiny_run, train_mlflow_server
     assert outcome.model_version == "1" and outcome.champion
     assert 0.0 <= outcome.val["accuracy"] <= 1.0 and outcome.test is not None  # the sample has a test split
-    # Every epoch of both stages was logged, with validation metrics.
-    assert [s for s, _ in _history(train_mlflow_server, outcome.mlflow_run_id, "pretrain/val_accuracy")] == [0, 1, 2]
-    assert [s for s, _ in _history(train_mlflow_server, outcome.mlflow_run_id, "finetune/val_macro_f1")] == [0, 1]
+    assert [s for s, _ in _history(uri, outcome.mlflow_run_id, "pretrain/val_accuracy")] == [0, 1, 2]
+    assert [s for s, _ in _history(uri, outcome.mlflow_run_id, "finetune/val_macro_f1")] == [0, 1]
     # After each refresh every worker held the identical attention table.
-    equal = _history(train_mlflow_server, outcome.mlflow_run_id, "pretrain/attention_table_replicas_equal")
+    equal = _history(uri, outcome.mlflow_run_id, "pretrain/attention_table_replicas_equal")
     assert [s for s, _ in equal] == [1, 2] and all(v == 1.0 for _, v in equal)
-    refreshed = dict(_history(train_mlflow_server, outcome.mlflow_run_id, "finetune/maps_refreshed"))
+    refreshed = dict(_history(uri, outcome.mlflow_run_id, "finetune/maps_refreshed"))
     assert refreshed[0] == 420  # the whole train split of the sample (600 - 120 val - 60 test), each image once
 
+    from mlflow.tracking import MlflowClient
+
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(outcome.mlflow_run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/roc_curves.png", "plots/attention_overlays.png", "plots/reconstructions.png"} <= artifacts
+
+
+@pytest.mark.slow
+def test_champion_alias_loads_the_msmae_classifier_and_predicts(train_tiny_run, train_mlflow_server):
     import mlflow
 
-    mlflow.set_tracking_uri(train_mlflow_server)
-    from pipelines.tracking import load_champion
+    import msmae
+    from pipelines.evaluate import load_model
 
-    model = load_champion("models:/msmae-e2e@champion")
+    mlflow.set_tracking_uri(train_mlflow_server)
+    model, names = load_model("models:/msmae-e2e@champion")
+    assert isinstance(model, msmae.MSMAEClassifier)
+    assert names == ["glioma", "meningioma", "notumor", "pituitary"]
     probs = model(torch.randn(3, 3, 64, 64)).softmax(-1)
     assert probs.shape == (3, 4)
-    import msmae
-
     assert msmae.attention_maps(model, torch.randn(2, 3, 64, 64)).shape == (2, 64)
+
+
+@pytest.mark.slow
+def test_evaluate_command_on_a_raw_image_folder(train_tiny_run, train_mlflow_server, data_sample_btmd, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["evaluate", "--model", "models:/msmae-e2e@champion", "--data", str(data_sample_btmd),
+                                      "--out", str(out), "--tracking-uri", train_mlflow_server])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())["train"]  # a raw folder is evaluated whole
+    assert metrics["num_samples"] == 600
+    assert sum(map(sum, metrics["confusion"])) == 600
+    assert "macro-F1" in result.output
+
+
+@pytest.mark.slow
+def test_predict_command_writes_every_image_and_flags_unreadable_ones(train_tiny_run, train_mlflow_server, data_sample_btmd, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    folder = tmp_path / "incoming"
+    shutil.copytree(data_sample_btmd / "glioma", folder)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "preds.parquet"
+    result = CliRunner().invoke(app, ["predict", "--model", "models:/msmae-e2e@champion", "--input", str(folder),
+                                      "--out", str(out), "--tracking-uri", train_mlflow_server])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out).to_pydict()
+    assert len(table["path"]) == 151
+    broken = table["path"].index(str(folder / "broken.jpg"))
+    assert table["ok"][broken] is False and table["predicted_class"][broken] is None
+    assert set(table["predicted_class"]) - {None} <= {"glioma", "meningioma", "notumor", "pituitary"}
+    sums = [sum(table[f"prob_{c}"][i] for c in ("glioma", "meningioma", "notumor", "pituitary")) for i in range(151) if i != broken]
+    assert all(abs(x - 1) < 1e-4 for x in sums)
 
 
 @pytest.mark.slow

@@ -1,0 +1,103 @@
+"""Figures logged with a run: confusion matrix, ROC curves, attention overlays, reconstructions."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
+
+import msmae  # noqa: E402
+from msmae.losses import patchify, unpatchify  # noqa: E402
+
+
+def confusion_figure(confusion: list[list[int]], class_names: list[str]) -> plt.Figure:
+    cm = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2, 1.2 * len(class_names) + 1.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    fig.tight_layout()
+    return fig
+
+
+def roc_points(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every threshold (ties stepped together)."""
+    order = np.argsort(-scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
+    tps = np.cumsum(positive)[last_of_tie]
+    fps = (last_of_tie + 1) - tps
+    return np.r_[0, fps / max(fps[-1], 1)], np.r_[0, tps / max(tps[-1], 1)]
+
+
+def roc_figure(probs: torch.Tensor, labels: torch.Tensor, class_names: list[str], aucs: list[float]) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for c, name in enumerate(class_names):
+        positive = (labels == c).numpy()
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr = roc_points(probs[:, c].numpy(), positive)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {aucs[c]:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def to_rgb(images: torch.Tensor) -> np.ndarray:
+    """Normalised ``[B, 3, H, W]`` back to displayable ``[B, H, W, 3]`` in [0, 1]."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    return (images.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def attention_figure(model: torch.nn.Module, images: torch.Tensor, titles: list[str]) -> plt.Figure:
+    """Each image with the model's attention map over it (what SAM would hide first)."""
+    grid = msmae.attention.encoder_of(model).patch_embed.grid_size
+    maps = msmae.attention_maps(model, images).reshape(-1, *grid).cpu().numpy()
+    rgb = to_rgb(images)
+    fig, axes = plt.subplots(2, len(images), figsize=(2 * len(images), 4.2), squeeze=False)
+    for k in range(len(images)):
+        axes[0, k].imshow(rgb[k])
+        axes[0, k].set_title(titles[k], fontsize=8)
+        axes[1, k].imshow(rgb[k])
+        axes[1, k].imshow(maps[k], cmap="jet", alpha=0.45, extent=(0, rgb.shape[2], rgb.shape[1], 0), interpolation="nearest")
+        for ax in axes[:, k]:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def reconstruction_figure(model: msmae.MSMAEPretrainModel, images: torch.Tensor, mask_ratio: float, throw_ratio: float) -> plt.Figure:
+    """Rows: image; what the encoder sees (masked and thrown greyed); its reconstruction of the masked patches."""
+    model.eval()
+    preset = model.preset
+    weights = msmae.attention_maps(model, images)
+    split = msmae.sam_masking(weights, mask_ratio, throw_ratio, torch.Generator().manual_seed(0))
+    pred, _ = model(images, split)
+    patches = patchify(images, preset.patch_size)
+    visible = torch.zeros_like(patches)
+    visible.scatter_(1, split.kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]), patches.gather(1, split.kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1])))
+    filled = visible.clone()
+    filled.scatter_(1, split.masked.unsqueeze(-1).expand(-1, -1, patches.shape[-1]), pred.float())
+    rows = [to_rgb(images), to_rgb(unpatchify(visible, preset.patch_size, preset.grid)), to_rgb(unpatchify(filled, preset.patch_size, preset.grid))]
+    names = ["image", "visible to the encoder", "visible + reconstructed masked"]
+    fig, axes = plt.subplots(3, len(images), figsize=(2 * len(images), 6.3), squeeze=False)
+    for r, row in enumerate(rows):
+        for k in range(len(images)):
+            axes[r, k].imshow(row[k])
+            axes[r, k].axis("off")
+        axes[r, 0].set_title(names[r], fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig
