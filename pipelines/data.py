@@ -45,9 +45,14 @@ _READ_COLUMNS = ["image", "label", "index"]
 
 def train_stream(
     data_dir: str | Path, split: str = "train", size: int = 224, seed: int = 0, *,
-    repeatable: bool = False, batch_size: int = 32, concurrency: int | None = None,
+    repeatable: bool = False, shuffle: bool = True, batch_size: int = 32, concurrency: int | None = None,
 ) -> ray.data.Dataset:
-    """Decoded, RandomResizedCrop(size, scale 0.2–1, ratio 3/4–4/3, bicubic) + flip(0.5) samples.
+    """Shuffled, decoded, RandomResizedCrop(size, scale 0.2–1, ratio 3/4–4/3, bicubic) + flip(0.5) samples.
+
+    Shards are written class by class, so without `shuffle` every batch would hold one class
+    and a classifier would only ever learn the class it saw last. The encoded rows are
+    shuffled (before decoding, so the shuffle moves bytes, not tensors), afresh on each pass;
+    with `repeatable=True` the order is seeded too.
 
     Ray Data re-runs the map on every pass over the dataset and tells it nothing about the
     epoch, so a seed alone cannot give crops that differ per epoch *and* are reproducible.
@@ -57,6 +62,8 @@ def train_stream(
     actually used is emitted, so nothing downstream relies on replaying the randomness.
     """
     ds = _read(data_dir, split)
+    if shuffle:
+        ds = ds.random_shuffle(seed=seed if repeatable else None)
     return ds.map_batches(
         augment_batch,
         fn_kwargs={"size": size, "seed": seed, "repeatable": repeatable},

@@ -140,3 +140,16 @@ def test_missing_split_and_folder_give_clear_errors(ray_local, data_sample_inges
         eval_stream(data_sample_ingested, "holdout", S)
     with pytest.raises(FileNotFoundError, match="msmae ingest"):
         eval_stream(tmp_path, "val", S)
+
+
+def test_training_batches_mix_classes_although_shards_are_written_class_by_class(data_train_pass, ray_local, data_sample_ingested) -> None:
+    # The sample's shards hold the classes one after another; unshuffled, a batch of 32 would
+    # hold a single class and fine-tuning would never learn (seen on full BTMD before the fix).
+    first_batch = data_train_pass["label"][:32]
+    assert len(set(first_batch.tolist())) >= 3
+    from pipelines.data import train_stream
+
+    ds = train_stream(data_sample_ingested, "train", S, seed=7)  # default: a new order on each pass
+    order_a = [int(i) for b in ds.iter_batches(batch_size=64) for i in b["index"]]
+    order_b = [int(i) for b in ds.iter_batches(batch_size=64) for i in b["index"]]
+    assert sorted(order_a) == sorted(order_b) and order_a != order_b
