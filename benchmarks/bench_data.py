@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -57,7 +57,8 @@ class ShardBatches(torch.utils.data.Dataset):
 def torch_pass(files: list[Path], size: int, workers: int, batch: int) -> Callable[[], int]:
     """A DataLoader with persistent worker processes; each call runs one epoch."""
     ds = ShardBatches(files, size, seed=0)
-    sampler = BatchSampler(SequentialSampler(range(len(ds))), batch_size=batch, drop_last=False)
+    # shuffled, as the training stream is (it shuffles rows on every pass)
+    sampler = BatchSampler(RandomSampler(range(len(ds))), batch_size=batch, drop_last=False)
     loader = DataLoader(ds, sampler=sampler, batch_size=None, num_workers=workers, persistent_workers=True,
                         prefetch_factor=PREFETCH_PER_WORKER)
     return lambda: sum(len(b["index"]) for b in loader)
