@@ -100,16 +100,7 @@ def _sync(device: torch.device) -> None:
 
 def time_step(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
     """Median seconds per step after ``warmup`` untimed steps."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_interleaved([step], device, warmup, repeats)[0]
 
 
 def time_interleaved(steps: list[Callable[[], None]], device: torch.device, warmup: int, repeats: int) -> list[float]:

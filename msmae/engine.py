@@ -162,8 +162,13 @@ def evaluate(
     if not all_probs:
         raise ValueError("evaluation got no batches: is the validation split empty?")
     probs, labels = torch.cat(all_probs), torch.cat(all_labels)
+    return report_from_probs(probs, labels, num_classes), probs, labels
+
+
+def report_from_probs(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> ClassificationReport:
+    """Metrics plus the cross-entropy of the predicted probabilities (the validation loss)."""
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels.long()).item()
-    return classification_report(probs, labels, num_classes, loss), probs, labels
+    return classification_report(probs, labels, num_classes, loss)
 
 
 @torch.no_grad()

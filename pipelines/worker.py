@@ -87,8 +87,7 @@ def validate(model: torch.nn.Module, shard, batch_size: int, device, num_classes
     local = (torch.cat(probs) if probs else torch.empty(0, num_classes), torch.cat(labels) if labels else torch.empty(0, dtype=torch.long))
     parts = _gather(local)
     all_probs, all_labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    loss = torch.nn.functional.nll_loss(all_probs.clamp_min(1e-12).log(), all_labels.long()).item()
-    return msmae.classification_report(all_probs, all_labels, num_classes, loss)
+    return msmae.engine.report_from_probs(all_probs, all_labels, num_classes)
 
 
 class _PretrainHeadView(torch.nn.Module):
