@@ -9,6 +9,7 @@ Public API:
     AttentionTable                           per-image maps keyed by dataset index
     pretrain_step, finetune_step, evaluate,
     compute_attention_maps, draw_masks       step functions for any loop (msmae.engine)
+    train_one_epoch, EpochPlan               one epoch of either stage (msmae.loop)
 
 This package never imports Ray or MLflow: it runs alone on a GPU box.
 """
@@ -24,6 +25,7 @@ from msmae.engine import (
     pretrain_step,
 )
 from msmae.geometry import crop_flip_maps
+from msmae.loop import EpochPlan, EpochTotals, train_one_epoch
 from msmae.masking import MaskSplit, mask_counts, random_masking, sam_masking
 from msmae.metrics import ClassificationReport, classification_report
 from msmae.models import (
@@ -45,6 +47,8 @@ __all__ = [
     "PRESETS",
     "AttentionTable",
     "ClassificationReport",
+    "EpochPlan",
+    "EpochTotals",
     "MSMAEClassifier",
     "MSMAEPretrainModel",
     "MaskRatios",
@@ -71,4 +75,5 @@ __all__ = [
     "sam_masking",
     "scaled_lr",
     "set_lr",
+    "train_one_epoch",
 ]

@@ -64,17 +64,21 @@ def ingest(
         typer.echo(f"  {split:5s} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
 
 
-@app.command()
-def run(
-    source: Annotated[Path, typer.Argument(help="Raw ImageFolder root, or a folder made by `msmae ingest`.")] = Path("data/sample/btmd"),
-    config: Annotated[str, typer.Option("--config", "-c", help="Preset name under configs/ (demo, btmd-base) or a YAML file.")] = "demo",
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set finetune.epochs=50 (repeatable).")] = None,
-    workdir: Annotated[Path, typer.Option(help="Folder for ingested data, checkpoints, MLflow store.")] = Path("msmae-work"),
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or SQLite in --workdir).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Ray Train workers (overrides scaling.workers).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the last run in --workdir from its checkpoints.")] = False,
+SourceArg = Annotated[Path, typer.Argument(help="Raw ImageFolder root, or a folder made by `msmae ingest`.")]
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Preset name under configs/ (demo, btmd-base) or a YAML file.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set finetune.epochs=50 (repeatable).")]
+WorkdirOpt = Annotated[Path, typer.Option(help="Folder for ingested data, checkpoints, MLflow store.")]
+TrackingOpt = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or SQLite in --workdir).")]
+WorkersOpt = Annotated[int | None, typer.Option(help="Ray Train workers (overrides scaling.workers).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the last run in --workdir from its checkpoints.")]
+FailOpt = Annotated[int | None, typer.Option(hidden=True, help="Fault injection for tests: one worker raises at this epoch.")]
+
+
+def _train(
+    stages: tuple[str, ...], source: Path, config: str, set_: list[str] | None, workdir: Path, tracking_uri: str | None,
+    workers: int | None, resume: bool, fail_at_epoch: int | None, init: Path | None = None,
 ) -> None:
-    """Ingest -> pre-train -> fine-tune -> evaluate -> register, in one command."""
+    """What `run`, `pretrain` and `finetune` share: validate everything up front, then train."""
     from pipelines.config import ConfigError, load_config
 
     overrides = list(set_ or [])
@@ -88,10 +92,50 @@ def run(
     if not source.exists():
         typer.secho(f"error: {source} does not exist", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
+    if init is not None and not (init / "state.pt").is_file():
+        typer.secho(f"error: --init {init} is not a checkpoint folder (no state.pt); `msmae pretrain` prints one", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
     from pipelines.run import run_pipeline
     from pipelines.tracking import resolve_tracking_uri
 
-    run_pipeline(source, cfg, workdir, resolve_tracking_uri(tracking_uri, workdir), resume=resume, log=typer.echo)
+    try:
+        run_pipeline(
+            source, cfg, workdir, resolve_tracking_uri(tracking_uri, workdir), resume=resume, fail_at_epoch=fail_at_epoch,
+            log=typer.echo, stages=stages, init_checkpoint=str(init.resolve()) if init else None,
+        )
+    except FileNotFoundError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from e
+
+
+@app.command()
+def run(
+    source: SourceArg = Path("data/sample/btmd"), config: ConfigOpt = "demo", set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("msmae-work"), tracking_uri: TrackingOpt = None, workers: WorkersOpt = None,
+    resume: ResumeOpt = False, fail_at_epoch: FailOpt = None,
+) -> None:
+    """Ingest -> pre-train -> fine-tune -> evaluate -> register, in one command."""
+    _train(("pretrain", "finetune"), source, config, set_, workdir, tracking_uri, workers, resume, fail_at_epoch)
+
+
+@app.command()
+def pretrain(
+    source: SourceArg, config: ConfigOpt = "demo", set_: SetOpt = None, workdir: WorkdirOpt = Path("msmae-work"),
+    tracking_uri: TrackingOpt = None, workers: WorkersOpt = None, resume: ResumeOpt = False, fail_at_epoch: FailOpt = None,
+) -> None:
+    """MSMAE pre-training only; prints the checkpoint folder to give `msmae finetune --init`."""
+    _train(("pretrain",), source, config, set_, workdir, tracking_uri, workers, resume, fail_at_epoch)
+
+
+@app.command()
+def finetune(
+    source: SourceArg,
+    init: Annotated[Path | None, typer.Option("--init", help="Pre-training checkpoint folder (omit: train from random weights).")] = None,
+    config: ConfigOpt = "demo", set_: SetOpt = None, workdir: WorkdirOpt = Path("msmae-work"),
+    tracking_uri: TrackingOpt = None, workers: WorkersOpt = None, resume: ResumeOpt = False, fail_at_epoch: FailOpt = None,
+) -> None:
+    """Fine-tuning (SAM unless finetune.sam=false) -> evaluate -> register."""
+    _train(("finetune",), source, config, set_, workdir, tracking_uri, workers, resume, fail_at_epoch, init)
 
 
 @app.command()

@@ -37,6 +37,7 @@ class MaskingConfig(_Section):
     throw_ratio: float = Field(0.30, ge=0, lt=1)
     sam_start: int = Field(0, ge=0, description="epochs of random masking before SAM (W)")
     refresh_every: int = Field(20, ge=1, description="epochs between attention-map refreshes (K)")
+    align_maps: bool = Field(True, description="move each map with its image's crop and flip (False: the reference code's uncropped maps)")
 
     @model_validator(mode="after")
     def _leaves_tokens_visible(self) -> "MaskingConfig":
@@ -85,6 +86,21 @@ class ScalingConfig(_Section):
     workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="extra Ray resources per Train worker, e.g. {train_slot: 1} on nodes started with one slot each, "
+        "to place one worker per node",
+    )
+
+    @model_validator(mode="after")
+    def _custom_resources_only(self) -> "ScalingConfig":
+        clash = sorted({"CPU", "GPU"} & set(self.worker_resources))
+        if clash:
+            raise ValueError(f"worker_resources: {clash} are set by cpus_per_worker / use_gpu, not here")
+        bad = {k: v for k, v in self.worker_resources.items() if v <= 0}
+        if bad:
+            raise ValueError(f"worker_resources: amounts must be > 0 (got {bad})")
+        return self
 
 
 class CheckpointConfig(_Section):

@@ -44,6 +44,7 @@ def register_model(
     metric_value: float,
     dataset_fingerprint: str,
     example: torch.Tensor,
+    extra_tags: dict[str, str] | None = None,
 ) -> tuple[str, bool]:
     """Log the classifier to the active run, register it, and move ``champion`` if it wins.
 
@@ -68,7 +69,7 @@ def register_model(
     )
     version = str(info.registered_model_version)
     client = MlflowClient()
-    tags = {metric_name: f"{metric_value:.6f}", "dataset_fingerprint": dataset_fingerprint, "class_names": ",".join(class_names)}
+    tags = {metric_name: f"{metric_value:.6f}", "dataset_fingerprint": dataset_fingerprint, "class_names": ",".join(class_names), **(extra_tags or {})}
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
     beats = _beats_champion(client, model_name, metric_name, metric_value, dataset_fingerprint)

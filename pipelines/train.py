@@ -82,8 +82,14 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def run_stage(spec: StageSpec, cfg: RunConfig, data_dir: Path, storage_path: Path, name: str) -> ray.train.Result:
-    """Run one stage to completion (restoring from ``storage_path/name`` when it exists)."""
+def run_stage(
+    spec: StageSpec, cfg: RunConfig, data_dir: Path, storage_path: Path, name: str, callbacks: list | None = None,
+) -> ray.train.Result:
+    """Run one stage to completion (restoring from ``storage_path/name`` when it exists).
+
+    ``callbacks`` go to Ray Train's RunConfig, e.g. Tune's ``TuneReportCallback`` that forwards
+    every epoch's report to a sweep's scheduler.
+    """
     size, seed = cfg.data.img_size, cfg.data.seed
     datasets = {
         "train": train_stream(data_dir, "train", size, seed),
@@ -93,7 +99,7 @@ def run_stage(spec: StageSpec, cfg: RunConfig, data_dir: Path, storage_path: Pat
     scaling = ScalingConfig(
         num_workers=cfg.scaling.workers,
         use_gpu=cfg.scaling.use_gpu,
-        resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.worker_resources},
     )
     run_config = TrainRunConfig(
         name=name,
@@ -105,6 +111,7 @@ def run_stage(spec: StageSpec, cfg: RunConfig, data_dir: Path, storage_path: Pat
             checkpoint_score_order="max",
         ),
         logging_config=LoggingConfig(log_level="WARNING"),  # per-report INFO lines would drown the epoch lines
+        callbacks=callbacks,
     )
     trainer = TorchTrainer(
         train_loop,

@@ -13,7 +13,7 @@ import hashlib
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,7 +74,7 @@ def refresh_table(model: torch.nn.Module, table: msmae.AttentionTable, shard, ba
 
 def table_replicas_equal(table: msmae.AttentionTable) -> bool:
     """Do all workers hold the identical table? (a digest per worker, compared on every worker)"""
-    digest = hashlib.sha256(table.maps.numpy().tobytes()).hexdigest()
+    digest = hashlib.sha256(table.maps.cpu().numpy().tobytes()).hexdigest()
     return len(set(_gather(digest))) == 1
 
 
@@ -143,7 +143,7 @@ def train_loop(loop_config: dict) -> None:
 
     model = build_stage_model(spec, cfg)
     preset = model.preset
-    table = msmae.AttentionTable(spec.num_train, preset.grid)
+    table = msmae.AttentionTable(spec.num_train, preset.grid, device=device)
     optimizer_model = model
     start_epoch, best = 0, None
     checkpoint = ray.train.get_checkpoint()
@@ -152,7 +152,7 @@ def train_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as d:
             resume_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
         model.load_state_dict(resume_state["model"])
-        table = msmae.AttentionTable.from_state_dict(resume_state["table"])
+        table = msmae.AttentionTable.from_state_dict(resume_state["table"], device)
         start_epoch, best = resume_state["epoch"] + 1, resume_state.get("best")
     model = ray.train.torch.prepare_model(model)  # DDP across the worker group
     raw = model.module if hasattr(model, "module") else model
@@ -165,14 +165,24 @@ def train_loop(loop_config: dict) -> None:
     lr_peak = msmae.scaled_lr(stage_cfg.blr, per_worker_batch * world)
     masking = stage_cfg.masking
     schedule = msmae.MaskingSchedule(masking.sam_start, masking.refresh_every)
-    ratios = MaskRatios(masking.mask_ratio, masking.throw_ratio, getattr(stage_cfg, "random_mask_ratio", 0.75))
     use_sam = spec.stage == "pretrain" or cfg.finetune.sam
     generator = torch.Generator(device=device).manual_seed(cfg.data.seed * 1000 + rank)
     train_shard = ray.train.get_dataset_shard("train")
     plain_shard = ray.train.get_dataset_shard("train_plain")
     val_shard = ray.train.get_dataset_shard("val")
     eval_model = _PretrainHeadView(raw) if spec.stage == "pretrain" else raw
+    # How many Ray nodes the worker group spans (the multi-node path is tested on this).
+    worker_nodes = len(set(_gather(ray.get_runtime_context().get_node_id())))
     logger = _MlflowLogger(spec) if rank == 0 else None
+
+    plan = msmae.EpochPlan(
+        spec.stage, "random", MaskRatios(masking.mask_ratio, masking.throw_ratio, getattr(stage_cfg, "random_mask_ratio", 0.75)),
+        align_maps=masking.align_maps, cls_weight=getattr(stage_cfg, "cls_weight", 0.1),
+        norm_pix_loss=getattr(stage_cfg, "norm_pix_loss", False), label_smoothing=getattr(stage_cfg, "label_smoothing", 0.1),
+    )
+
+    def lr_at(fractional_epoch: float) -> float:
+        return msmae.cosine_lr(fractional_epoch, lr_peak, stage_cfg.min_lr, stage_cfg.warmup_epochs, stage_cfg.epochs)
 
     for epoch in range(start_epoch, stage_cfg.epochs):
         epoch_start = time.perf_counter()
@@ -183,33 +193,16 @@ def train_loop(loop_config: dict) -> None:
             refreshed = refresh_table(raw, table, plain_shard, per_worker_batch, device, epoch)
             replicas_equal = float(table_replicas_equal(table))
         phase = schedule.phase(epoch) if use_sam else "random"
-        totals: dict[str, float] = {}
-        seen = 0
         train_start = time.perf_counter()
-        for step, batch in enumerate(
-            train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=True)
-        ):
-            msmae.set_lr(optimizer, msmae.cosine_lr(epoch + step / steps_per_epoch, lr_peak, stage_cfg.min_lr, stage_cfg.warmup_epochs, stage_cfg.epochs))
-            images, labels = batch["image"], batch["label"]
-            weights = table.batch_weights(batch["index"], batch["crop_box"], batch["flipped"], device=device) if phase == "sam" else None
-            if spec.stage == "pretrain":
-                split = msmae.draw_masks(phase, ratios, len(images), preset.num_patches, weights, generator, device)
-                out = msmae.pretrain_step(model, optimizer, images, labels, split, cfg.pretrain.cls_weight, cfg.pretrain.norm_pix_loss)
-                losses = {"loss": out.loss, "loss_recon": out.reconstruction, "loss_cls": out.classification}
-            else:
-                kept = None
-                if cfg.finetune.sam:
-                    kept = msmae.draw_masks("sam", ratios, len(images), preset.num_patches, weights, generator, device).kept
-                losses = {"loss": msmae.finetune_step(model, optimizer, images, labels, kept, cfg.finetune.label_smoothing)}
-            for k, v in losses.items():  # summed on the device; read back once per epoch
-                totals[k] = totals.get(k, 0.0) + v * len(images)
-            seen += len(images)
+        batches = train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=True)
+        totals = msmae.train_one_epoch(model, optimizer, batches, replace(plan, phase=phase), table, lr_at, epoch, steps_per_epoch, generator)
+        seen = totals.seen
         train_seconds = time.perf_counter() - train_start
         report = validate(eval_model, val_shard, per_worker_batch, device, spec.num_classes)
         images_per_s = sum(_gather(seen)) / max(train_seconds, 1e-9)
         metrics = {
             "epoch": epoch,
-            **{f"train_{k}": msmae.engine.check_finite(float(v) / max(seen, 1), f"train {k}") for k, v in totals.items()},
+            **{f"train_{k}": v for k, v in totals.means().items()},
             **{f"val_{k}": v for k, v in report.scalars().items()},
             "lr": optimizer.param_groups[-1]["lr"],
             "images_per_s": images_per_s,
@@ -217,6 +210,7 @@ def train_loop(loop_config: dict) -> None:
             "maps_refreshed": refreshed,
             "attention_table_replicas_equal": replicas_equal,
             "masking_phase_sam": float(phase == "sam"),
+            "worker_nodes": worker_nodes,
         }
         score = metrics.get(cfg.checkpoint.metric)
         improved = score is not None and (best is None or score > best)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,43 +18,6 @@ TINY_RUN = [
     "finetune.epochs=2", "finetune.warmup_epochs=1", "finetune.masking.refresh_every=1",
     "pretrain.batch_size=64", "finetune.batch_size=64", "checkpoint.max_failures=1",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def train_mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server (SQLite backend, local artifacts) on 127.0.0.1."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"), start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"MLflow server did not start; see {root / 'server.log'}")
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:  # the server's workers ignore a polite stop now and then
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=15)
 
 
 def _run(source, workdir, uri, overrides=(), fail_at_epoch=None, model_name="msmae-e2e"):
@@ -156,9 +118,43 @@ def test_predict_command_writes_every_image_and_flags_unreadable_ones(train_tiny
     assert all(abs(x - 1) < 1e-4 for x in sums)
 
 
+def _checkpoint_epochs(storage: Path, stage: str) -> list[int]:
+    """Epochs of the checkpoints Ray has persisted for a stage (read from each checkpoint's meta.json)."""
+    epochs = []
+    for meta in storage.glob(f"*-{stage}/checkpoint_*/meta.json"):
+        try:
+            epochs.append(int(json.loads(meta.read_text())["metrics"]["epoch"]))
+        except (ValueError, KeyError):  # being written right now
+            continue
+    return sorted(epochs)
+
+
 @pytest.mark.slow
-def test_a_killed_worker_restarts_from_the_checkpoint_and_every_epoch_is_logged(ray_local, train_mlflow_server, data_sample_ingested, tmp_path):
-    outcome = _run(data_sample_ingested, tmp_path / "work", train_mlflow_server, fail_at_epoch=1, model_name="msmae-fault")
-    epochs = [s for s, _ in _history(train_mlflow_server, outcome.mlflow_run_id, "pretrain/epoch")]
-    assert sorted(set(epochs)) == [0, 1, 2]
-    assert outcome.model_version == "1"
+def test_a_killed_worker_and_a_killed_driver_both_resume_and_every_epoch_is_logged(train_mlflow_server, data_sample_ingested, tmp_path):
+    """One real `msmae run` process: a worker raises at epoch 1 (Ray restarts the group from the
+    checkpoint), then the driver is killed outright after epoch 2's checkpoint; `msmae run --resume`
+    finishes the same run from there, attention table included."""
+    work, uri = tmp_path / "work", train_mlflow_server
+    msmae_bin = str(Path(sys.executable).with_name("msmae"))
+    sets = [a for kv in [*TINY_RUN, "pretrain.epochs=4", "tracking.model_name=msmae-resume", "tracking.experiment=msmae-resume"] for a in ("--set", kv)]
+    cmd = [msmae_bin, "run", str(data_sample_ingested), "--config", "demo", *sets, "--workdir", str(work), "--tracking-uri", uri]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen([*cmd, "--fail-at-epoch", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    while 2 not in _checkpoint_epochs(work / "storage", "pretrain"):
+        assert proc.poll() is None, f"run ended before it could be killed; see {tmp_path / 'first.log'}"
+        assert time.time() < deadline, "no checkpoint of pre-training epoch 2 within 10 minutes"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, without any clean-up
+    proc.wait(timeout=30)
+    state = json.loads((work / "last_run.json").read_text())
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "registered msmae-resume version 1" in resumed.stdout
+    epochs = [s for s, _ in _history(uri, state["mlflow_run_id"], "pretrain/epoch")]
+    assert sorted(set(epochs)) == [0, 1, 2, 3]
+    assert epochs.count(0) == 1, "the resumed run trained epoch 0 again instead of restoring its checkpoint"
+    assert [s for s, _ in _history(uri, state["mlflow_run_id"], "finetune/epoch")] == [0, 1]
+    # The restored table is the one refreshed at epoch 1 (sam_start=1, refresh_every=1 → refreshed again at 3).
+    assert {s for s, _ in _history(uri, state["mlflow_run_id"], "pretrain/maps_refreshed") if _ > 0} >= {3}

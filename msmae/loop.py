@@ -1,0 +1,102 @@
+"""One training epoch of either stage, for any loop: a Ray Train worker or a single-GPU script.
+
+The epoch is where the method's pieces meet: the learning-rate schedule per step, the
+masking phase (MAE-style random masking or SAM), the attention table's rows moved through
+each image's crop and flip, and the stage's step function. Keeping it here, torch-only,
+means the distributed pipeline and a plain script train exactly the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from msmae.engine import MaskRatios, _unwrap, check_finite, draw_masks, finetune_step, pretrain_step
+from msmae.schedules import MaskingPhase, set_lr
+from msmae.table import AttentionTable
+
+Stage = Literal["pretrain", "finetune"]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How this epoch trains.
+
+    ``phase`` "random": pre-training masks at random (MAE), fine-tuning sees all tokens.
+    ``phase`` "sam": both drop patches by supervised attention, pre-training also reconstructs.
+    ``align_maps=False`` uses each image's map as stored, ignoring the crop and flip — what the
+    reference code does; kept only to measure what aligning the maps is worth.
+    """
+
+    stage: Stage
+    phase: MaskingPhase
+    ratios: MaskRatios = MaskRatios()
+    align_maps: bool = True
+    cls_weight: float = 0.1
+    norm_pix_loss: bool = False
+    label_smoothing: float = 0.1
+    grad_clip: float | None = None
+
+
+@dataclass
+class EpochTotals:
+    """Loss sums kept on the device during the epoch; read back once, at the end."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    seen: int = 0
+
+    def add(self, losses: Mapping[str, torch.Tensor], n: int) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value * n
+        self.seen += n
+
+    def means(self) -> dict[str, float]:
+        """Per-image means as floats (one host sync); raises on a non-finite loss."""
+        return {name: check_finite(float(total) / max(self.seen, 1), f"train {name}") for name, total in self.sums.items()}
+
+
+def batch_weights(table: AttentionTable, batch: Mapping[str, torch.Tensor], align_maps: bool) -> torch.Tensor:
+    """The batch's attention weights ``[B, L]`` on the images' device."""
+    if align_maps:
+        return table.batch_weights(batch["index"], batch["crop_box"], batch["flipped"], device=batch["image"].device)
+    return table.rows(batch["index"], device=batch["image"].device)
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    plan: EpochPlan,
+    table: AttentionTable | None,
+    lr_at: Callable[[float], float],
+    epoch: int,
+    steps_per_epoch: int,
+    generator: torch.Generator | None = None,
+) -> EpochTotals:
+    """Train over ``batches`` (dicts with image, label, index, crop_box, flipped on the device).
+
+    ``lr_at`` maps a fractional epoch to the learning rate (set every step, as MAE does).
+    ``table`` is needed in the "sam" phase only. Nothing here reads a value back to the host.
+    """
+    if plan.phase == "sam" and table is None:
+        raise ValueError("the SAM phase needs an attention table")
+    num_patches = _unwrap(model).preset.num_patches
+    totals = EpochTotals()
+    for step, batch in enumerate(batches):
+        set_lr(optimizer, lr_at(epoch + step / steps_per_epoch))
+        images, labels = batch["image"], batch["label"]
+        weights = batch_weights(table, batch, plan.align_maps) if plan.phase == "sam" else None
+        if plan.stage == "pretrain":
+            split = draw_masks(plan.phase, plan.ratios, len(images), num_patches, weights, generator, images.device)
+            out = pretrain_step(model, optimizer, images, labels, split, plan.cls_weight, plan.norm_pix_loss, grad_clip=plan.grad_clip)
+            losses = {"loss": out.loss, "loss_recon": out.reconstruction, "loss_cls": out.classification}
+        else:
+            kept = None
+            if plan.phase == "sam":
+                kept = draw_masks("sam", plan.ratios, len(images), num_patches, weights, generator, images.device).kept
+            losses = {"loss": finetune_step(model, optimizer, images, labels, kept, plan.label_smoothing, grad_clip=plan.grad_clip)}
+        totals.add(losses, len(images))
+    return totals

@@ -1,0 +1,1 @@
+"""Hyper-parameter sweeps over the training pipeline: Ray Tune + Optuna (TPE) + ASHA, results in MLflow."""

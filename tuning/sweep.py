@@ -1,0 +1,198 @@
+"""``msmae tune``: an Optuna (TPE) search with ASHA early stopping over training runs, on Ray Tune.
+
+A sweep lives in one working folder: ``sweep.json`` (its name and MLflow parent run, read by
+``--resume``), Tune's experiment state under ``tune/``, every trial's Ray Train checkpoints
+under ``storage/``, and the Optuna study in ``optuna.db`` (SQLite), so a resumed sweep keeps
+both Tune's finished trials and Optuna's history. The best trial's model is evaluated,
+registered and made ``champion`` when it beats the current one on the same validation split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from pipelines.run import evaluate_and_register, prepare_data, set_experiment
+from pipelines.tracking import log_params
+from pipelines.train import class_names, dataset_info, ensure_ray
+from tuning.space import SearchSpace, check_space, load_space, overrides_list
+from tuning.summary import log_summary, trial_rows
+from tuning.trial import PARENT_TAG, SweepContext, run_trial
+
+STATE_NAME = "sweep.json"
+TRIAL_CPU = 0.1  # the trial function itself only waits on its trainers; Tune refuses 0
+DATA_CPUS_PER_TRIAL = 1  # Ray Data's decode tasks need a free CPU slot beside the workers, or trials hang
+
+
+@dataclass(frozen=True)
+class SweepRequest:
+    data: Path
+    space: Path
+    trials: int
+    preset: str = "demo"
+    overrides: tuple[str, ...] = ()
+    workdir: Path = Path("msmae-sweep")
+    tracking_uri: str | None = None
+    max_concurrent: int | None = None
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    seed: int = 0
+    resume: bool = False
+    fail_trial: int | None = None
+
+
+@dataclass
+class SweepOutcome:
+    sweep_name: str
+    parent_run_id: str
+    rows: list[dict]
+    best: dict | None
+    model_version: str | None
+    champion: bool
+    seconds: float
+
+
+def trial_overrides(request: SweepRequest, space: SearchSpace) -> list[str]:
+    """The request's ``--set`` overrides plus the per-trial resources and the selection metric."""
+    return [
+        *request.overrides,
+        f"scaling.workers={request.workers_per_trial}",
+        f"scaling.cpus_per_worker={request.cpus_per_worker}",
+        f"scaling.use_gpu={'true' if request.gpus_per_worker > 0 else 'false'}",
+        f"checkpoint.metric={space.objective}",
+    ]
+
+
+def default_concurrency(resources: dict, request: SweepRequest) -> int:
+    """As many trials as the cluster holds right now, counting each trial's own and Ray Data's CPUs."""
+    per_trial_cpu = request.workers_per_trial * request.cpus_per_worker + DATA_CPUS_PER_TRIAL + TRIAL_CPU
+    limit = math.floor(resources.get("CPU", 0) / per_trial_cpu)
+    if request.gpus_per_worker > 0:
+        limit = min(limit, math.floor(resources.get("GPU", 0) / (request.workers_per_trial * request.gpus_per_worker)))
+    return max(1, limit)
+
+
+def local_cpus(request: SweepRequest) -> int:
+    """Logical CPUs for a local Ray: enough slots for the requested concurrency (never a deadlock)."""
+    cores = os.cpu_count() or 2
+    wanted = request.max_concurrent or max(1, cores // max(1, request.workers_per_trial))
+    per_trial = request.workers_per_trial * request.cpus_per_worker + DATA_CPUS_PER_TRIAL + TRIAL_CPU
+    return max(4, 2 * cores, math.ceil(wanted * per_trial) + 1)
+
+
+def run_sweep(request: SweepRequest, log=print) -> SweepOutcome:
+    from ray import tune
+
+    start = time.time()
+    workdir = request.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    state = _sweep_state(workdir, request.resume)
+    space = load_space(request.space)
+    overrides = trial_overrides(request, space)
+    cfg = check_space(space, request.preset, overrides)
+    data_dir = prepare_data(request.data, cfg, workdir, log)
+    info = dataset_info(data_dir)
+    names = class_names(info)
+    ensure_ray(num_cpus=local_cpus(request))
+    import ray
+
+    concurrency = request.max_concurrent or default_concurrency(ray.cluster_resources(), request)
+    from pipelines.tracking import resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(request.tracking_uri, workdir)
+    set_experiment(tracking_uri, cfg.tracking.experiment, workdir)
+    with mlflow.start_run(run_id=state.get("parent_run_id"), run_name=state["sweep_name"]) as parent:
+        state["parent_run_id"] = parent.info.run_id
+        (workdir / STATE_NAME).write_text(json.dumps(state))
+        if not request.resume:
+            log_params({"sweep.trials": request.trials, "sweep.max_concurrent": concurrency, "sweep.space": str(request.space),
+                        "sweep.objective": space.objective, "sweep.seed": request.seed, "sweep.preset": request.preset,
+                        "sweep.workers_per_trial": request.workers_per_trial, "sweep.gpus_per_worker": request.gpus_per_worker})
+            mlflow.log_artifact(str(request.space), "sweep")
+        context = SweepContext(
+            request.preset, tuple(overrides), str(data_dir), str(workdir), tracking_uri, parent.info.experiment_id,
+            parent.info.run_id, state["sweep_name"], space.objective, request.fail_trial,
+        )
+        trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU})
+        log(f"sweep {state['sweep_name']}: {request.trials} trials, {concurrency} at a time, "
+            f"{request.workers_per_trial} worker(s) each; objective {space.objective} (max)")
+        tuner = _tuner(request, space, cfg, trainable, context, workdir, concurrency)
+        results = tuner.fit()
+        rows = trial_rows(results, context.tune_metric)
+        _close_stale_child_runs(tracking_uri, parent.info.experiment_id, parent.info.run_id)
+        log_summary(rows, space, workdir / "optuna.db", state["sweep_name"], log)
+        best = max((r for r in rows if r["status"] != "error" and r.get("best_checkpoint")), key=lambda r: r["objective"], default=None)
+        version, champion = None, False
+        if best is not None:
+            best_cfg = check_space(space, request.preset, [*overrides, *overrides_list(best["params"])])
+            mlflow.log_metric(f"sweep_best_{space.objective}", best["objective"])
+            mlflow.set_tag("sweep.best_trial", best["trial_id"])
+            tags = {f"param.{k}": str(v) for k, v in best["params"].items()} | {"sweep": state["sweep_name"], "trial": best["trial_id"]}
+            version, champion, _, _ = evaluate_and_register(
+                best["best_checkpoint"], best["pretrain_checkpoint"], data_dir, info, best_cfg, names, log, version_tags=tags,
+            )
+            log(f"best trial {best['trial_id']}: {space.objective} {best['objective']:.4f} → {cfg.tracking.model_name} "
+                f"version {version}" + (" @champion" if champion else " (champion kept)"))
+        else:
+            log("no trial finished: nothing registered")
+    return SweepOutcome(state["sweep_name"], parent.info.run_id, rows, best, version, champion, time.time() - start)
+
+
+def _sweep_state(workdir: Path, resume: bool) -> dict:
+    state_file = workdir / STATE_NAME
+    if resume:
+        if not state_file.is_file():
+            raise FileNotFoundError(f"--resume: no earlier sweep in {workdir} (missing {STATE_NAME})")
+        return json.loads(state_file.read_text())
+    if state_file.is_file():
+        raise FileExistsError(f"{workdir} already holds sweep {json.loads(state_file.read_text())['sweep_name']}: "
+                              "pass --resume to continue it, or choose another --workdir")
+    return {"sweep_name": time.strftime("sweep-%Y%m%d-%H%M%S")}
+
+
+def _tuner(request: SweepRequest, space: SearchSpace, cfg, trainable, context: SweepContext, workdir: Path, concurrency: int):
+    """A new Tuner, or the interrupted one restored (finished trials and searcher state kept)."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    experiment = workdir / "tune" / context.sweep_name
+    if request.resume and tune.Tuner.can_restore(str(experiment)):
+        return tune.Tuner.restore(str(experiment), trainable, resume_errored=False, restart_errored=False)
+    searcher = OptunaSearch(
+        space.define_by_run(), metric=context.tune_metric, mode="max", sampler=optuna.samplers.TPESampler(seed=request.seed),
+        study_name=context.sweep_name, storage=optuna.storages.RDBStorage(f"sqlite:///{workdir / 'optuna.db'}"),
+    )
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration", metric=context.tune_metric, mode="max",
+        max_t=cfg.finetune.epochs + 1, grace_period=min(space.grace_period, cfg.finetune.epochs), reduction_factor=space.reduction_factor,
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency), scheduler=scheduler, num_samples=request.trials,
+        ),
+        run_config=tune.RunConfig(
+            name=context.sweep_name, storage_path=str(workdir / "tune"),
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),  # a crashed trial is recorded; the sweep goes on
+            verbose=1,
+        ),
+    )
+
+
+def _close_stale_child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> None:
+    """Trials ASHA stopped were killed mid-run; mark their MLflow runs KILLED rather than leave them RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for run in client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+        client.set_terminated(run.info.run_id, "KILLED")

@@ -1,0 +1,103 @@
+"""One sweep trial: a Tune *function* trainable that runs the training pipeline's two Ray Train stages.
+
+Ray Train V2 does not run a ``TorchTrainer`` as a Tune trainable directly, so each trial is
+a function that builds the trainers itself; ``TuneReportCallback`` forwards every fine-tuning
+epoch's report to Tune, which is what ASHA stops weak trials on. Pre-training is not forwarded:
+its metrics are those of the CLS head, not of the model the sweep selects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import load_config
+from pipelines.run import best_checkpoint
+from pipelines.train import class_names, dataset_info, run_stage, split_size
+from pipelines.worker import StageSpec
+from tuning.space import overrides_list
+
+TRIAL_TAG = "msmae.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial needs besides its sampled parameters (picklable, sent once to each trial)."""
+
+    preset: str
+    overrides: tuple[str, ...]
+    data_dir: str
+    workdir: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    sweep_name: str
+    objective: str
+    fail_trial: int | None = None  # fault injection for tests: the trial with this index raises
+
+    @property
+    def tune_metric(self) -> str:
+        """The running best of the objective, which the Ray Train worker reports every epoch."""
+        return f"best_{self.objective}"
+
+
+def trial_index(trial_id: str) -> int:
+    """Tune numbers trials ``<experiment>_00000``, ``_00001``, …; the number is the creation order."""
+    return int(trial_id.rsplit("_", 1)[-1])
+
+
+def run_trial(config: dict, context: SweepContext) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = load_config(context.preset, [*context.overrides, *overrides_list(config)])
+    client = MlflowClient(context.tracking_uri)
+    run_id = _child_run(client, context, trial_id, config)
+    try:
+        if context.fail_trial is not None and trial_index(trial_id) == context.fail_trial:
+            raise RuntimeError(f"injected failure of trial {trial_id} (fault-injection test)")
+        data_dir = Path(context.data_dir)
+        info = dataset_info(data_dir)
+        names = class_names(info)
+        common = dict(
+            config=cfg.model_dump(), num_classes=len(names), num_train=split_size(info, "train"),
+            class_names=names, mlflow_uri=context.tracking_uri, mlflow_run_id=run_id,
+        )
+        storage = Path(context.workdir) / "storage"
+        name = f"{context.sweep_name}-{trial_id}"
+        pre = run_stage(StageSpec("pretrain", **common), cfg, data_dir, storage, f"{name}-pretrain")
+        fine = run_stage(
+            StageSpec("finetune", init_checkpoint=pre.checkpoint.path, **common), cfg, data_dir, storage, f"{name}-finetune",
+            callbacks=[TuneReportCallback()],
+        )
+        best_dir = best_checkpoint(fine, context.objective)
+        best = max((m.get(context.objective, float("-inf")) for _, m in fine.best_checkpoints or []), default=float("nan"))
+        client.log_metric(run_id, f"best_{context.objective}", best)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    tune.report({
+        context.tune_metric: best, "best_checkpoint": best_dir, "pretrain_checkpoint": pre.checkpoint.path,
+        "mlflow_run_id": run_id, "trial_finished": 1,
+    })
+
+
+def _child_run(client: MlflowClient, context: SweepContext, trial_id: str, config: dict) -> str:
+    """This trial's MLflow run under the sweep's parent run; a resumed sweep reuses it."""
+    existing = client.search_runs(
+        [context.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{context.parent_run_id}'",
+    )
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(context.experiment_id, run_name=trial_id, tags={PARENT_TAG: context.parent_run_id, TRIAL_TAG: trial_id})
+    from mlflow.entities import Param
+
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in config.items()])
+    return run.info.run_id
