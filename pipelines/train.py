@@ -90,6 +90,7 @@ def run_stage(
     ``callbacks`` go to Ray Train's RunConfig, e.g. Tune's ``TuneReportCallback`` that forwards
     every epoch's report to a sweep's scheduler.
     """
+    _quiet_ray_data()  # here too: a sweep's trials build their datasets in their own processes
     size, seed = cfg.data.img_size, cfg.data.seed
     datasets = {
         "train": train_stream(data_dir, "train", size, seed),

@@ -24,6 +24,7 @@ Format::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,15 @@ class MaskingRange:
         return ratios_from(visible, share, self.stage)
 
 
+def _suggest_all(space: "SearchSpace", trial) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for masking in space.masking:
+        overrides.update(masking.suggest(trial))
+    for param in space.params:
+        overrides[param.key] = param.suggest(trial)
+    return overrides
+
+
 def ratios_from(visible: float, masked_share: float, stage: str) -> dict[str, float]:
     hidden = 1.0 - visible
     return {f"{stage}.masking.mask_ratio": hidden * masked_share, f"{stage}.masking.throw_ratio": hidden * (1.0 - masked_share)}
@@ -85,17 +95,12 @@ class SearchSpace:
     params: tuple[Param, ...] = field(default_factory=tuple)
 
     def define_by_run(self) -> Callable:
-        """The Optuna define-by-run function: suggests every parameter, returns the config overrides."""
+        """The Optuna define-by-run function: suggests every parameter, returns the config overrides.
 
-        def space(trial) -> dict[str, Any]:
-            overrides: dict[str, Any] = {}
-            for masking in self.masking:
-                overrides.update(masking.suggest(trial))
-            for param in self.params:
-                overrides[param.key] = param.suggest(trial)
-            return overrides
-
-        return space
+        A partial of a module-level function, because Tune pickles the searcher into its
+        experiment checkpoint (a closure would not pickle, and the sweep could not resume).
+        """
+        return functools.partial(_suggest_all, self)
 
     def corners(self) -> list[dict[str, Any]]:
         """Overrides at the extremes of every range (low ends, high ends), for up-front validation."""
@@ -108,6 +113,15 @@ class SearchSpace:
                 overrides[p.key] = p.values[pick]
             out.append(overrides)
         return out
+
+
+SAMPLING_ONLY = (".masking.visible", ".masking.masked_share")
+
+
+def run_overrides(trial_config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's config keys for ``load_config``: Tune hands over the sampled visible fraction and
+    masked share too, which are not config keys (the ratios derived from them are)."""
+    return {k: v for k, v in trial_config.items() if not k.endswith(SAMPLING_ONLY)}
 
 
 def overrides_list(overrides: dict[str, Any]) -> list[str]:

@@ -21,7 +21,8 @@ import mlflow
 from pipelines.run import evaluate_and_register, prepare_data, set_experiment
 from pipelines.tracking import log_params
 from pipelines.train import class_names, dataset_info, ensure_ray
-from tuning.space import SearchSpace, check_space, load_space, overrides_list
+from pipelines.config import load_config
+from tuning.space import SearchSpace, check_space, load_space, overrides_list, run_overrides
 from tuning.summary import log_summary, trial_rows
 from tuning.trial import PARENT_TAG, SweepContext, run_trial
 
@@ -131,7 +132,7 @@ def run_sweep(request: SweepRequest, log=print) -> SweepOutcome:
         best = max((r for r in rows if r["status"] != "error" and r.get("best_checkpoint")), key=lambda r: r["objective"], default=None)
         version, champion = None, False
         if best is not None:
-            best_cfg = check_space(space, request.preset, [*overrides, *overrides_list(best["params"])])
+            best_cfg = load_config(request.preset, [*overrides, *overrides_list(run_overrides(best["params"]))])
             mlflow.log_metric(f"sweep_best_{space.objective}", best["objective"])
             mlflow.set_tag("sweep.best_trial", best["trial_id"])
             tags = {f"param.{k}": str(v) for k, v in best["params"].items()} | {"sweep": state["sweep_name"], "trial": best["trial_id"]}

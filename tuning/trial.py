@@ -8,6 +8,7 @@ its metrics are those of the CLS head, not of the model the sweep selects.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from pipelines.config import load_config
 from pipelines.run import best_checkpoint
 from pipelines.train import class_names, dataset_info, run_stage, split_size
 from pipelines.worker import StageSpec
-from tuning.space import overrides_list
+from tuning.space import overrides_list, run_overrides
 
 TRIAL_TAG = "msmae.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
@@ -44,9 +45,11 @@ class SweepContext:
         return f"best_{self.objective}"
 
 
-def trial_index(trial_id: str) -> int:
-    """Tune numbers trials ``<experiment>_00000``, ``_00001``, …; the number is the creation order."""
-    return int(trial_id.rsplit("_", 1)[-1])
+def trial_index(trial_id: str, trial_dir: str) -> int | None:
+    """The trial's creation number, which Tune writes after the id in the trial's folder name
+    (``run_trial_<id>_<n>_<params>``)."""
+    match = re.search(rf"{re.escape(trial_id)}_(\d+)", Path(trial_dir).name)
+    return int(match.group(1)) if match else None
 
 
 def run_trial(config: dict, context: SweepContext) -> None:
@@ -54,11 +57,11 @@ def run_trial(config: dict, context: SweepContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = load_config(context.preset, [*context.overrides, *overrides_list(config)])
+    cfg = load_config(context.preset, [*context.overrides, *overrides_list(run_overrides(config))])
     client = MlflowClient(context.tracking_uri)
     run_id = _child_run(client, context, trial_id, config)
     try:
-        if context.fail_trial is not None and trial_index(trial_id) == context.fail_trial:
+        if context.fail_trial is not None and trial_index(trial_id, tune.get_context().get_trial_dir()) == context.fail_trial:
             raise RuntimeError(f"injected failure of trial {trial_id} (fault-injection test)")
         data_dir = Path(context.data_dir)
         info = dataset_info(data_dir)
