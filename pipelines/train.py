@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import ray
@@ -55,6 +56,11 @@ def split_size(info: dict, split: str) -> int:
     return int(counts.get("total", sum(counts.values())))
 
 
+# Ray rewrites 127.0.0.1 to the machine's network address, so a local Ray would listen on the
+# network; on Linux all of 127/8 is loopback, and 127.0.0.2 keeps it there. (Elsewhere: Ray's default.)
+LOOPBACK_NODE_IP = "127.0.0.2" if sys.platform.startswith("linux") else None
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` when set, else start a local Ray on 127.0.0.1.
 
@@ -69,7 +75,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     cpus = num_cpus or max(4, (os.cpu_count() or 2) * 2)
     # The dashboard serves Ray's state API, which Ray Train's clean-up actor polls; bound to loopback.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, _node_ip_address="127.0.0.1")
+    ray.init(
+        address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+        _node_ip_address=LOOPBACK_NODE_IP,
+    )
 
 
 def _quiet_ray_data() -> None:

@@ -39,20 +39,26 @@ def data_sample_ingested(tmp_path_factory: pytest.TempPathFactory, data_sample_b
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray cluster per test session.
+    """One local Ray cluster per test session, on loopback.
 
-    4 logical CPUs on a 2-core machine: Ray Data's read tasks need free CPU slots beside the
-    map tasks, or a run on 2 slots can hang waiting for resources.
+    6 logical CPUs on a 2-core machine: Ray Data's read tasks need free CPU slots beside the
+    Train workers (two concurrent sweep trials included), or a run can hang waiting for resources.
+    Tests that start `msmae` in a subprocess connect it here (``ray_local_env``): one cluster
+    per machine is what Ray's own helpers expect.
     """
     import ray
+
+    from pipelines.train import LOOPBACK_NODE_IP
 
     if ray.is_initialized():  # another session fixture started it: share, and leave shutdown to it
         yield ray
         return
     tmp = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
     ray.init(
-        num_cpus=4,
-        include_dashboard=False,
+        num_cpus=6,
+        include_dashboard=True,  # Ray Train's clean-up actor polls the state API the dashboard serves
+        dashboard_host="127.0.0.1",
+        _node_ip_address=LOOPBACK_NODE_IP,
         _temp_dir=tmp,
         object_store_memory=512 * 1024 * 1024,
         log_to_driver=False,
@@ -64,6 +70,12 @@ def ray_local():
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local_env(ray_local) -> dict[str, str]:
+    """Environment for a subprocess driver (`msmae run`, `msmae tune`) to join the session's cluster."""
+    return dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
 
 
 def _free_port() -> int:

@@ -130,7 +130,7 @@ def _checkpoint_epochs(storage: Path, stage: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_killed_worker_and_a_killed_driver_both_resume_and_every_epoch_is_logged(train_mlflow_server, data_sample_ingested, tmp_path):
+def test_a_killed_worker_and_a_killed_driver_both_resume_and_every_epoch_is_logged(train_mlflow_server, data_sample_ingested, ray_local_env, tmp_path):
     """One real `msmae run` process: a worker raises at epoch 1 (Ray restarts the group from the
     checkpoint), then the driver is killed outright after epoch 2's checkpoint; `msmae run --resume`
     finishes the same run from there, attention table included."""
@@ -139,17 +139,17 @@ def test_a_killed_worker_and_a_killed_driver_both_resume_and_every_epoch_is_logg
     sets = [a for kv in [*TINY_RUN, "pretrain.epochs=4", "tracking.model_name=msmae-resume", "tracking.experiment=msmae-resume"] for a in ("--set", kv)]
     cmd = [msmae_bin, "run", str(data_sample_ingested), "--config", "demo", *sets, "--workdir", str(work), "--tracking-uri", uri]
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen([*cmd, "--fail-at-epoch", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([*cmd, "--fail-at-epoch", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=ray_local_env)
     deadline = time.time() + 600
     while 2 not in _checkpoint_epochs(work / "storage", "pretrain"):
         assert proc.poll() is None, f"run ended before it could be killed; see {tmp_path / 'first.log'}"
         assert time.time() < deadline, "no checkpoint of pre-training epoch 2 within 10 minutes"
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, without any clean-up
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies without any clean-up; the cluster lives on
     proc.wait(timeout=30)
     state = json.loads((work / "last_run.json").read_text())
 
-    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=900, env=ray_local_env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "registered msmae-resume version 1" in resumed.stdout
     epochs = [s for s, _ in _history(uri, state["mlflow_run_id"], "pretrain/epoch")]

@@ -50,7 +50,7 @@ def _ended_trials(workdir: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_a_sweep_survives_a_failing_trial_and_a_killed_driver_then_registers_its_champion(train_mlflow_server, data_sample_ingested, tmp_path):
+def test_a_sweep_survives_a_failing_trial_and_a_killed_driver_then_registers_its_champion(train_mlflow_server, data_sample_ingested, ray_local_env, tmp_path):
     import optuna
     from mlflow.tracking import MlflowClient
 
@@ -62,21 +62,22 @@ def test_a_sweep_survives_a_failing_trial_and_a_killed_driver_then_registers_its
            "--workers-per-trial", "1", "--workdir", str(work), "--tracking-uri", uri, "--fail-trial", "1",
            *[a for kv in TINY for a in ("--set", kv)]]
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=ray_local_env)
     deadline = time.time() + 900
     while len(_ended_trials(work)) < 2:
         assert proc.poll() is None, f"sweep ended before it could be interrupted; see {tmp_path / 'first.log'}"
         assert time.time() < deadline, "two trials did not end within 15 minutes"
         time.sleep(1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray, no clean-up
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies without any clean-up; the cluster lives on
     proc.wait(timeout=30)
+    killed_at_ms = time.time() * 1000
     ended_before = _ended_trials(work)
     assert "ERROR" in ended_before.values(), "the injected failure of trial 1 was not recorded"
     sweep = json.loads((work / "sweep.json").read_text())
     storage = f"sqlite:///{work / 'optuna.db'}"
     history_before = {t.number: t.params for t in optuna.load_study(study_name=sweep["sweep_name"], storage=storage).trials}
 
-    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=1200)
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=1200, env=ray_local_env)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert "sweep result:" in resumed.stdout and "best trial" in resumed.stdout
 
@@ -87,7 +88,10 @@ def test_a_sweep_survives_a_failing_trial_and_a_killed_driver_then_registers_its
     assert len(children) == len(by_trial) == 4, "each trial has exactly one MLflow run, across the interruption"
     assert {r.info.status for r in children} <= {"FINISHED", "FAILED", "KILLED"}
     for trial_id, status in ended_before.items():  # ended trials were kept, not re-run
-        assert by_trial[trial_id].info.status == ("FAILED" if status == "ERROR" else "FINISHED")
+        run = by_trial[trial_id]
+        assert run.info.status == "FAILED" if status == "ERROR" else run.info.status in ("FINISHED", "KILLED")  # KILLED: ASHA stopped it
+        epochs = client.get_metric_history(run.info.run_id, "finetune/epoch")
+        assert all(m.timestamp < killed_at_ms for m in epochs), f"trial {trial_id} trained again after the resume"
     assert sum(r.info.status == "FAILED" for r in children) == 1
 
     study = optuna.load_study(study_name=sweep["sweep_name"], storage=storage)
