@@ -1,0 +1,78 @@
+"""Pack a folder made by `msmae ingest` into one bundle file for `benchmarks/compare.py`.
+
+    .venv/bin/python benchmarks/make_bundle.py /tmp/cmp_btmd --out bundles/btmd-112.pt --side 112
+
+Keeps ingest's splits, labels, class names and dense index; every image is squashed to
+side × side (bicubic, antialiased, as the pipeline's eval transform squashes it) and
+re-encoded as JPEG, so both datasets travel to a GPU box in a few tens of MB and decode
+there with torchvision alone. Runs where the data stack is installed (pyarrow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from msmae.bundle import SPLITS, make_bundle, save_bundle  # noqa: E402
+from pipelines.ingest import shard_files  # noqa: E402
+
+
+def squash(data: bytes, side: int) -> tuple[torch.Tensor, float]:
+    """Stored bytes → uint8 [3, side, side] and the source's width / height."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = img.convert("RGB")
+        aspect = rgb.width / rgb.height
+        small = rgb.resize((side, side), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(small).transpose(2, 0, 1).copy()), aspect
+
+
+def build(data_dir: Path, out: Path, side: int, quality: int, name: str | None) -> dict:
+    meta = json.loads((data_dir / "dataset.json").read_text())
+    classes = [c for c, _ in sorted(meta["classes"].items(), key=lambda kv: kv[1])]
+    images, labels, splits, index, aspect = [], [], [], [], []
+    for split in SPLITS:
+        for path in shard_files(data_dir, split):
+            table = pq.read_table(path, columns=["image", "label", "index"])
+            for data, label, idx in zip(table.column("image").to_pylist(), table.column("label").to_pylist(), table.column("index").to_pylist(), strict=True):
+                img, a = squash(data, side)
+                images.append(img)
+                labels.append(label)
+                splits.append(split)
+                index.append(idx)
+                aspect.append(a)
+    bundle = make_bundle(name or data_dir.name, classes, images, labels, splits, index, aspect, quality)
+    order = torch.argsort(bundle.index)
+    if not torch.equal(bundle.index[order], torch.arange(len(bundle))):
+        raise ValueError(f"{data_dir}: the ingested index is not dense 0..N-1")
+    save_bundle(bundle, out)
+    return {"out": str(out), "images": len(bundle), "counts": bundle.counts(), "classes": classes,
+            "mib": round(out.stat().st_size / 2**20, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_dir", type=Path, help="a folder made by `msmae ingest` (with val and test splits)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--side", type=int, default=112, help="stored image side in pixels (default 112)")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    parser.add_argument("--name", help="dataset name recorded in results (default: the folder name)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    summary = build(args.data_dir, args.out, args.side, args.quality, args.name)
+    print(json.dumps({**summary, "seconds": round(time.perf_counter() - start, 1)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""Train and test one method end to end in one process, on data held on the device.
+
+For a comparison on a single GPU box that has torch and timm but no Ray or MLflow. The
+dataset comes from a bundle (``msmae.bundle``), is decoded once onto the device, and
+augmented there (``msmae.gpu_augment``); every epoch is ``msmae.train_one_epoch``, the
+same function the Ray workers run, with the same optimisers, learning-rate schedule,
+masking schedule and attention-table refreshes as ``pipelines/worker.py``.
+
+Methods (``METHODS``):
+    supervised        fine-tuning recipe from random init on all tokens, no pre-training
+    mae               MAE pre-training (random 75 % masking, no CLS loss) + all-token fine-tuning
+    msmae             MSMAE pre-training (random warm-up, then SAM) + SAM fine-tuning
+    msmae_ft_all      MSMAE pre-training + all-token fine-tuning
+    msmae_uncropped   MSMAE with maps used as stored, ignoring crop and flip, in both stages
+
+Protocol: validate on whole images after every fine-tuning epoch, keep the state with the
+best validation macro-F1, evaluate it once on the test split.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+import torch
+
+import msmae
+from msmae.bundle import Bundle, decode_all
+from msmae.engine import MaskRatios, evaluate
+from msmae.gpu_augment import TrainBatches, eval_batches, resize_whole
+
+PretrainKind = Literal["none", "mae", "msmae"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a compared method changes; everything else is the shared ``Recipe``."""
+
+    name: str
+    pretrain: PretrainKind
+    finetune_sam: bool
+    align_maps: bool = True
+    description: str = ""
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("supervised", "none", False, description="ViT from random init, fine-tuning recipe, all tokens"),
+        Method("mae", "mae", False, description="MAE pre-training (random 75 %, no CLS loss) + all-token fine-tuning"),
+        Method("msmae", "msmae", True, description="MSMAE pre-training + SAM fine-tuning"),
+        Method("msmae_ft_all", "msmae", False, description="MSMAE pre-training + all-token fine-tuning"),
+        Method("msmae_uncropped", "msmae", True, align_maps=False, description="MSMAE with uncropped maps (reference code)"),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The shared training recipe: every method gets the same epochs, data, batch and lr rules.
+
+    Defaults follow ``configs/btmd-base.yaml`` (the paper's recipe); schedule lengths that the
+    paper gives in epochs are scaled to the epochs used (``Recipe.for_epochs``).
+    """
+
+    preset: str = "small"
+    img_size: int = 112
+    patch_size: int | None = 8
+    pretrain_epochs: int = 10
+    finetune_epochs: int = 10
+    batch_size: int = 256
+    eval_batch_size: int = 512
+    pretrain_blr: float = 1e-3
+    pretrain_min_lr: float = 0.0
+    pretrain_warmup: float = 1.0
+    pretrain_weight_decay: float = 0.05
+    finetune_blr: float = 1e-3
+    finetune_min_lr: float = 1e-6
+    finetune_warmup: float = 1.0
+    finetune_weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    label_smoothing: float = 0.1
+    drop_path: float = 0.1
+    mask_ratio: float = 0.45
+    throw_ratio: float = 0.30
+    random_mask_ratio: float = 0.75
+    cls_weight: float = 0.1
+    norm_pix_loss: bool = False
+    sam_start: int = 3
+    refresh_every: int = 2
+    finetune_refresh_every: int = 2
+
+    @classmethod
+    def for_epochs(cls, pretrain_epochs: int, finetune_epochs: int, **overrides) -> "Recipe":
+        """A recipe whose warm-ups, SAM start and refresh intervals scale with the epochs.
+
+        Warm-up: 10 % of each stage (the paper: 40 of 300 pre-training, 5 of 100 fine-tuning).
+        SAM starts after 30 % of pre-training (a CLS head must exist before its maps mean
+        anything); maps are refreshed every 20 % of a stage (the paper: fine-tuning every 20 of 100).
+        """
+        defaults = {
+            "pretrain_epochs": pretrain_epochs,
+            "finetune_epochs": finetune_epochs,
+            "pretrain_warmup": float(max(1, round(0.1 * pretrain_epochs))),
+            "finetune_warmup": float(max(1, round(0.1 * finetune_epochs))),
+            "sam_start": max(1, round(0.3 * pretrain_epochs)),
+            "refresh_every": max(1, round(0.2 * pretrain_epochs)),
+            "finetune_refresh_every": max(1, round(0.2 * finetune_epochs)),
+        }
+        return cls(**{**defaults, **overrides})
+
+    @property
+    def ratios(self) -> MaskRatios:
+        return MaskRatios(self.mask_ratio, self.throw_ratio, self.random_mask_ratio)
+
+    def supervised_epochs(self) -> int:
+        """Equal budget: training from scratch gets as many passes over the data as pre-training + fine-tuning."""
+        return self.pretrain_epochs + self.finetune_epochs
+
+
+@dataclass
+class DeviceData:
+    """A bundle decoded onto the device: uint8 images per split, labels, training aspects."""
+
+    name: str
+    classes: list[str]
+    train: torch.Tensor  # [N, 3, S, S] at the bundle's side: augmentation crops from these
+    train_plain: torch.Tensor  # [N, 3, img, img] whole images: attention maps are computed on these
+    val: torch.Tensor
+    test: torch.Tensor
+    train_labels: torch.Tensor
+    val_labels: torch.Tensor
+    test_labels: torch.Tensor
+    train_aspect: torch.Tensor
+    decode_seconds: float = 0.0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def counts(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def load_device_data(bundle: Bundle, img_size: int, device: torch.device | str) -> DeviceData:
+    """Decode every image once onto ``device``; val, test and the plain training view resized whole."""
+    start = time.perf_counter()
+    device = torch.device(device)
+    images = decode_all(bundle, device)
+    part = {s: bundle.rows(s) for s in ("train", "val", "test")}
+    if not len(part["val"]) or not len(part["test"]):
+        raise ValueError(f"bundle {bundle.name} needs val and test splits for selection and report, has {bundle.counts()}")
+    train_index = bundle.index[part["train"]]
+    if not torch.equal(train_index, torch.arange(len(train_index))):
+        raise ValueError("training rows must be the dataset's indices 0..n_train-1 (as ingest writes them)")
+    take = {s: rows.to(device) for s, rows in part.items()}
+    train = images[take["train"]]
+    data = DeviceData(
+        name=bundle.name,
+        classes=list(bundle.classes),
+        train=train,
+        train_plain=resize_whole(train, img_size),
+        val=resize_whole(images[take["val"]], img_size),
+        test=resize_whole(images[take["test"]], img_size),
+        train_labels=bundle.label[part["train"]].to(device),
+        val_labels=bundle.label[part["val"]].to(device),
+        test_labels=bundle.label[part["test"]].to(device),
+        train_aspect=bundle.aspect[part["train"]].to(device),
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    data.decode_seconds = time.perf_counter() - start
+    return data
+
+
+# --- optimisers, as pipelines/worker.py builds them -------------------------------------
+
+
+def pretrain_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, recipe.pretrain_weight_decay)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def finetune_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    groups = msmae.layer_decay_param_groups(model, recipe.finetune_weight_decay, recipe.layer_decay)
+    return torch.optim.AdamW(groups, fused=device.type == "cuda")
+
+
+# --- the two stages ----------------------------------------------------------------------
+
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class StageResult:
+    curve: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def refresh_maps(model: torch.nn.Module, table: msmae.AttentionTable, data: DeviceData, recipe: Recipe, epoch: int) -> None:
+    """Recompute every training image's map from the model as it is now (whole images)."""
+    index = torch.arange(len(data.train_plain), device=data.train_plain.device)
+    idx, maps = msmae.compute_attention_maps(model, eval_batches(data.train_plain, index, recipe.eval_batch_size))
+    table.update(idx, maps, epoch=epoch)
+
+
+def pretrain(
+    kind: PretrainKind, align_maps: bool, recipe: Recipe, data: DeviceData, seed: int, device: torch.device,
+    progress: Progress | None = None,
+) -> tuple[msmae.MSMAEPretrainModel, StageResult]:
+    """MAE (``kind="mae"``: random masking throughout, no CLS loss) or MSMAE pre-training."""
+    torch.manual_seed(seed)
+    preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size)
+    model = msmae.build_pretrain_model(preset, data.num_classes).to(device)
+    optimizer = pretrain_optimizer(model, recipe, device)
+    batches = TrainBatches(data.train, data.train_labels, data.train_aspect, recipe.img_size, recipe.batch_size, _generator(device, seed * 1000 + 1))
+    mask_generator = _generator(device, seed * 1000 + 2)
+    epochs = recipe.pretrain_epochs
+    sam = kind == "msmae"
+    schedule = msmae.MaskingSchedule(recipe.sam_start if sam else epochs, recipe.refresh_every)
+    table = msmae.AttentionTable(len(data.train), preset.grid, device=device) if sam else None
+    plan = msmae.EpochPlan(
+        "pretrain", "random", recipe.ratios, align_maps=align_maps,
+        cls_weight=recipe.cls_weight if sam else 0.0, norm_pix_loss=recipe.norm_pix_loss,
+    )
+    lr_peak = msmae.scaled_lr(recipe.pretrain_blr, recipe.batch_size)
+
+    def lr_at(e: float) -> float:
+        return msmae.cosine_lr(e, lr_peak, recipe.pretrain_min_lr, recipe.pretrain_warmup, epochs)
+
+    result = StageResult()
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        epoch_start = time.perf_counter()
+        refreshed = sam and schedule.refresh_due(epoch)
+        if refreshed:
+            refresh_maps(model, table, data, recipe, epoch)
+        phase = schedule.phase(epoch)
+        totals = msmae.train_one_epoch(model, optimizer, batches, replace(plan, phase=phase), table, lr_at, epoch, len(batches), mask_generator)
+        row = {"stage": "pretrain", "epoch": epoch, "epochs": epochs, "phase": phase, "maps_refreshed": refreshed,
+               **{f"train_{k}": v for k, v in totals.means().items()},  # one host sync per epoch
+               "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": time.perf_counter() - epoch_start, "images": totals.seen}
+        result.curve.append(row)
+        if progress:
+            progress(row)
+    _sync(device)
+    result.seconds = time.perf_counter() - start
+    return model, result
+
+
+def finetune(
+    method: Method, recipe: Recipe, data: DeviceData, seed: int, device: torch.device,
+    encoder_state: dict | None, epochs: int, warmup: float, progress: Progress | None = None,
+) -> tuple[dict, StageResult]:
+    """Fine-tune (from ``encoder_state``, or from scratch when None); select by val macro-F1; test once."""
+    torch.manual_seed(seed * 1000 + 3)
+    preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size)
+    model = msmae.build_classifier(preset, data.num_classes, drop_path_rate=recipe.drop_path)
+    if encoder_state is not None:
+        msmae.load_pretrained_encoder(model, encoder_state)
+    model = model.to(device)
+    optimizer = finetune_optimizer(model, recipe, device)
+    batches = TrainBatches(data.train, data.train_labels, data.train_aspect, recipe.img_size, recipe.batch_size, _generator(device, seed * 1000 + 4))
+    mask_generator = _generator(device, seed * 1000 + 5)
+    sam = method.finetune_sam
+    schedule = msmae.MaskingSchedule(0, recipe.finetune_refresh_every)
+    table = msmae.AttentionTable(len(data.train), preset.grid, device=device) if sam else None
+    plan = msmae.EpochPlan("finetune", "sam" if sam else "random", recipe.ratios, align_maps=method.align_maps, label_smoothing=recipe.label_smoothing)
+    lr_peak = msmae.scaled_lr(recipe.finetune_blr, recipe.batch_size)
+
+    def lr_at(e: float) -> float:
+        return msmae.cosine_lr(e, lr_peak, recipe.finetune_min_lr, warmup, epochs)
+
+    result = StageResult()
+    best_f1, best_epoch, best_state, best_val = -1.0, -1, None, {}
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        epoch_start = time.perf_counter()
+        refreshed = sam and schedule.refresh_due(epoch)
+        if refreshed:
+            refresh_maps(model, table, data, recipe, epoch)
+        totals = msmae.train_one_epoch(model, optimizer, batches, plan, table, lr_at, epoch, len(batches), mask_generator)
+        train_means = totals.means()
+        train_seconds = time.perf_counter() - epoch_start
+        report, _, _ = evaluate(model, eval_batches(data.val, data.val_labels, recipe.eval_batch_size), data.num_classes)
+        val = _headline(report)
+        if val["macro_f1"] > best_f1:
+            best_f1, best_epoch, best_val = val["macro_f1"], epoch, val
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        row = {"stage": "finetune", "epoch": epoch, "epochs": epochs, "phase": plan.phase, "maps_refreshed": refreshed,
+               **{f"train_{k}": v for k, v in train_means.items()}, **{f"val_{k}": v for k, v in val.items()},
+               "lr": max(g["lr"] for g in optimizer.param_groups), "train_seconds": train_seconds, "seconds": time.perf_counter() - epoch_start,
+               "images": totals.seen}
+        result.curve.append(row)
+        if progress:
+            progress(row)
+    result.seconds = time.perf_counter() - start
+    test_start = time.perf_counter()
+    model.load_state_dict(best_state)
+    report, _, _ = evaluate(model, eval_batches(data.test, data.test_labels, recipe.eval_batch_size), data.num_classes)
+    selection = {"selected_epoch": best_epoch, "val": best_val, "test": _headline(report), "test_confusion": report.confusion,
+                 "test_seconds": time.perf_counter() - test_start}
+    return selection, result
+
+
+def _headline(report: msmae.ClassificationReport) -> dict[str, float]:
+    return {k: report.scalars()[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "loss")}
+
+
+# --- one method, one seed ----------------------------------------------------------------
+
+
+@dataclass
+class PretrainCache:
+    """Pre-trained encoders kept for reuse within one process, keyed by what determines them.
+
+    ``msmae`` and ``msmae_ft_all`` pre-train identically (same seed, same recipe): the second
+    reuses the first's encoder, so their fine-tuning results differ only by fine-tuning.
+    """
+
+    entries: dict[tuple, tuple[dict, StageResult]] = field(default_factory=dict)
+
+
+def run_method(
+    method: Method | str,
+    recipe: Recipe,
+    data: DeviceData,
+    seed: int,
+    device: torch.device | str,
+    progress: Progress | None = None,
+    cache: PretrainCache | None = None,
+) -> dict:
+    """Pre-train (if the method does), fine-tune, select on val, test once: one JSON-able record."""
+    method = METHODS[method] if isinstance(method, str) else method
+    device = torch.device(device)
+    wall_start = time.perf_counter()
+    pre = StageResult()
+    encoder_state, shared = None, False
+    if method.pretrain != "none":
+        key = (method.pretrain, method.align_maps, seed, recipe)
+        if cache is not None and key in cache.entries:
+            encoder_state, pre = cache.entries[key]
+            shared = True
+        else:
+            model, pre = pretrain(method.pretrain, method.align_maps, recipe, data, seed, device, progress)
+            encoder_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            del model
+            if cache is not None:
+                cache.entries[key] = (encoder_state, pre)
+    if method.pretrain == "none":
+        ft_epochs, warmup = recipe.supervised_epochs(), float(max(1, round(0.1 * recipe.supervised_epochs())))
+    else:
+        ft_epochs, warmup = recipe.finetune_epochs, recipe.finetune_warmup
+    selection, ft = finetune(method, recipe, data, seed, device, encoder_state, ft_epochs, warmup, progress)
+    measured = time.perf_counter() - wall_start
+    return {
+        "method": method.name,
+        "description": method.description,
+        "seed": seed,
+        "dataset": data.name,
+        "classes": data.classes,
+        "counts": data.counts(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "recipe": asdict(recipe),
+        "pretrain_epochs": recipe.pretrain_epochs if method.pretrain != "none" else 0,
+        "finetune_epochs": ft_epochs,
+        "image_passes": (recipe.pretrain_epochs if method.pretrain != "none" else 0) + ft_epochs,
+        **selection,
+        "pretrain_curve": pre.curve,
+        "finetune_curve": ft.curve,
+        "pretrain_seconds": pre.seconds,
+        "finetune_seconds": ft.seconds,
+        "pretrain_shared": shared,
+        # wall time of the method as if run alone: a reused pre-training counts its measured time
+        "wall_seconds": measured + (pre.seconds if shared else 0.0),
+        "measured_seconds": measured,
+    }

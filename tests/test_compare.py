@@ -1,0 +1,109 @@
+"""benchmarks/compare.py: the run mode end to end on CPU, the time budget, the tables, MLflow logging."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "msmae"))
+
+
+def _load_compare():
+    spec = importlib.util.spec_from_file_location("compare_cli", REPO / "benchmarks" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = _load_compare()
+
+
+@pytest.fixture(scope="module")
+def cmp_bundle(tmp_path_factory) -> Path:
+    from test_standalone import _synthetic_bundle
+
+    from msmae.bundle import save_bundle
+
+    bundle, _ = _synthetic_bundle()
+    return save_bundle(bundle, tmp_path_factory.mktemp("cmp") / "synthetic.pt")
+
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = ["--preset", "tiny", "--img-size", "32", "--patch-size", "8", "--batch-size", "16", "--eval-batch-size", "32",
+        "--pretrain-epochs", "2", "--finetune-epochs", "1", "--sam-start", "1", "--refresh-every", "1",
+        "--finetune-refresh-every", "1", "--device", "cpu"]
+
+
+def test_run_mode_writes_one_line_per_run_seed_major_and_reports(cmp_bundle, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    compare.main(["--bundle", str(cmp_bundle), "--out", str(out), "--methods", "supervised", "msmae", "--seeds", "0", "1", *TINY])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["seed"], r["method"]) for r in records] == [(0, "supervised"), (0, "msmae"), (1, "supervised"), (1, "msmae")]
+    assert {r["session"] for r in records} == {records[0]["session"]}
+    assert all(r["dataset"] == "synthetic" and r["device"] == "cpu" and r["recipe"]["pretrain_epochs"] == 2 for r in records)
+    printed = capsys.readouterr().out
+    assert "[synthetic msmae s1] finetune 1/1 sam" in printed and "| msmae | 2 |" in printed
+
+    compare.main(["report", str(out), "--out", str(tmp_path / "t.md")])
+    table = (tmp_path / "t.md").read_text()
+    f1 = [r["test"]["macro_f1"] for r in records if r["method"] == "msmae"]
+    mean, sd = sum(f1) / 2, abs(f1[0] - f1[1]) / 2**0.5
+    row = next(line for line in table.splitlines() if line.startswith("| msmae |"))
+    assert f"{mean:.3f} ± {sd:.3f}" in row.split("|")[5]
+
+
+def test_time_budget_stops_before_runs_that_would_not_fit(cmp_bundle, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    compare.main(["--bundle", str(cmp_bundle), "--out", str(out), "--methods", "supervised", "msmae", "--seeds", "0", *TINY,
+                  "--time-budget", "0.5"])
+    printed = capsys.readouterr().out
+    assert "stopping before 2 runs" in printed and "not run (time budget)" in printed
+    assert not out.exists() or out.read_text() == ""
+
+
+def _record(method: str, seed: int, f1: float, dataset: str = "d", epochs: int = 3) -> dict:
+    metrics = {"accuracy": f1, "balanced_accuracy": f1, "macro_f1": f1, "macro_auc": 0.5, "loss": 1.0}
+    return {"method": method, "seed": seed, "dataset": dataset, "device": "cpu", "counts": {"train": 1, "val": 1, "test": 1},
+            "recipe": {"preset": "tiny", "img_size": 32, "patch_size": 8, "batch_size": 16, "pretrain_epochs": epochs, "finetune_epochs": epochs},
+            "selected_epoch": 0, "wall_seconds": 1.0, "val": metrics, "test": metrics, "session": "s1",
+            "pretrain_epochs": epochs, "finetune_epochs": epochs, "image_passes": 2 * epochs, "pretrain_curve": [],
+            "finetune_curve": [{"epoch": 0, "train_loss": 1.0, "val_macro_f1": f1}], "pretrain_seconds": 0.0, "finetune_seconds": 1.0}
+
+
+def test_tables_keep_datasets_and_settings_apart():
+    records = [_record("msmae", 0, 0.5), _record("msmae", 1, 0.7), _record("msmae", 0, 0.9, epochs=5), _record("mae", 0, 0.1, dataset="e")]
+    text = compare.markdown_tables(records)
+    assert text.count("| method |") == 3
+    assert "| msmae | 2 | 0.600 ± 0.141 |" in text and "| msmae | 1 | 0.900 |" in text and "| mae | 1 | 0.100 |" in text
+
+
+def test_report_logs_each_run_once_to_mlflow(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in [_record("msmae", 0, 0.5), _record("mae", 0, 0.4)]) + '{"cut off')
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    compare.main(["report", str(results), "--mlflow-uri", uri])
+    compare.main(["report", str(results), "--mlflow-uri", uri])  # a second report adds nothing
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("compare-d")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["mae-seed0", "msmae-seed0", "summary"]
+    msmae_run = next(r for r in runs if r.info.run_name == "msmae-seed0")
+    assert msmae_run.data.metrics["test_macro_f1"] == pytest.approx(0.5)
+    assert msmae_run.data.params["recipe.pretrain_epochs"] == "3" and msmae_run.data.tags["device"] == "cpu"
+    assert [m.value for m in client.get_metric_history(msmae_run.info.run_id, "finetune/val_macro_f1")] == [0.5]
