@@ -62,7 +62,7 @@ LOOPBACK_NODE_IP = "127.0.0.2" if sys.platform.startswith("linux") else None
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to ``RAY_ADDRESS`` when set, else start a local Ray on 127.0.0.1.
+    """Connect to ``RAY_ADDRESS`` when set, else start a local Ray on loopback.
 
     Locally Ray gets more logical CPUs than the machine has cores: two Train workers of one
     CPU each would otherwise leave nothing for Ray Data's decode tasks and hang.
@@ -74,11 +74,23 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(log_to_driver=True)
         return
     cpus = num_cpus or max(4, (os.cpu_count() or 2) * 2)
-    # The dashboard serves Ray's state API, which Ray Train's clean-up actor polls; bound to loopback.
+    # The dashboard serves Ray's state API, which Ray Train's clean-up actor polls; bound to
+    # loopback on a port chosen here, so the actor can be told where it is (left to itself it
+    # scans the machine for Ray clusters and fails when it finds more than one).
+    dashboard_port = _free_port()
     ray.init(
-        address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-        _node_ip_address=LOOPBACK_NODE_IP,
+        address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+        log_to_driver=True, _node_ip_address=LOOPBACK_NODE_IP,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _quiet_ray_data() -> None:
