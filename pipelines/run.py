@@ -117,7 +117,7 @@ def run_pipeline(
             StageSpec("finetune", init_checkpoint=init_checkpoint, fail_at_epoch=fail_in_finetune, **common),
             cfg, data_dir, storage, f"{state['run_name']}-finetune",
         )
-        best_dir = best_checkpoint(fine, cfg.checkpoint.metric)
+        best_dir, _ = best_checkpoint(fine, cfg.checkpoint.metric)
         version, champion, val, test = evaluate_and_register(best_dir, init_checkpoint, data_dir, info, cfg, names, log)
     seconds = time.time() - start
     log(f"registered {cfg.tracking.model_name} version {version}" + (" as @champion" if champion else " (champion kept)"))
@@ -191,12 +191,13 @@ def log_figures(model, pretrain_checkpoint: str | None, data_dir: Path, cfg: Run
         plt.close(figure)
 
 
-def best_checkpoint(result, metric: str) -> str:
-    """The fine-tuning checkpoint with the best validation metric.
+def best_checkpoint(result, metric: str) -> tuple[str, float]:
+    """The fine-tuning checkpoint with the best validation metric, and that metric's value.
 
     Ray keeps the ``checkpoint.keep`` best by score, plus always the latest (for resuming).
     """
     candidates = [(m.get(metric, float("-inf")), c.path) for c, m in (result.best_checkpoints or [])]
     if not candidates:
-        return result.checkpoint.path
-    return max(candidates)[1]
+        return result.checkpoint.path, float("nan")
+    score, path = max(candidates)
+    return path, score

@@ -87,7 +87,7 @@ def log_summary(rows: list[dict], space: SearchSpace, optuna_db: Path, study_nam
         fig.tight_layout()
         mlflow.log_figure(fig, "sweep/objective_vs_ratios.png")
         plt.close(fig)
-    importances = _param_importances(optuna_db, study_name)
+    importances = _param_importances(optuna_db, study_name, log)
     if importances:
         fig, ax = plt.subplots(figsize=(6, 0.4 * len(importances) + 1.2))
         names = list(importances)[::-1]
@@ -99,7 +99,7 @@ def log_summary(rows: list[dict], space: SearchSpace, optuna_db: Path, study_nam
         mlflow.log_dict(importances, "sweep/param_importance.json")
 
 
-def _param_importances(optuna_db: Path, study_name: str) -> dict[str, float]:
+def _param_importances(optuna_db: Path, study_name: str, log=print) -> dict[str, float]:
     """Optuna's importances over the study's completed trials; empty when there are too few to say."""
     import optuna
 
@@ -107,5 +107,5 @@ def _param_importances(optuna_db: Path, study_name: str) -> dict[str, float]:
         study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{optuna_db}")
         return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
     except (ValueError, RuntimeError, KeyError) as e:  # fewer than two completed trials, or no variation
-        print(f"parameter importance not computed: {e}")
+        log(f"parameter importance not computed: {e}")
         return {}

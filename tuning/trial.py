@@ -77,8 +77,7 @@ def run_trial(config: dict, context: SweepContext) -> None:
             StageSpec("finetune", init_checkpoint=pre.checkpoint.path, **common), cfg, data_dir, storage, f"{name}-finetune",
             callbacks=[TuneReportCallback()],
         )
-        best_dir = best_checkpoint(fine, context.objective)
-        best = max((m.get(context.objective, float("-inf")) for _, m in fine.best_checkpoints or []), default=float("nan"))
+        best_dir, best = best_checkpoint(fine, context.objective)
         client.log_metric(run_id, f"best_{context.objective}", best)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
