@@ -221,8 +221,27 @@ def summarise(records: list[dict]) -> dict[tuple, dict[str, dict]]:
     return out
 
 
+def _gap(a: list[float], b: list[float]) -> str:
+    """Difference of means, in units of the larger seed sd: the scale a reader can judge at a glance."""
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    spread = max((statistics.stdev(v) for v in (a, b) if len(v) > 1), default=0.0)
+    scale = f"{abs(diff) / spread:.1f} × the larger seed sd" if spread > 0 else "no seed spread to judge it by"
+    return f"{diff:+.3f} ({scale})"
+
+
+def verdict(methods: dict[str, dict], key: str = "test_macro_f1") -> str:
+    """Who won on test macro-F1, by how much over the runner-up, and MSMAE against MAE (the paper's claim)."""
+    ranked = sorted(methods, key=lambda m: statistics.fmean(methods[m][key]), reverse=True)
+    parts = [f"Best test macro-F1: {ranked[0]}"]
+    if len(ranked) > 1:
+        parts.append(f"ahead of {ranked[1]} by {_gap(methods[ranked[0]][key], methods[ranked[1]][key])}")
+    if "msmae" in methods and "mae" in methods:
+        parts.append(f"msmae − mae: {_gap(methods['msmae'][key], methods['mae'][key])}")
+    return "; ".join(parts) + "."
+
+
 def markdown_tables(records: list[dict]) -> str:
-    """One markdown table per dataset and setting: mean ± sd over seeds (sample sd)."""
+    """One markdown table per dataset and setting: mean ± sd over seeds (sample sd), then the verdict."""
     if not records:
         return "(no finished runs)"
     blocks = []
@@ -243,6 +262,7 @@ def markdown_tables(records: list[dict]) -> str:
             lines.append(f"| {method} | {len(row['seeds'])} | " + " | ".join(cells)
                          + f" | {_mean_sd(row['selected'], 1)} | {_mean_sd(row['wall'], 1)} |")
         blocks.append("\n".join(lines))
+        blocks.append(verdict(methods))
     return "\n\n".join(blocks)
 
 

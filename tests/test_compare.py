@@ -90,6 +90,16 @@ def test_tables_keep_datasets_and_settings_apart():
     assert "| msmae | 2 | 0.600 ± 0.141 |" in text and "| msmae | 1 | 0.900 |" in text and "| mae | 1 | 0.100 |" in text
 
 
+def test_verdict_names_the_winner_and_measures_margins_in_seed_sds():
+    records = [_record("mae", s, f1) for s, f1 in enumerate([0.50, 0.52, 0.54])]
+    records += [_record("msmae", s, f1) for s, f1 in enumerate([0.60, 0.70, 0.80])]
+    text = compare.markdown_tables(records)
+    # msmae − mae = 0.70 − 0.52 = 0.18; the larger sd is msmae's 0.1
+    assert "Best test macro-F1: msmae; ahead of mae by +0.180 (1.8 × the larger seed sd); msmae − mae: +0.180 (1.8 × the larger seed sd)." in text
+    single = compare.markdown_tables([_record("mae", 0, 0.3), _record("msmae", 0, 0.2)])
+    assert "Best test macro-F1: mae; ahead of msmae by +0.100 (no seed spread to judge it by); msmae − mae: -0.100" in single
+
+
 def test_report_logs_each_run_once_to_mlflow(tmp_path):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
