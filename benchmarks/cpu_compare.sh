@@ -46,4 +46,5 @@ for name in btmd ham10000; do
 done
 
 echo "== tables"
-"$PY" benchmarks/compare.py report "$OUT"/btmd.jsonl "$OUT"/ham10000.jsonl --out "$OUT/tables.md"
+"$PY" benchmarks/compare.py report "$OUT"/btmd.jsonl "$OUT"/ham10000.jsonl --out "$OUT/tables.md" \
+  --mlflow-uri "sqlite:///$(cd "$OUT" && pwd)/mlflow.db"
