@@ -24,7 +24,7 @@ from pipelines.train import class_names, dataset_info, ensure_ray
 from pipelines.config import load_config
 from tuning.space import SearchSpace, check_space, load_space, overrides_list, run_overrides
 from tuning.summary import log_summary, trial_rows
-from tuning.trial import PARENT_TAG, SweepContext, run_trial
+from tuning.trial import PARENT_TAG, TRIAL_TAG, SweepContext, run_trial
 
 STATE_NAME = "sweep.json"
 TRIAL_CPU = 0.1  # the trial function itself only waits on its trainers; Tune refuses 0
@@ -127,7 +127,7 @@ def run_sweep(request: SweepRequest, log=print) -> SweepOutcome:
         tuner = _tuner(request, space, cfg, trainable, context, workdir, concurrency)
         results = tuner.fit()
         rows = trial_rows(results, context.tune_metric)
-        _close_stale_child_runs(tracking_uri, parent.info.experiment_id, parent.info.run_id)
+        settle_child_runs(tracking_uri, parent.info.experiment_id, parent.info.run_id, rows)
         log_summary(rows, space, workdir / "optuna.db", state["sweep_name"], log)
         best = max((r for r in rows if r["status"] != "error" and r.get("best_checkpoint")), key=lambda r: r["objective"], default=None)
         version, champion = None, False
@@ -190,10 +190,24 @@ def _tuner(request: SweepRequest, space: SearchSpace, cfg, trainable, context: S
     )
 
 
-def _close_stale_child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> None:
-    """Trials ASHA stopped were killed mid-run; mark their MLflow runs KILLED rather than leave them RUNNING."""
+MLFLOW_STATUS = {"finished": "FINISHED", "error": "FAILED", "stopped early": "KILLED"}
+
+
+def settle_child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str, rows: list[dict]) -> int:
+    """Make every trial's MLflow run say what Tune decided; returns how many runs were corrected.
+
+    A trial settles its own run, but one that ASHA stops can be cut off before it does (left
+    RUNNING) or can see the stop arrive as an exception and mark itself FAILED. Tune's verdict
+    (the sweep's rows) is the one users should find in MLflow: stopped early is KILLED, not a failure.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    for run in client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"):
-        client.set_terminated(run.info.run_id, "KILLED")
+    verdict = {row["trial_id"]: MLFLOW_STATUS[row["status"]] for row in rows}
+    corrected = 0
+    for run in client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'"):
+        status = verdict.get(run.data.tags.get(TRIAL_TAG), "KILLED" if run.info.status == "RUNNING" else run.info.status)
+        if status != run.info.status:
+            client.set_terminated(run.info.run_id, status, end_time=run.info.end_time)
+            corrected += 1
+    return corrected

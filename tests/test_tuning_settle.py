@@ -1,0 +1,48 @@
+"""After a sweep, each trial's MLflow run must carry Tune's verdict, whatever the trial wrote itself.
+
+Real MLflow (SQLite store); the rows are what `trial_rows` builds from Tune's results. The races
+this guards against were seen in the sweep test: a trial ASHA stopped marked itself FAILED.
+"""
+
+from __future__ import annotations
+
+from mlflow.tracking import MlflowClient
+
+from tuning.sweep import settle_child_runs
+from tuning.trial import PARENT_TAG, TRIAL_TAG
+
+
+def _row(trial_id: str, status: str) -> dict:
+    return {"trial_id": trial_id, "status": status, "objective": 0.5, "epochs_reported": 1, "params": {}}
+
+
+def test_runs_are_settled_to_tunes_verdict_and_keep_their_end_time(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("settle", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment_id, run_name="sweep").info.run_id
+    other_parent = client.create_run(experiment_id, run_name="another sweep").info.run_id
+
+    def child(trial_id: str, parent_id: str = parent, status: str | None = None, end_time: int | None = None) -> str:
+        run_id = client.create_run(experiment_id, run_name=trial_id, tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id}).info.run_id
+        if status is not None:
+            client.set_terminated(run_id, status, end_time=end_time)
+        return run_id
+
+    stopped_running = child("a")
+    stopped_failed = child("b", status="FAILED", end_time=1_700_000_000_000)
+    finished = child("c", status="FINISHED")
+    crashed = child("d", status="FAILED")
+    orphan_running = child("e")
+    elsewhere = child("f", parent_id=other_parent)
+    rows = [_row("a", "stopped early"), _row("b", "stopped early"), _row("c", "finished"), _row("d", "error")]
+
+    assert settle_child_runs(uri, experiment_id, parent, rows) == 3
+    status = {run_id: client.get_run(run_id).info for run_id in (stopped_running, stopped_failed, finished, crashed, orphan_running, elsewhere)}
+    assert status[stopped_running].status == "KILLED"
+    assert status[stopped_failed].status == "KILLED" and status[stopped_failed].end_time == 1_700_000_000_000
+    assert status[finished].status == "FINISHED"
+    assert status[crashed].status == "FAILED"
+    assert status[orphan_running].status == "KILLED"  # no row: a trial Tune never reported on cannot still be running
+    assert status[elsewhere].status == "RUNNING"  # another sweep's runs are not touched
+    assert settle_child_runs(uri, experiment_id, parent, rows) == 0  # settling twice changes nothing
