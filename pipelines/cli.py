@@ -26,12 +26,12 @@ def ingest(
     test: Annotated[float, typer.Option(help="Test fraction; 0 for no test split.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
     rows_per_shard: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 2048,
-    workers: Annotated[int | None, typer.Option(help="Decode processes (default: all CPUs).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decode processes (default: the CPUs this process may use, a container's CPU limit included).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail (write no shards) if any file is quarantined.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Validate, de-duplicate and split images into Parquet shards (a no-op when already up to date)."""
-    import os
+    from joblib import cpu_count
 
     from pipelines.ingest import IngestError, IngestOptions
     from pipelines.ingest import ingest as run_ingest
@@ -50,7 +50,7 @@ def ingest(
         source = src
     opts = IngestOptions(
         mode=mode, max_side=max_side, val=val, test=test, seed=seed, strict=strict, rows_per_shard=rows_per_shard,
-        classes=[c.strip() for c in classes.split(",")] if classes else None, workers=workers or os.cpu_count() or 1,
+        classes=[c.strip() for c in classes.split(",")] if classes else None, workers=workers or cpu_count(),
     )
     try:
         result = run_ingest(source, out, opts, progress=progress, log=typer.echo)

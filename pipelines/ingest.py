@@ -27,6 +27,7 @@ from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
 
+from joblib import cpu_count
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,7 +71,9 @@ class IngestOptions:
     classes: list[str] | None = None
     rows_per_shard: int = 2048
     strict: bool = False
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1, compare=False)
+    # joblib counts the CPUs this process may use (affinity, a container's CPU limit), not the
+    # node's cores that os.cpu_count() reports inside a pod.
+    workers: int = field(default_factory=cpu_count, compare=False)
 
 
 @dataclass

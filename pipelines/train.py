@@ -9,6 +9,7 @@ from pathlib import Path
 
 import ray
 import ray.train
+from joblib import cpu_count
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, ScalingConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
@@ -73,7 +74,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    cpus = num_cpus or max(4, (os.cpu_count() or 2) * 2)
+    cpus = num_cpus or max(4, cpu_count() * 2)
     # The dashboard serves Ray's state API, which Ray Train's clean-up actor polls; bound to
     # loopback on a port chosen here, so the actor can be told where it is (left to itself it
     # scans the machine for Ray clusters and fails when it finds more than one).

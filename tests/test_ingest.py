@@ -275,3 +275,14 @@ def test_cli_ingests_a_manifest_and_reports_counts(data_manifest, tmp_path: Path
     assert again.exit_code == 0 and "nothing rewritten" in again.output
     strict = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "s"), "--strict"])
     assert strict.exit_code == 1 and "--strict" in strict.output
+
+
+def test_default_decode_workers_follow_the_cpus_this_process_may_use() -> None:
+    """In a pod os.cpu_count() is the node's core count; the default must follow what the process
+    may actually use (here: its CPU affinity pinned to one core, as a CPU limit would cap it)."""
+    import subprocess
+    import sys
+
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from pipelines.ingest import IngestOptions; print(IngestOptions().workers)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "1"

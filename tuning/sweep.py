@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from joblib import cpu_count
 
 from pipelines.run import evaluate_and_register, prepare_data, set_experiment
 from pipelines.tracking import log_params
@@ -82,7 +82,7 @@ def default_concurrency(resources: dict, request: SweepRequest) -> int:
 
 def local_cpus(request: SweepRequest) -> int:
     """Logical CPUs for a local Ray: enough slots for the requested concurrency (never a deadlock)."""
-    cores = os.cpu_count() or 2
+    cores = cpu_count()
     wanted = request.max_concurrent or max(1, cores // max(1, request.workers_per_trial))
     per_trial = request.workers_per_trial * request.cpus_per_worker + DATA_CPUS_PER_TRIAL + TRIAL_CPU
     return max(4, 2 * cores, math.ceil(wanted * per_trial) + 1)
