@@ -1,6 +1,6 @@
 """Training-stream throughput: Ray Data vs a torch DataLoader doing the same work.
 
-Both sides run the exact same per-batch function (`pipelines.data.augment_batch`: decode,
+Both sides run the exact same per-batch function (`pipelines.transforms.augment_batch`: decode,
 RandomResizedCrop 0.2–1 bicubic, flip, normalise, crop box) over the same train split of an
 ingested dataset, with the same number of CPU workers (`--workers`: DataLoader processes /
 Ray Data map tasks in flight) and the same batch size. Each side runs `--epochs` passes, alternating
@@ -48,7 +48,7 @@ class ShardBatches(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, rows: list[int]) -> dict[str, np.ndarray]:
-        from pipelines.data import augment_batch
+        from pipelines.transforms import augment_batch
 
         batch = {"image": self.images[rows], "label": self.labels[rows], "index": self.indices[rows]}
         return augment_batch(batch, size=self.size, seed=self.seed, repeatable=False)

@@ -2,8 +2,8 @@
 
 Every builder returns a lazy `ray.data.Dataset`; pass it to `TorchTrainer(datasets=...)` and
 read it in the workers with `ray.train.get_dataset_shard(name).iter_torch_batches(...)`.
-Decode and augmentation run in `map_batches` on CPU workers (PIL + torchvision), never on
-the trainer's GPU.
+Decode and augmentation run in `map_batches` on CPU workers (`pipelines.transforms`: PIL and
+numpy, no torch), never on the trainer's GPU.
 
 Per sample the training stream emits
     image     float32 [3, S, S]  ImageNet-normalised (timm's IMAGENET_DEFAULT_MEAN/STD)
@@ -18,28 +18,14 @@ attention map computed on it covers the whole image).
 
 from __future__ import annotations
 
-import io
 import json
-import secrets
 from pathlib import Path
 
-import numpy as np
 import ray
-import torch
-import torchvision.transforms.functional as TF
-from PIL import Image
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from pipelines.ingest import shard_files
+from pipelines.transforms import augment_batch, resize_batch
 
-CROP_SCALE = (0.2, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
-FLIP_P = 0.5
-INTERPOLATION = InterpolationMode.BICUBIC
-# (x / 255 - mean) / std  ==  x * _SCALE + _SHIFT, done in two passes over the pixels
-_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_DEFAULT_STD, dtype=np.float64))).astype(np.float32).reshape(3, 1, 1)
-_SHIFT = (-np.asarray(IMAGENET_DEFAULT_MEAN) / np.asarray(IMAGENET_DEFAULT_STD)).astype(np.float32).reshape(3, 1, 1)
 _READ_COLUMNS = ["image", "label", "index"]
 
 
@@ -119,69 +105,3 @@ def _read(data_dir: str | Path, split: str) -> ray.data.Dataset:
     finally:
         ctx.use_datasource_v2 = previous
     return ds.select_columns(_READ_COLUMNS)
-
-
-# --- per-batch transforms (run inside Ray Data workers; plain functions of numpy batches) ---
-
-
-def decode(data: bytes) -> Image.Image:
-    """Stored bytes → RGB PIL image (grayscale datasets are replicated to 3 channels)."""
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
-
-
-def normalise(img: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
-    """PIL RGB → float32 [3, H, W], ImageNet mean/std; written into `out` when given."""
-    chw = np.asarray(img).transpose(2, 0, 1)  # uint8 [3, H, W], a view
-    out = np.multiply(chw, _SCALE, out=out, dtype=np.float32)
-    out += _SHIFT
-    return out
-
-
-def sample_crop(img: Image.Image) -> tuple[tuple[int, int, int, int], bool]:
-    """torchvision's own RandomResizedCrop box (top, left, height, width) and a flip draw.
-
-    Uses torch's global generator (as torchvision does); the caller seeds it.
-    """
-    top, left, h, w = RandomResizedCrop.get_params(img, list(CROP_SCALE), list(CROP_RATIO))
-    flip = bool(torch.rand(1).item() < FLIP_P)
-    return (top, left, h, w), flip
-
-
-def apply_crop(img: Image.Image, box: tuple[int, int, int, int], flip: bool, size: int) -> Image.Image:
-    """Crop (top, left, h, w), resize to size×size bicubic, then flip if asked."""
-    out = TF.resized_crop(img, *box, [size, size], interpolation=INTERPOLATION)
-    return TF.hflip(out) if flip else out
-
-
-def augment_batch(batch: dict[str, np.ndarray], size: int, seed: int, repeatable: bool) -> dict[str, np.ndarray]:
-    n = len(batch["index"])
-    images = np.empty((n, 3, size, size), dtype=np.float32)  # [B, 3, S, S]
-    boxes = np.empty((n, 4), dtype=np.float32)  # [B, 4] x0, y0, x1, y1 in [0, 1]
-    flipped = np.empty(n, dtype=bool)
-    nonce = 0 if repeatable else secrets.randbits(63)
-    for k in range(n):
-        index = int(batch["index"][k])
-        # the CPU generator only: torch.manual_seed also queues a lazy CUDA seed with a stack trace
-        torch.random.default_generator.manual_seed(int(np.random.SeedSequence([seed, index, nonce]).generate_state(1, np.uint64)[0] >> 1))
-        img = decode(batch["image"][k])
-        (top, left, h, w), flip = sample_crop(img)
-        normalise(apply_crop(img, (top, left, h, w), flip, size), out=images[k])
-        boxes[k] = (left / img.width, top / img.height, (left + w) / img.width, (top + h) / img.height)
-        flipped[k] = flip
-    return {
-        "image": images,
-        "label": batch["label"].astype(np.int64),
-        "index": batch["index"].astype(np.int64),
-        "crop_box": boxes,
-        "flipped": flipped,
-    }
-
-
-def resize_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    n = len(batch["index"])
-    images = np.empty((n, 3, size, size), dtype=np.float32)  # [B, 3, S, S]
-    for k in range(n):
-        img = decode(batch["image"][k])
-        normalise(TF.resize(img, [size, size], interpolation=INTERPOLATION), out=images[k])
-    return {"image": images, "label": batch["label"].astype(np.int64), "index": batch["index"].astype(np.int64)}

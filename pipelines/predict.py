@@ -10,10 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 
-from pipelines.data import INTERPOLATION, normalise
+from pipelines.transforms import normalise, resize_whole
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -35,7 +34,7 @@ class Predictor:
         for data in batch["bytes"]:
             try:
                 with Image.open(io.BytesIO(data)) as img:
-                    img = TF.resize(img.convert("RGB"), [self.img_size, self.img_size], interpolation=INTERPOLATION)
+                    img = resize_whole(img.convert("RGB"), self.img_size)
                 images.append(normalise(img))
                 ok.append(True)
             except (UnidentifiedImageError, OSError):
