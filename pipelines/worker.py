@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -233,7 +234,9 @@ def _print_progress(stage: str, epoch: int, epochs: int, m: dict, metric: str) -
     print(
         f"[{stage}] epoch {epoch + 1}/{epochs}  loss {m['train_loss']:.4f}  val acc {m['val_accuracy']:.3f} "
         f"f1 {m['val_macro_f1']:.3f}  {m['images_per_s']:.0f} img/s  ETA {eta:.0f}s",
-        flush=True,
+        # Ray Train patches print() in its workers to copy each line to both stdout and stderr,
+        # and the driver shows both: the real stdout gets the line once.
+        file=sys.__stdout__, flush=True,
     )
 
 
