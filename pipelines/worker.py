@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -132,8 +133,20 @@ def save_checkpoint(state: dict, metrics: dict, spec: StageSpec) -> ray.train.Ch
     return ray.train.Checkpoint.from_directory(str(directory))
 
 
+def _quiet_report_lines() -> None:
+    """Ray 2.60 logs every ``ray.train.report`` at INFO (the whole metrics dict, ~1 KB per epoch
+    and worker) under a logger named after its source file, which ``LoggingConfig``'s level
+    (applied to ``ray.train.*`` loggers only) misses; the epoch lines are what a user reads."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay, nothing else changes
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(loop_config: dict) -> None:
     """``train_loop_per_worker`` of the TorchTrainer for one stage."""
+    _quiet_report_lines()
     spec: StageSpec = loop_config["spec"]
     cfg = spec.run_config()
     stage_cfg = cfg.pretrain if spec.stage == "pretrain" else cfg.finetune
