@@ -101,6 +101,7 @@ def _quiet_ray_data() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False  # its plan, per dataset and epoch, in every split coordinator
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 

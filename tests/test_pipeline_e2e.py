@@ -86,7 +86,9 @@ def test_a_killed_worker_and_a_killed_driver_both_resume_and_every_epoch_is_logg
     assert [s for s, _ in _history(run.uri, run.mlflow_run_id, "finetune/epoch")] == [0, 1]
     # Rank 0's progress line reaches the driver's console once (Ray Train's print patch would double it).
     assert (run.resumed.stdout + run.resumed.stderr).count("[pretrain] epoch 4/4") == 1
-    assert "Reporting training result" not in run.resumed.stdout + run.resumed.stderr  # Ray's per-report dump, silenced
+    console = run.resumed.stdout + run.resumed.stderr
+    assert "Reporting training result" not in console  # Ray Train's per-report dump, silenced
+    assert "Execution plan of Dataset" not in console  # Ray Data's plan per dataset and epoch, silenced
     # The restored table is the one refreshed at epoch 2 (sam_start=1, refresh_every=1 → refreshed again at 3).
     assert {s for s, v in _history(run.uri, run.mlflow_run_id, "pretrain/maps_refreshed") if v > 0} >= {3}
 
