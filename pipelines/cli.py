@@ -31,9 +31,7 @@ def ingest(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Validate, de-duplicate and split images into Parquet shards (a no-op when already up to date)."""
-    from joblib import cpu_count
-
-    from pipelines.ingest import IngestError, IngestOptions
+    from pipelines.ingest import IngestError, IngestOptions, usable_cpus
     from pipelines.ingest import ingest as run_ingest
     from pipelines.sources import ManifestSpec
 
@@ -50,7 +48,7 @@ def ingest(
         source = src
     opts = IngestOptions(
         mode=mode, max_side=max_side, val=val, test=test, seed=seed, strict=strict, rows_per_shard=rows_per_shard,
-        classes=[c.strip() for c in classes.split(",")] if classes else None, workers=workers or cpu_count(),
+        classes=[c.strip() for c in classes.split(",")] if classes else None, workers=workers or usable_cpus(),
     )
     try:
         result = run_ingest(source, out, opts, progress=progress, log=typer.echo)

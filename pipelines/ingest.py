@@ -27,7 +27,6 @@ from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
 
-from joblib import cpu_count
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -59,6 +58,15 @@ class IngestError(RuntimeError):
     """Ingest stopped (bad arguments, or quarantined files under --strict)."""
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use (affinity, a container's CPU limit), not the node's cores
+    that os.cpu_count() reports inside a pod. joblib is imported here, not at the top: every
+    Ray Data process imports this module for ``shard_files``."""
+    from joblib import cpu_count
+
+    return cpu_count()
+
+
 @dataclass(frozen=True)
 class IngestOptions:
     """Everything that changes the output (all of it goes into the fingerprint)."""
@@ -71,9 +79,7 @@ class IngestOptions:
     classes: list[str] | None = None
     rows_per_shard: int = 2048
     strict: bool = False
-    # joblib counts the CPUs this process may use (affinity, a container's CPU limit), not the
-    # node's cores that os.cpu_count() reports inside a pod.
-    workers: int = field(default_factory=cpu_count, compare=False)
+    workers: int = field(default_factory=usable_cpus, compare=False)
 
 
 @dataclass
@@ -93,11 +99,12 @@ def tool_version() -> str:
 def ingest(
     src: Path | sources.ManifestSpec,
     out: Path,
-    opts: IngestOptions = IngestOptions(),
+    opts: IngestOptions | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> IngestResult:
     """Ingest `src` (an ImageFolder root or a manifest spec) into `out`; a no-op when up to date."""
+    opts = opts or IngestOptions()  # built per call: its CPU count is this process's, now
     if opts.mode not in images.SUPPORTED_MODES:
         raise IngestError(f"--mode must be one of {images.SUPPORTED_MODES}, got {opts.mode!r}")
     fractions = splits.fractions_for(opts.val, opts.test)

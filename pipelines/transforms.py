@@ -80,7 +80,7 @@ def sample_crop(width: int, height: int, rng: np.random.Generator,
 def apply_crop(img: Image.Image, box: Box, flip: bool, size: int) -> Image.Image:
     """Crop (top, left, h, w), resize to size×size bicubic, then flip if asked."""
     top, left, h, w = box
-    out = img.crop((left, top, left + w, top + h)).resize((size, size), INTERPOLATION)
+    out = resize_whole(img.crop((left, top, left + w, top + h)), size)
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
 
