@@ -10,10 +10,14 @@ Public API:
     pretrain_step, finetune_step, evaluate,
     compute_attention_maps, draw_masks       step functions for any loop (msmae.engine)
     train_one_epoch, EpochPlan               one epoch of either stage (msmae.loop)
+    StageTrainer, StageSchedule              the epoch skeleton any loop shares (msmae.loop)
+    build_optimizer                          each stage's AdamW (msmae.optim)
+    msmae.defaults                           the paper's hyper-parameters, declared once
 
 This package never imports Ray or MLflow: it runs alone on a GPU box.
 """
 
+from msmae import defaults
 from msmae.attention import attention_maps
 from msmae.engine import (
     MaskRatios,
@@ -25,7 +29,7 @@ from msmae.engine import (
     pretrain_step,
 )
 from msmae.geometry import crop_flip_maps
-from msmae.loop import EpochPlan, EpochTotals, train_one_epoch
+from msmae.loop import EpochOutcome, EpochPlan, EpochTotals, StageSchedule, StageTrainer, train_one_epoch
 from msmae.masking import MaskSplit, mask_counts, random_masking, sam_masking
 from msmae.metrics import ClassificationReport, classification_report
 from msmae.models import (
@@ -38,15 +42,18 @@ from msmae.models import (
     get_preset,
     load_pretrained_encoder,
 )
-from msmae.schedules import MaskingSchedule, cosine_lr, layer_decay_param_groups, scaled_lr, set_lr
+from msmae.optim import build_optimizer, layer_decay_param_groups
+from msmae.schedules import MaskingSchedule, cosine_lr, scaled_lr, set_lr
 from msmae.table import AttentionTable
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "defaults",
     "PRESETS",
     "AttentionTable",
     "ClassificationReport",
+    "EpochOutcome",
     "EpochPlan",
     "EpochTotals",
     "MSMAEClassifier",
@@ -54,9 +61,12 @@ __all__ = [
     "MaskRatios",
     "MaskSplit",
     "MaskingSchedule",
+    "StageSchedule",
+    "StageTrainer",
     "ViTPreset",
     "attention_maps",
     "build_classifier",
+    "build_optimizer",
     "build_pretrain_model",
     "classification_report",
     "compute_attention_maps",

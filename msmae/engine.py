@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from msmae import defaults
 from msmae.attention import attention_maps
 from msmae.losses import pretrain_loss
 from msmae.masking import MaskSplit, random_masking, sam_masking
@@ -37,9 +38,9 @@ def autocast(device: torch.device | str, enabled: bool = True) -> contextlib.Abs
 class MaskRatios:
     """SAM ratios and the ratio of MAE-style random masking used before SAM starts."""
 
-    mask: float = 0.45
-    throw: float = 0.30
-    random_mask: float = 0.75
+    mask: float = defaults.MASK_RATIO
+    throw: float = defaults.THROW_RATIO
+    random_mask: float = defaults.RANDOM_MASK_RATIO
 
 
 def draw_masks(
@@ -76,8 +77,8 @@ def pretrain_step(
     images: torch.Tensor,
     labels: torch.Tensor,
     split: MaskSplit,
-    cls_weight: float = 0.1,
-    norm_pix_loss: bool = False,
+    cls_weight: float = defaults.CLS_WEIGHT,
+    norm_pix_loss: bool = defaults.NORM_PIX_LOSS,
     amp: bool = True,
     grad_clip: float | None = None,
 ) -> PretrainStepOutput:
@@ -97,7 +98,7 @@ def finetune_step(
     images: torch.Tensor,
     labels: torch.Tensor,
     kept: torch.Tensor | None,
-    label_smoothing: float = 0.1,
+    label_smoothing: float = defaults.LABEL_SMOOTHING,
     amp: bool = True,
     grad_clip: float | None = None,
 ) -> torch.Tensor:

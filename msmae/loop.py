@@ -8,14 +8,16 @@ means the distributed pipeline and a plain script train exactly the same way.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
+from msmae import defaults
 from msmae.engine import MaskRatios, _unwrap, check_finite, draw_masks, finetune_step, pretrain_step
-from msmae.schedules import MaskingPhase, set_lr
+from msmae.schedules import MaskingPhase, MaskingSchedule, cosine_lr, set_lr
 from msmae.table import AttentionTable
 
 Stage = Literal["pretrain", "finetune"]
@@ -35,9 +37,9 @@ class EpochPlan:
     phase: MaskingPhase
     ratios: MaskRatios = MaskRatios()
     align_maps: bool = True
-    cls_weight: float = 0.1
-    norm_pix_loss: bool = False
-    label_smoothing: float = 0.1
+    cls_weight: float = defaults.CLS_WEIGHT
+    norm_pix_loss: bool = defaults.NORM_PIX_LOSS
+    label_smoothing: float = defaults.LABEL_SMOOTHING
     grad_clip: float | None = None
 
 
@@ -100,3 +102,76 @@ def train_one_epoch(
             losses = {"loss": finetune_step(model, optimizer, images, labels, kept, plan.label_smoothing, grad_clip=plan.grad_clip)}
         totals.add(losses, len(images))
     return totals
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """A stage's learning rate per (fractional) epoch and when masking is random or SAM.
+
+    ``masking=None``: the stage never uses attention maps (MAE pre-training, all-token
+    fine-tuning, a supervised ViT from scratch) — phase "random" throughout, no refreshes.
+    """
+
+    epochs: int
+    peak_lr: float
+    min_lr: float
+    warmup_epochs: float
+    masking: MaskingSchedule | None = None
+
+    def lr_at(self, fractional_epoch: float) -> float:
+        return cosine_lr(fractional_epoch, self.peak_lr, self.min_lr, self.warmup_epochs, self.epochs)
+
+    def phase(self, epoch: int) -> MaskingPhase:
+        return "random" if self.masking is None else self.masking.phase(epoch)
+
+    def refresh_due(self, epoch: int) -> bool:
+        return self.masking is not None and self.masking.refresh_due(epoch)
+
+
+@dataclass
+class EpochOutcome:
+    """What one epoch did: its phase, how many maps it refreshed first (0: none), its losses."""
+
+    epoch: int
+    phase: MaskingPhase
+    maps_refreshed: int
+    totals: EpochTotals
+    train_seconds: float
+
+
+@dataclass
+class StageTrainer:
+    """The epoch skeleton of a stage, shared by the Ray Train worker and the comparison runner.
+
+    Each epoch: refresh the attention table when the schedule says so (``refresh`` is the
+    caller's, since a distributed refresh all-gathers and a local one does not), pick the
+    masking phase, train over ``batches`` with the per-step learning rate. Evaluation,
+    checkpoints and logging stay with the caller, which owns the loop over epochs.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    plan: EpochPlan
+    schedule: StageSchedule
+    table: AttentionTable | None = None
+    generator: torch.Generator | None = None
+
+    def run_epoch(
+        self,
+        epoch: int,
+        batches: Iterable[Mapping[str, torch.Tensor]],
+        steps_per_epoch: int,
+        refresh: Callable[[int], int] | None = None,
+    ) -> EpochOutcome:
+        refreshed = 0
+        if self.schedule.refresh_due(epoch):
+            if refresh is None or self.table is None:
+                raise ValueError(f"epoch {epoch} is due a map refresh: give the trainer a table and a refresh function")
+            refreshed = refresh(epoch)
+        phase = self.schedule.phase(epoch)
+        start = time.perf_counter()
+        totals = train_one_epoch(
+            self.model, self.optimizer, batches, replace(self.plan, phase=phase), self.table,
+            self.schedule.lr_at, epoch, steps_per_epoch, self.generator,
+        )
+        return EpochOutcome(epoch, phase, refreshed, totals, time.perf_counter() - start)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from msmae import defaults
+
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """``[B, 3, H, W] -> [B, L, p*p*3]``, patches row-major, pixels (p, p, channel) inside."""
@@ -51,8 +53,8 @@ def pretrain_loss(
     labels: torch.Tensor,
     masked: torch.Tensor,
     patch_size: int,
-    cls_weight: float = 0.1,
-    norm_pix_loss: bool = False,
+    cls_weight: float = defaults.CLS_WEIGHT,
+    norm_pix_loss: bool = defaults.NORM_PIX_LOSS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(total, reconstruction, classification)``; total = MSE + λ · CE.
 

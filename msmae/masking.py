@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from msmae import defaults
+
 # Min-max normalisation gives every head one exact zero; log(0) would make a patch
 # impossible to draw early, so every weight gets this floor before the draw.
 WEIGHT_FLOOR = 1e-6
@@ -79,8 +81,8 @@ def gumbel_order(weights: torch.Tensor, generator: torch.Generator | None = None
 
 def sam_masking(
     weights: torch.Tensor,
-    mask_ratio: float = 0.45,
-    throw_ratio: float = 0.30,
+    mask_ratio: float = defaults.MASK_RATIO,
+    throw_ratio: float = defaults.THROW_RATIO,
     generator: torch.Generator | None = None,
 ) -> MaskSplit:
     """Split patches into masked / thrown / kept by supervised attention (SAM).
@@ -103,7 +105,7 @@ def sam_masking(
 def random_masking(
     batch_size: int,
     num_patches: int,
-    mask_ratio: float = 0.75,
+    mask_ratio: float = defaults.RANDOM_MASK_RATIO,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> MaskSplit:

@@ -17,6 +17,7 @@ from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from msmae import defaults
 from msmae.masking import MaskSplit
 
 _norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -200,7 +201,7 @@ class MSMAEClassifier(VisionTransformer):
     ``forward(images)`` uses every token (evaluation, inference).
     """
 
-    def __init__(self, preset: ViTPreset, num_classes: int, drop_path_rate: float = 0.1) -> None:
+    def __init__(self, preset: ViTPreset, num_classes: int, drop_path_rate: float = defaults.DROP_PATH) -> None:
         super().__init__(
             img_size=preset.img_size,
             patch_size=preset.patch_size,
@@ -236,7 +237,7 @@ def build_classifier(
     num_classes: int,
     img_size: int | None = None,
     patch_size: int | None = None,
-    drop_path_rate: float = 0.1,
+    drop_path_rate: float = defaults.DROP_PATH,
 ) -> MSMAEClassifier:
     """Fine-tuning classifier by preset name or ``ViTPreset``."""
     if isinstance(preset, str):

@@ -29,18 +29,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def layer_decay_param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Parameter groups with layer-wise lr decay for fine-tuning (timm's BEiT-style grouping).
-
-    Blocks near the input get ``layer_decay ** depth`` of the lr; the head gets the full lr.
-    Biases, norms, position embeddings and the CLS token get no weight decay.
-    """
-    from timm.optim import param_groups_layer_decay
-
-    no_decay = getattr(model, "no_weight_decay", lambda: set())()
-    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
-
-
 MaskingPhase = Literal["random", "sam"]
 
 

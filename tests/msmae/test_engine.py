@@ -6,7 +6,8 @@ import torch
 
 from msmae.engine import MaskRatios, compute_attention_maps, draw_masks, evaluate, finetune_step, pretrain_step
 from msmae.models import build_classifier, build_pretrain_model, load_pretrained_encoder
-from msmae.schedules import MaskingSchedule, layer_decay_param_groups, set_lr
+from msmae.optim import layer_decay_param_groups
+from msmae.schedules import MaskingSchedule, set_lr
 from msmae.table import AttentionTable
 
 

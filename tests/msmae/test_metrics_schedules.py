@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from msmae.metrics import classification_report, roc_auc_ovr
-from msmae.schedules import MaskingSchedule, cosine_lr, layer_decay_param_groups, set_lr
+from msmae.optim import layer_decay_param_groups
+from msmae.schedules import MaskingSchedule, cosine_lr, set_lr
 
 
 def test_metrics_match_scikit_learn():
