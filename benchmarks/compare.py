@@ -10,7 +10,7 @@ under one experiment per dataset:
 
     python benchmarks/compare.py report results/btmd.jsonl --mlflow-uri sqlite:///mlflow.db
 
-The run mode imports torch, torchvision, timm, numpy and msmae only. See docs/compare.md.
+The run mode imports torch, torchvision, timm, numpy, msmae and comparison only. See docs/compare.md.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _cuda() -> bool:
 
 
 def build_recipe(args: argparse.Namespace, pretrain_epochs: int, finetune_epochs: int):
-    from msmae.standalone import Recipe
+    from comparison.runner import Recipe
 
     overrides = {k: v for k, v in {
         "sam_start": args.sam_start, "refresh_every": args.refresh_every, "finetune_refresh_every": args.finetune_refresh_every,
@@ -110,9 +110,9 @@ def run_main(argv: list[str]) -> None:
     import torch
 
     import msmae
-    from msmae.budget import calibrate, estimate_run, fit_epochs, plan_runs
-    from msmae.bundle import load_bundle
-    from msmae.standalone import METHODS, PretrainCache, load_device_data, run_method
+    from comparison.budget import calibrate, estimate_run, fit_epochs, plan_runs
+    from comparison.bundle import load_bundle
+    from comparison.runner import METHODS, PretrainCache, load_device_data, run_method
 
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:

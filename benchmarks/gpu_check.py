@@ -3,7 +3,8 @@
     python3 benchmarks/gpu_check.py            # tests on CUDA, then the throughput table
     python3 benchmarks/gpu_check.py --skip-tests
 
-1. Runs the method tests (tests/msmae) with MSMAE_TEST_DEVICE=cuda.
+1. Runs the method tests (tests/msmae) and the comparison harness's tests (tests/comparison)
+   with MSMAE_TEST_DEVICE=cuda, each suite alone (--confcutdir: no Ray-side fixtures).
 2. Prints images/s, achieved TFLOP/s and MFU for ViT-B/16 pre-training (MSMAE vs MAE) and
    fine-tuning (SAM 25 % vs all tokens) steps and the inference forward, bf16 autocast.
    FLOPs are counted by torch.utils.flop_counter (matmul/conv/SDPA, forward + backward);
@@ -32,10 +33,14 @@ def device_peak(name: str) -> float | None:
 
 
 def run_tests() -> int:
+    """Both suites, each alone; non-zero when either fails."""
     env = dict(os.environ, MSMAE_TEST_DEVICE="cuda", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "pytest", "tests/msmae", "--confcutdir", "tests/msmae", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
-    print("$", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=ROOT, env=env)
+    status = 0
+    for suite in ("tests/msmae", "tests/comparison"):
+        cmd = [sys.executable, "-m", "pytest", suite, "--confcutdir", suite, "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+        print("$", " ".join(cmd), flush=True)
+        status = subprocess.call(cmd, cwd=ROOT, env=env) or status
+    return status
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The comparison on a GPU box, from the repository root, in one go (about 520 s in all):
-#   1. the method tests on CUDA (tests/msmae, MSMAE_TEST_DEVICE=cuda);
+#   1. the method tests and the comparison harness's tests on CUDA (tests/msmae, then
+#      tests/comparison, MSMAE_TEST_DEVICE=cuda);
 #   2. benchmarks/compare.py on BTMD, then on HAM10000: every method, 3 seeds, epochs fitted
 #      to the time left (--fit-epochs; never more than MAX_EPOCHS per stage);
 #   3. the tables of both.
@@ -30,11 +31,14 @@ for f in "$BTMD" "$HAM"; do [ -f "$f" ] || { echo "missing bundle $f" | tee -a "
 
 TEST_STATUS=skipped
 if [ -z "${SKIP_TESTS:-}" ]; then
-  echo "== tests/msmae on $DEVICE"
-  MSMAE_TEST_DEVICE=$DEVICE timeout 150 $PY -m pytest tests/msmae -q -x --confcutdir tests/msmae -p no:cacheprovider -o addopts= \
-    > "$OUT/tests.txt" 2>&1
-  TEST_STATUS=$?
-  tail -n 5 "$OUT/tests.txt"
+  TEST_STATUS=0
+  : > "$OUT/tests.txt"
+  for suite in tests/msmae tests/comparison; do
+    echo "== $suite on $DEVICE" | tee -a "$OUT/tests.txt"
+    MSMAE_TEST_DEVICE=$DEVICE timeout 150 $PY -m pytest "$suite" -q -x --confcutdir "$suite" -p no:cacheprovider -o addopts= \
+      >> "$OUT/tests.txt" 2>&1 || TEST_STATUS=$?
+  done
+  grep -E '^== |[0-9]+ (passed|failed|errors?)' "$OUT/tests.txt"  # each suite's summary line
   echo "tests exit $TEST_STATUS, $(( $(date +%s) - START ))s elapsed"
 fi
 

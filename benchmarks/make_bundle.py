@@ -25,7 +25,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msmae.bundle import SPLITS, make_bundle, save_bundle  # noqa: E402
+from comparison.bundle import SPLITS, make_bundle, save_bundle  # noqa: E402
 from pipelines.ingest import shard_files  # noqa: E402
 
 

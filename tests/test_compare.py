@@ -8,38 +8,31 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "msmae"))
+sys.path.insert(0, str(REPO / "tests" / "comparison"))
 
 
-def _load_compare():
-    spec = importlib.util.spec_from_file_location("compare_cli", REPO / "benchmarks" / "compare.py")
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-compare = _load_compare()
+compare = _load("compare_cli", REPO / "benchmarks" / "compare.py")
+# the comparison tests' autouse fixture (one CPU thread per test), applied here too
+_one_cpu_thread = _load("comparison_conftest", REPO / "tests" / "comparison" / "conftest.py")._one_cpu_thread
 
 
 @pytest.fixture(scope="module")
 def cmp_bundle(tmp_path_factory) -> Path:
-    from test_standalone import _synthetic_bundle
+    from test_runner import _synthetic_bundle
 
-    from msmae.bundle import save_bundle
+    from comparison.bundle import save_bundle
 
     bundle, _ = _synthetic_bundle()
     return save_bundle(bundle, tmp_path_factory.mktemp("cmp") / "synthetic.pt")
-
-
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TINY = ["--preset", "tiny", "--img-size", "32", "--patch-size", "8", "--batch-size", "16", "--eval-batch-size", "32",

@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 
 import msmae
-from msmae.gpu_augment import TrainBatches, eval_batches
-from msmae.standalone import DeviceData, Method, Recipe, finetune_optimizer, pretrain_optimizer
+from comparison.augment import TrainBatches, eval_batches
+from comparison.runner import DeviceData, Method, Recipe
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,9 @@ def calibrate(recipe: Recipe, data: DeviceData, device: torch.device | str, warm
     times = {}
     setup_start = time.perf_counter()
     pre = msmae.build_pretrain_model(preset, data.num_classes).to(device)
-    pre_opt = pretrain_optimizer(pre, recipe, device)
+    pre_opt = msmae.build_optimizer(pre, "pretrain", weight_decay=recipe.pretrain_weight_decay)
     cls = msmae.build_classifier(preset, data.num_classes, drop_path_rate=recipe.drop_path).to(device)
-    cls_opt = finetune_optimizer(cls, recipe, device)
+    cls_opt = msmae.build_optimizer(cls, "finetune", weight_decay=recipe.finetune_weight_decay, layer_decay=recipe.layer_decay)
     setup = time.perf_counter() - setup_start
     for name, model, opt, stage, phase in [
         ("pretrain_random", pre, pre_opt, "pretrain", "random"),

@@ -1,6 +1,8 @@
-"""The single-process comparison runner: GPU-style augmentation, bundles, methods, budget.
+"""The single-process comparison runner (package ``comparison``): GPU-style augmentation,
+bundles, methods, budget.
 
-Runs on CPU by default and on CUDA with MSMAE_TEST_DEVICE=cuda (torch + timm + torchvision only).
+Runs on CPU by default and on CUDA with MSMAE_TEST_DEVICE=cuda (torch + timm + torchvision only;
+fixtures in tests/comparison/conftest.py).
 """
 
 from __future__ import annotations
@@ -16,22 +18,13 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import RandomResizedCrop
 
-from msmae.budget import StepTimes, estimate_run, estimate_total, fit_epochs, plan_runs
-from msmae.bundle import SPLITS, decode_all, load_bundle, make_bundle, save_bundle
+from comparison.augment import CROP_RATIO, CROP_SCALE, TrainBatches, resized_crop, sample_crop_boxes
+from comparison.budget import StepTimes, estimate_run, estimate_total, fit_epochs, plan_runs
+from comparison.bundle import SPLITS, decode_all, load_bundle, make_bundle, save_bundle
+from comparison.runner import METHODS, PretrainCache, Recipe, load_device_data, pretrain, run_method
 from msmae.geometry import crop_flip_maps
-from msmae.gpu_augment import CROP_RATIO, CROP_SCALE, TrainBatches, resized_crop, sample_crop_boxes
-from msmae.standalone import METHODS, PretrainCache, Recipe, load_device_data, pretrain, run_method
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """These models are tiny: one CPU thread is faster than several fighting over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- augmentation --------------------------------------------------------------------------
@@ -286,6 +279,6 @@ def test_recipe_for_epochs_keeps_explicit_overrides():
 
 
 def test_runner_imports_no_pipeline_stack():
-    code = ("import sys; import msmae.standalone, msmae.budget, msmae.bundle, msmae.gpu_augment; "
+    code = ("import sys; import comparison.runner, comparison.budget, comparison.bundle, comparison.augment; "
             "bad = {'ray', 'mlflow', 'pyarrow', 'pydantic', 'polars'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -1,10 +1,11 @@
 """Train and test one method end to end in one process, on data held on the device.
 
 For a comparison on a single GPU box that has torch and timm but no Ray or MLflow. The
-dataset comes from a bundle (``msmae.bundle``), is decoded once onto the device, and
-augmented there (``msmae.gpu_augment``); every epoch is ``msmae.train_one_epoch``, the
-same function the Ray workers run, with the same optimisers, learning-rate schedule,
-masking schedule and attention-table refreshes as ``pipelines/worker.py``.
+dataset comes from a bundle (``comparison.bundle``), is decoded once onto the device, and
+augmented there (``comparison.augment``); every epoch is ``msmae.StageTrainer.run_epoch``,
+the same epoch skeleton the Ray workers run, with the same optimisers
+(``msmae.build_optimizer``), learning-rate schedule, masking schedule and attention-table
+refreshes as ``pipelines/worker.py``.
 
 Methods (``METHODS``):
     supervised        fine-tuning recipe from random init on all tokens, no pre-training
@@ -21,15 +22,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
 
 import msmae
-from msmae.bundle import Bundle, decode_all
+from comparison.augment import TrainBatches, eval_batches, resize_whole
+from comparison.bundle import Bundle, decode_all
+from msmae import defaults
 from msmae.engine import MaskRatios, evaluate
-from msmae.gpu_augment import TrainBatches, eval_batches, resize_whole
 
 PretrainKind = Literal["none", "mae", "msmae"]
 
@@ -72,22 +75,22 @@ class Recipe:
     finetune_epochs: int = 10
     batch_size: int = 256
     eval_batch_size: int = 512
-    pretrain_blr: float = 1e-3
+    pretrain_blr: float = defaults.PRETRAIN_BLR
     pretrain_min_lr: float = 0.0
     pretrain_warmup: float = 1.0
-    pretrain_weight_decay: float = 0.05
-    finetune_blr: float = 1e-3
-    finetune_min_lr: float = 1e-6
+    pretrain_weight_decay: float = defaults.WEIGHT_DECAY
+    finetune_blr: float = defaults.FINETUNE_BLR
+    finetune_min_lr: float = defaults.FINETUNE_MIN_LR
     finetune_warmup: float = 1.0
-    finetune_weight_decay: float = 0.05
-    layer_decay: float = 0.75
-    label_smoothing: float = 0.1
-    drop_path: float = 0.1
-    mask_ratio: float = 0.45
-    throw_ratio: float = 0.30
-    random_mask_ratio: float = 0.75
-    cls_weight: float = 0.1
-    norm_pix_loss: bool = False
+    finetune_weight_decay: float = defaults.WEIGHT_DECAY
+    layer_decay: float = defaults.LAYER_DECAY
+    label_smoothing: float = defaults.LABEL_SMOOTHING
+    drop_path: float = defaults.DROP_PATH
+    mask_ratio: float = defaults.MASK_RATIO
+    throw_ratio: float = defaults.THROW_RATIO
+    random_mask_ratio: float = defaults.RANDOM_MASK_RATIO
+    cls_weight: float = defaults.CLS_WEIGHT
+    norm_pix_loss: bool = defaults.NORM_PIX_LOSS
     sam_start: int = 3
     refresh_every: int = 2
     finetune_refresh_every: int = 2
@@ -100,7 +103,7 @@ class Recipe:
         SAM starts after 30 % of pre-training (a CLS head must exist before its maps mean
         anything); maps are refreshed every 20 % of a stage (the paper: fine-tuning every 20 of 100).
         """
-        defaults = {
+        scaled = {
             "pretrain_epochs": pretrain_epochs,
             "finetune_epochs": finetune_epochs,
             "pretrain_warmup": float(max(1, round(0.1 * pretrain_epochs))),
@@ -109,7 +112,7 @@ class Recipe:
             "refresh_every": max(1, round(0.2 * pretrain_epochs)),
             "finetune_refresh_every": max(1, round(0.2 * finetune_epochs)),
         }
-        return cls(**{**defaults, **overrides})
+        return cls(**{**scaled, **overrides})
 
     @property
     def ratios(self) -> MaskRatios:
@@ -175,24 +178,10 @@ def load_device_data(bundle: Bundle, img_size: int, device: torch.device | str) 
     return data
 
 
-# --- optimisers, as pipelines/worker.py builds them -------------------------------------
-
-
-def pretrain_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
-    from timm.optim import param_groups_weight_decay
-
-    groups = param_groups_weight_decay(model, recipe.pretrain_weight_decay)
-    return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=device.type == "cuda")
-
-
-def finetune_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
-    groups = msmae.layer_decay_param_groups(model, recipe.finetune_weight_decay, recipe.layer_decay)
-    return torch.optim.AdamW(groups, fused=device.type == "cuda")
-
-
-# --- the two stages ----------------------------------------------------------------------
+# --- the two stages, each epoch through msmae.StageTrainer ---------------------------------
 
 Progress = Callable[[dict], None]
+Validate = Callable[[int], dict[str, float]]
 
 
 @dataclass
@@ -210,11 +199,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def refresh_maps(model: torch.nn.Module, table: msmae.AttentionTable, data: DeviceData, recipe: Recipe, epoch: int) -> None:
-    """Recompute every training image's map from the model as it is now (whole images)."""
+def refresh_maps(model: torch.nn.Module, table: msmae.AttentionTable, data: DeviceData, recipe: Recipe, epoch: int) -> int:
+    """Recompute every training image's map from the model as it is now (whole images); how many."""
     index = torch.arange(len(data.train_plain), device=data.train_plain.device)
     idx, maps = msmae.compute_attention_maps(model, eval_batches(data.train_plain, index, recipe.eval_batch_size))
     table.update(idx, maps, epoch=epoch)
+    return len(idx)
+
+
+def run_stage(
+    trainer: msmae.StageTrainer, batches: TrainBatches, data: DeviceData, recipe: Recipe, device: torch.device,
+    progress: Progress | None = None, validate: Validate | None = None,
+) -> StageResult:
+    """Every epoch of the trainer's stage (one curve row each) and the stage's seconds.
+
+    Maps are refreshed from the trainer's model when its schedule says so. ``validate(epoch)``
+    (fine-tuning) gives the epoch's validation headline; such rows also time the training
+    alone (``train_seconds``). Epoch times count from before the map refresh.
+    """
+    refresh = partial(refresh_maps, trainer.model, trainer.table, data, recipe)
+    stage, epochs = trainer.plan.stage, trainer.schedule.epochs
+    result = StageResult()
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        epoch_start = time.perf_counter()
+        outcome = trainer.run_epoch(epoch, batches, len(batches), refresh)
+        row = {"stage": stage, "epoch": epoch, "epochs": epochs, "phase": outcome.phase, "maps_refreshed": outcome.maps_refreshed > 0,
+               **{f"train_{k}": v for k, v in outcome.totals.means().items()}}  # one host sync per epoch
+        timing = {}
+        if validate is not None:
+            timing["train_seconds"] = time.perf_counter() - epoch_start
+            row.update({f"val_{k}": v for k, v in validate(epoch).items()})
+        row.update(lr=max(g["lr"] for g in trainer.optimizer.param_groups), **timing,
+                   seconds=time.perf_counter() - epoch_start, images=outcome.totals.seen)
+        result.curve.append(row)
+        if progress:
+            progress(row)
+    _sync(device)
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def pretrain(
@@ -225,40 +248,35 @@ def pretrain(
     torch.manual_seed(seed)
     preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size)
     model = msmae.build_pretrain_model(preset, data.num_classes).to(device)
-    optimizer = pretrain_optimizer(model, recipe, device)
+    optimizer = msmae.build_optimizer(model, "pretrain", weight_decay=recipe.pretrain_weight_decay)
     batches = TrainBatches(data.train, data.train_labels, data.train_aspect, recipe.img_size, recipe.batch_size, _generator(device, seed * 1000 + 1))
     mask_generator = _generator(device, seed * 1000 + 2)
-    epochs = recipe.pretrain_epochs
     sam = kind == "msmae"
-    schedule = msmae.MaskingSchedule(recipe.sam_start if sam else epochs, recipe.refresh_every)
+    schedule = msmae.StageSchedule(
+        recipe.pretrain_epochs, msmae.scaled_lr(recipe.pretrain_blr, recipe.batch_size), recipe.pretrain_min_lr,
+        recipe.pretrain_warmup, msmae.MaskingSchedule(recipe.sam_start, recipe.refresh_every) if sam else None,
+    )
     table = msmae.AttentionTable(len(data.train), preset.grid, device=device) if sam else None
     plan = msmae.EpochPlan(
         "pretrain", "random", recipe.ratios, align_maps=align_maps,
         cls_weight=recipe.cls_weight if sam else 0.0, norm_pix_loss=recipe.norm_pix_loss,
     )
-    lr_peak = msmae.scaled_lr(recipe.pretrain_blr, recipe.batch_size)
+    trainer = msmae.StageTrainer(model, optimizer, plan, schedule, table, mask_generator)
+    return model, run_stage(trainer, batches, data, recipe, device, progress)
 
-    def lr_at(e: float) -> float:
-        return msmae.cosine_lr(e, lr_peak, recipe.pretrain_min_lr, recipe.pretrain_warmup, epochs)
 
-    result = StageResult()
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        epoch_start = time.perf_counter()
-        refreshed = sam and schedule.refresh_due(epoch)
-        if refreshed:
-            refresh_maps(model, table, data, recipe, epoch)
-        phase = schedule.phase(epoch)
-        totals = msmae.train_one_epoch(model, optimizer, batches, replace(plan, phase=phase), table, lr_at, epoch, len(batches), mask_generator)
-        row = {"stage": "pretrain", "epoch": epoch, "epochs": epochs, "phase": phase, "maps_refreshed": refreshed,
-               **{f"train_{k}": v for k, v in totals.means().items()},  # one host sync per epoch
-               "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": time.perf_counter() - epoch_start, "images": totals.seen}
-        result.curve.append(row)
-        if progress:
-            progress(row)
-    _sync(device)
-    result.seconds = time.perf_counter() - start
-    return model, result
+@dataclass
+class _Selection:
+    """The fine-tuning epoch with the best validation macro-F1 so far, and its weights."""
+
+    epoch: int = -1
+    val: dict = field(default_factory=dict)
+    state: dict | None = None
+
+    def consider(self, epoch: int, val: dict, model: torch.nn.Module) -> None:
+        if val["macro_f1"] > self.val.get("macro_f1", -1.0):
+            self.epoch, self.val = epoch, val
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def finetune(
@@ -272,46 +290,30 @@ def finetune(
     if encoder_state is not None:
         msmae.load_pretrained_encoder(model, encoder_state)
     model = model.to(device)
-    optimizer = finetune_optimizer(model, recipe, device)
+    optimizer = msmae.build_optimizer(model, "finetune", weight_decay=recipe.finetune_weight_decay, layer_decay=recipe.layer_decay)
     batches = TrainBatches(data.train, data.train_labels, data.train_aspect, recipe.img_size, recipe.batch_size, _generator(device, seed * 1000 + 4))
     mask_generator = _generator(device, seed * 1000 + 5)
     sam = method.finetune_sam
-    schedule = msmae.MaskingSchedule(0, recipe.finetune_refresh_every)
+    schedule = msmae.StageSchedule(
+        epochs, msmae.scaled_lr(recipe.finetune_blr, recipe.batch_size), recipe.finetune_min_lr, warmup,
+        msmae.MaskingSchedule(0, recipe.finetune_refresh_every) if sam else None,
+    )
     table = msmae.AttentionTable(len(data.train), preset.grid, device=device) if sam else None
-    plan = msmae.EpochPlan("finetune", "sam" if sam else "random", recipe.ratios, align_maps=method.align_maps, label_smoothing=recipe.label_smoothing)
-    lr_peak = msmae.scaled_lr(recipe.finetune_blr, recipe.batch_size)
+    plan = msmae.EpochPlan("finetune", schedule.phase(0), recipe.ratios, align_maps=method.align_maps, label_smoothing=recipe.label_smoothing)
+    trainer = msmae.StageTrainer(model, optimizer, plan, schedule, table, mask_generator)
+    best = _Selection()
 
-    def lr_at(e: float) -> float:
-        return msmae.cosine_lr(e, lr_peak, recipe.finetune_min_lr, warmup, epochs)
-
-    result = StageResult()
-    best_f1, best_epoch, best_state, best_val = -1.0, -1, None, {}
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        epoch_start = time.perf_counter()
-        refreshed = sam and schedule.refresh_due(epoch)
-        if refreshed:
-            refresh_maps(model, table, data, recipe, epoch)
-        totals = msmae.train_one_epoch(model, optimizer, batches, plan, table, lr_at, epoch, len(batches), mask_generator)
-        train_means = totals.means()
-        train_seconds = time.perf_counter() - epoch_start
+    def validate(epoch: int) -> dict[str, float]:
         report, _, _ = evaluate(model, eval_batches(data.val, data.val_labels, recipe.eval_batch_size), data.num_classes)
         val = _headline(report)
-        if val["macro_f1"] > best_f1:
-            best_f1, best_epoch, best_val = val["macro_f1"], epoch, val
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        row = {"stage": "finetune", "epoch": epoch, "epochs": epochs, "phase": plan.phase, "maps_refreshed": refreshed,
-               **{f"train_{k}": v for k, v in train_means.items()}, **{f"val_{k}": v for k, v in val.items()},
-               "lr": max(g["lr"] for g in optimizer.param_groups), "train_seconds": train_seconds, "seconds": time.perf_counter() - epoch_start,
-               "images": totals.seen}
-        result.curve.append(row)
-        if progress:
-            progress(row)
-    result.seconds = time.perf_counter() - start
+        best.consider(epoch, val, model)
+        return val
+
+    result = run_stage(trainer, batches, data, recipe, device, progress, validate)
     test_start = time.perf_counter()
-    model.load_state_dict(best_state)
+    model.load_state_dict(best.state)
     report, _, _ = evaluate(model, eval_batches(data.test, data.test_labels, recipe.eval_batch_size), data.num_classes)
-    selection = {"selected_epoch": best_epoch, "val": best_val, "test": _headline(report), "test_confusion": report.confusion,
+    selection = {"selected_epoch": best.epoch, "val": best.val, "test": _headline(report), "test_confusion": report.confusion,
                  "test_seconds": time.perf_counter() - test_start}
     return selection, result
 
