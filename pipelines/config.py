@@ -1,17 +1,26 @@
 """Run configuration: typed, validated once at the edge, loaded from YAML presets under ``configs/``.
 
-Every stage receives these objects, never dicts of strings. Unknown keys and bad values are
-rejected with the dotted key named (``finetune.epochs: must be >= 1``), so a typo in a sweep
-does not silently run the defaults. ``--set key.path=value`` overrides parse the value as YAML.
+Every stage receives these objects, never dicts of strings: a ``RunConfig`` is validated once,
+here, and crosses into Ray workers and sweep trials as itself (pydantic models pickle). Unknown
+keys and bad values are rejected with the dotted key named (``finetune.epochs: must be >= 1``),
+so a typo in a sweep does not silently run the defaults; rules that involve several keys (the
+image size against the patch size, at least one patch masked and one visible for the chosen
+model) are checked here too, before anything starts. ``--set key.path=value`` strings are
+parsed (as YAML) at the command line's edge; sweeps pass typed ``{dotted key: value}`` dicts.
+The method's defaults are ``msmae.defaults``'s, not repeated here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+import msmae
+from msmae import defaults
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -33,8 +42,8 @@ class ModelConfig(_Section):
 
 
 class MaskingConfig(_Section):
-    mask_ratio: float = Field(0.45, gt=0, lt=1)
-    throw_ratio: float = Field(0.30, ge=0, lt=1)
+    mask_ratio: float = Field(defaults.MASK_RATIO, gt=0, lt=1)
+    throw_ratio: float = Field(defaults.THROW_RATIO, ge=0, lt=1)
     sam_start: int = Field(0, ge=0, description="epochs of random masking before SAM (W)")
     refresh_every: int = Field(20, ge=1, description="epochs between attention-map refreshes (K)")
     align_maps: bool = Field(True, description="move each map with its image's crop and flip (False: the reference code's uncropped maps)")
@@ -55,29 +64,29 @@ class OptimConfig(_Section):
     blr: float = Field(gt=0, description="base lr; lr = blr * batch_size / 256")
     min_lr: float = Field(0.0, ge=0)
     warmup_epochs: float = Field(ge=0)
-    weight_decay: float = Field(0.05, ge=0)
+    weight_decay: float = Field(defaults.WEIGHT_DECAY, ge=0)
 
 
 class PretrainConfig(OptimConfig):
     epochs: int = Field(300, ge=1)
     batch_size: int = Field(64, ge=1)
-    blr: float = Field(1e-3, gt=0)
+    blr: float = Field(defaults.PRETRAIN_BLR, gt=0)
     warmup_epochs: float = Field(40, ge=0)
     masking: MaskingConfig = MaskingConfig(sam_start=40, refresh_every=40)
-    random_mask_ratio: float = Field(0.75, gt=0, lt=1, description="MAE masking before SAM starts")
-    cls_weight: float = Field(0.1, ge=0, description="lambda: weight of the CLS cross-entropy")
-    norm_pix_loss: bool = False
+    random_mask_ratio: float = Field(defaults.RANDOM_MASK_RATIO, gt=0, lt=1, description="MAE masking before SAM starts")
+    cls_weight: float = Field(defaults.CLS_WEIGHT, ge=0, description="lambda: weight of the CLS cross-entropy")
+    norm_pix_loss: bool = defaults.NORM_PIX_LOSS
 
 
 class FinetuneConfig(OptimConfig):
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=1)
-    blr: float = Field(1e-3, gt=0)
-    min_lr: float = Field(1e-6, ge=0)
+    blr: float = Field(defaults.FINETUNE_BLR, gt=0)
+    min_lr: float = Field(defaults.FINETUNE_MIN_LR, ge=0)
     warmup_epochs: float = Field(5, ge=0)
-    layer_decay: float = Field(0.75, gt=0, le=1)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    drop_path: float = Field(0.1, ge=0, lt=1)
+    layer_decay: float = Field(defaults.LAYER_DECAY, gt=0, le=1)
+    label_smoothing: float = Field(defaults.LABEL_SMOOTHING, ge=0, lt=1)
+    drop_path: float = Field(defaults.DROP_PATH, ge=0, lt=1)
     sam: bool = Field(True, description="drop tokens by SAM in fine-tuning (False: train on all tokens)")
     masking: MaskingConfig = MaskingConfig(sam_start=0, refresh_every=20)
 
@@ -125,9 +134,37 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="after")
+    def _fits_the_model(self) -> "RunConfig":
+        """Rules across sections that a Ray worker would otherwise hit minutes later, after retries."""
+        try:
+            preset = self.preset()
+        except ValueError as e:
+            raise ValueError(f"data.img_size / model.patch_size: {e}") from None
+        stages = [("pretrain.masking", self.pretrain.masking), ("pretrain.random_mask_ratio", MaskingConfig(mask_ratio=self.pretrain.random_mask_ratio, throw_ratio=0.0))]
+        if self.finetune.sam:
+            stages.append(("finetune.masking", self.finetune.masking))
+        for key, masking in stages:
+            try:
+                msmae.mask_counts(preset.num_patches, masking.mask_ratio, masking.throw_ratio)
+            except ValueError as e:
+                raise ValueError(f"{key}: {e} (model {self.model.preset} at {preset.img_size} px has {preset.num_patches} patches)") from None
+        return self
+
+    def preset(self) -> msmae.ViTPreset:
+        """The model's architecture at this run's image and patch size."""
+        return msmae.get_preset(self.model.preset, self.data.img_size, self.model.patch_size)
+
     def flat(self) -> dict[str, Any]:
         """``{"pretrain.masking.mask_ratio": 0.45, ...}`` for logging as parameters."""
         return _flatten(self.model_dump())
+
+    def with_values(self, values: Mapping[str, Any], source: str = "overrides") -> "RunConfig":
+        """A new, validated config with ``{dotted key: value}`` applied (how a sweep trial gets its config)."""
+        tree = self.model_dump()
+        for key, value in values.items():
+            _assign(tree, key, value)
+        return validate_config(tree, source)
 
 
 class ConfigError(ValueError):
@@ -144,19 +181,30 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def apply_override(tree: dict, assignment: str) -> None:
-    """Apply ``a.b.c=value`` to a nested dict in place; the value is parsed as YAML."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. finetune.epochs=50")
-    key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
+def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=true"]`` (the command line's ``--set``) → ``{"a.b": 1, "c": True}``, values parsed as YAML."""
+    values: dict[str, Any] = {}
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. finetune.epochs=50")
+        key, raw = assignment.split("=", 1)
+        try:
+            values[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return values
+
+
+def _assign(tree: dict, key: str, value: Any) -> None:
+    """Set dotted ``key`` in a nested dict in place."""
+    parts = key.split(".")
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+            raise ConfigError(f"{key}: {part!r} is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = value
 
 
 def preset_path(name_or_path: str | Path) -> Path:
@@ -173,14 +221,17 @@ def preset_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
-def load_config(preset: str | Path = "demo", overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a preset (or YAML file), apply ``--set`` overrides, validate."""
+def load_config(preset: str | Path = "demo", sets: Sequence[str] = (), values: Mapping[str, Any] | None = None) -> RunConfig:
+    """Load a preset (or YAML file), apply ``--set`` strings, then typed ``values``; validate once."""
     path = preset_path(preset)
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for assignment in overrides:
-        apply_override(tree, assignment)
+    for key, value in {**parse_assignments(sets), **(values or {})}.items():
+        _assign(tree, key, value)
     return validate_config(tree, source=str(path))
 
 
@@ -190,7 +241,10 @@ def validate_config(tree: dict, source: str = "config") -> RunConfig:
     except ValidationError as err:
         problems = []
         for e in err.errors():
-            key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            if not e["loc"]:  # a rule across sections: its message names the keys
+                problems.append(f"  {e['msg'].removeprefix('Value error, ')}")
+                continue
+            key = ".".join(str(p) for p in e["loc"])
             message = "unknown key (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
             problems.append(f"  {key}: {message} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {key}: {message}")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems)) from None

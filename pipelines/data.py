@@ -18,12 +18,11 @@ attention map computed on it covers the whole image).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import ray
 
-from pipelines.ingest import shard_files
+from pipelines.dataset import IngestedDataset
 from pipelines.transforms import augment_batch, resize_batch
 
 _READ_COLUMNS = ["image", "label", "index"]
@@ -84,13 +83,8 @@ def unaugmented_train_stream(
     return eval_stream(data_dir, split, size, seed, batch_size=batch_size, concurrency=concurrency)
 
 
-def num_classes(data_dir: str | Path) -> int:
-    """Number of classes recorded by ingest (for building the model head)."""
-    return len(json.loads((Path(data_dir) / "dataset.json").read_text())["classes"])
-
-
 def _read(data_dir: str | Path, split: str) -> ray.data.Dataset:
-    files = shard_files(Path(data_dir), split)
+    files = IngestedDataset.load(data_dir).shard_files(split)
     if not files:
         raise ValueError(f"split {split!r} of {data_dir} is empty; re-run ingest with a larger --val/--test")
     # Ray 2.60's default Parquet reader (DataSourceV2) reads file footers in nested remote

@@ -1,4 +1,8 @@
-"""Full-image evaluation of a fine-tuned model on an ingested split, and the printed table."""
+"""Full-image evaluation of a fine-tuned model on an ingested split, and the printed table.
+
+The model knows its own image size (its preset travels in the checkpoint and in the
+registered model), so nothing here asks the user for it.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,9 @@ from pathlib import Path
 import torch
 
 import msmae
+from pipelines import checkpoint
 from pipelines.data import eval_stream
-from pipelines.worker import STATE_FILE
-
-
-def load_classifier(checkpoint_dir: str | Path) -> tuple[msmae.MSMAEClassifier, list[str]]:
-    """The classifier stored in a fine-tuning checkpoint, and its class names."""
-    state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=False)
-    preset = msmae.ViTPreset(**state["preset"])
-    model = msmae.build_classifier(preset, state["num_classes"], drop_path_rate=0.0)
-    model.load_state_dict(state["model"])
-    return model.eval(), state["class_names"]
+from pipelines.dataset import IngestedDataset
 
 
 def load_model(ref: str) -> tuple[msmae.MSMAEClassifier, list[str]]:
@@ -31,22 +27,22 @@ def load_model(ref: str) -> tuple[msmae.MSMAEClassifier, list[str]]:
         if not names:
             raise ValueError(f"{ref} carries no class_names metadata; was it registered by msmae?")
         return model.eval(), names
-    if not (Path(ref) / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{ref} is neither an MLflow model URI (models:/NAME@alias) nor a checkpoint folder with {STATE_FILE}")
-    return load_classifier(ref)
+    if not checkpoint.is_checkpoint(ref):
+        raise FileNotFoundError(f"{ref} is neither an MLflow model URI (models:/NAME@alias) nor a checkpoint folder with {checkpoint.STATE_FILE}")
+    return checkpoint.load_classifier(ref)
 
 
 def evaluate_split(
-    model: msmae.MSMAEClassifier, data_dir: Path, split: str, img_size: int, batch_size: int = 64
+    model: msmae.MSMAEClassifier, data_dir: Path, split: str, batch_size: int = 64
 ) -> tuple[msmae.ClassificationReport, torch.Tensor, torch.Tensor]:
-    """Evaluate on every image of ``split`` (streamed by Ray Data, resize only, all tokens).
+    """Evaluate on every image of ``split`` at the model's own size (streamed by Ray Data, resize only, all tokens).
 
     Returns the report and the probabilities and labels behind it (for plots)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     batches = (
         (b["image"], b["label"])
-        for b in eval_stream(data_dir, split, img_size).iter_torch_batches(batch_size=batch_size, device=device)
+        for b in eval_stream(data_dir, split, model.preset.img_size).iter_torch_batches(batch_size=batch_size, device=device)
     )
     return msmae.evaluate(model, batches, model.num_classes)
 
@@ -69,36 +65,34 @@ def format_report(report: msmae.ClassificationReport, class_names: list[str], ti
     return "\n".join(lines)
 
 
-def evaluate_data(model_ref: str, data: Path, split: str, img_size: int, log=print) -> dict:
+def evaluate_data(model_ref: str, data: Path, split: str, log=print) -> dict:
     """Evaluate on an ingested folder, or on a raw labelled ImageFolder ingested on the fly.
 
     Classes are matched by name: a raw folder is ingested with the model's class list, so
     images of any other class are quarantined and counted, never silently scored.
     """
-    import json
     import tempfile
 
     from pipelines.ingest import IngestOptions, ingest
-    from pipelines.train import ensure_ray, split_size
+    from pipelines.local_ray import ensure_ray
 
     model, names = load_model(model_ref)
-    if not (data / "dataset.json").is_file():
+    if not IngestedDataset.is_ingested(data):
         tmp = Path(tempfile.mkdtemp(prefix="msmae-eval-"))
         result = ingest(data, tmp, IngestOptions(val=0.0, test=0.0, classes=names), progress=False, log=lambda _: None)
         log(f"ingested {data}: {result.summary['num_images']} images, {result.summary['quarantined']} quarantined "
             f"(see {tmp / 'quarantine.csv'})")
         data, split = tmp, "train"  # everything lands in one split
-    info = json.loads((data / "dataset.json").read_text())
-    data_names = [n for n, _ in sorted(info["classes"].items(), key=lambda kv: kv[1])]
-    if data_names != names:
-        raise ValueError(f"{data} has classes {data_names}, the model {names}; re-ingest with --classes {','.join(names)}")
-    splits = [s for s in ("train", "val", "test") if split_size(info, s)] if split == "all" else [split]
+    dataset = IngestedDataset.load(data)
+    if dataset.class_names != names:
+        raise ValueError(f"{data} has classes {dataset.class_names}, the model {names}; re-ingest with --classes {','.join(names)}")
+    splits = dataset.non_empty_splits() if split == "all" else [split]
     ensure_ray()
     results = {}
     for name in splits:
-        if not split_size(info, name):
+        if not dataset.split_size(name):
             raise ValueError(f"split {name!r} of {data} is empty")
-        report, _, _ = evaluate_split(model, data, name, img_size)
+        report, _, _ = evaluate_split(model, data, name)
         log(format_report(report, names, f"{model_ref} on {data} [{name}]"))
         results[name] = {"class_names": names, **report.__dict__}
     return results

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import images, sources, splits
+from pipelines.dataset import SUMMARY_FILE, IngestedDataset
 
 FORMAT_VERSION = 1
 LABEL_CONFLICT = "duplicate_label_conflict"
@@ -60,8 +61,8 @@ class IngestError(RuntimeError):
 
 def usable_cpus() -> int:
     """The CPUs this process may use (affinity, a container's CPU limit), not the node's cores
-    that os.cpu_count() reports inside a pod. joblib is imported here, not at the top: every
-    Ray Data process imports this module for ``shard_files``."""
+    that os.cpu_count() reports inside a pod. joblib is imported here, not at the top, so that
+    importing this module stays cheap."""
     from joblib import cpu_count
 
     return cpu_count()
@@ -173,7 +174,7 @@ def ingest(
         "split_groups": len(set(group_ids)),
         "shards": shards,
     }
-    _write_if_changed(out / "dataset.json", (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode())
+    _write_if_changed(out / SUMMARY_FILE, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode())
     return IngestResult(out, summary, wrote=True)
 
 
@@ -225,7 +226,7 @@ def _fingerprint(listing: pl.DataFrame, source_info: dict, opts: IngestOptions) 
 
 def _load_if_current(out: Path, fp: str) -> dict | None:
     try:
-        summary = json.loads((out / "dataset.json").read_text())
+        summary = IngestedDataset.load(out).summary
     except (OSError, ValueError):
         return None
     if summary.get("fingerprint") != fp or not (out / "quarantine.csv").is_file():
@@ -347,13 +348,7 @@ def _index_ranges(table: pa.Table, split_names: list[str]) -> dict[str, list[int
 
 def shard_files(out: Path, split: str) -> list[Path]:
     """The shard files of one split of an ingested folder (what the streams read); [] when it is empty."""
-    summary_path = Path(out) / "dataset.json"
-    if not summary_path.is_file():
-        raise FileNotFoundError(f"{summary_path} not found: run `msmae ingest SRC --out {out}` first")
-    summary = json.loads(summary_path.read_text())
-    if split not in summary["fractions"]:
-        raise ValueError(f"{out} has no {split!r} split; it has {list(summary['fractions'])}")
-    return [Path(out) / s["file"] for s in summary["shards"] if s["split"] == split]  # [] if the split is empty
+    return IngestedDataset.load(out).shard_files(split)
 
 
 def iter_rows(out: Path, split: str) -> Iterator[dict]:

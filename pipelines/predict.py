@@ -20,14 +20,14 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 class Predictor:
     """A Ray Data callable class: the model is loaded once per actor, not per batch."""
 
-    def __init__(self, model_ref: str, img_size: int, tracking_uri: str) -> None:
+    def __init__(self, model_ref: str, tracking_uri: str) -> None:
         import mlflow
 
         from pipelines.evaluate import load_model
 
         mlflow.set_tracking_uri(tracking_uri)  # this actor is another process than the driver
         self.model, self.class_names = load_model(model_ref)
-        self.img_size = img_size
+        self.img_size = self.model.preset.img_size  # the size it was trained at, carried by the model
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, ok = [], []
@@ -48,7 +48,7 @@ class Predictor:
         return {"path": batch["path"], "predicted_class": predicted, "ok": ok_mask, "probabilities": probs}
 
 
-def predict_folder(model_ref: str, input_dir: Path, out: Path, img_size: int, batch_size: int = 64) -> dict:
+def predict_folder(model_ref: str, input_dir: Path, out: Path, batch_size: int = 64) -> dict:
     """Predict every image under ``input_dir`` (recursively); unreadable files get ``ok=False``."""
     import mlflow
 
@@ -59,7 +59,7 @@ def predict_folder(model_ref: str, input_dir: Path, out: Path, img_size: int, ba
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {input_dir}")
     ds = ray.data.read_binary_files(paths, include_paths=True)
-    ds = ds.map_batches(Predictor, fn_constructor_args=(model_ref, img_size, mlflow.get_tracking_uri()), batch_size=batch_size, concurrency=1, batch_format="numpy")
+    ds = ds.map_batches(Predictor, fn_constructor_args=(model_ref, mlflow.get_tracking_uri()), batch_size=batch_size, concurrency=1, batch_format="numpy")
     rows = ds.take_all()
     table = pa.table({
         "path": [r["path"] for r in rows],

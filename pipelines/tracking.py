@@ -1,9 +1,15 @@
-"""MLflow: where runs go, what is logged, and the model registry with the ``champion`` alias."""
+"""MLflow, all of it: where runs go, what a run logs (from the driver and from rank 0 of the
+workers), and the model registry with the ``champion`` alias. Nothing else in ``pipelines``
+calls MLflow, so the tracking back end can be read (or swapped) in one file.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import mlflow
@@ -27,6 +33,61 @@ def resolve_tracking_uri(explicit: str | None, workdir: Path) -> str:
     if uri:
         return uri
     return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def set_experiment(tracking_uri: str, experiment: str, workdir: Path) -> None:
+    """Select (creating if needed) the experiment; with SQLite its artifacts live in ``workdir``."""
+    mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        artifacts = (workdir / "mlartifacts").as_uri() if tracking_uri.startswith("sqlite:") else None
+        mlflow.create_experiment(experiment, artifact_location=artifacts)
+    mlflow.set_experiment(experiment)
+
+
+@contextlib.contextmanager
+def active_run(run_id: str | None, run_name: str) -> Iterator[mlflow.ActiveRun]:
+    """Start a new run, or re-open ``run_id`` (``--resume``), as the active run."""
+    with mlflow.start_run(run_id=run_id, run_name=run_name) as run:
+        yield run
+
+
+def log_run_inputs(config: dict, flat_params: dict, dataset_summary: Path, tags: Mapping[str, str]) -> None:
+    """What a new training run records before it trains: parameters, the config, the dataset summary."""
+    log_params(flat_params)
+    mlflow.log_dict(config, "config.yaml")
+    mlflow.log_artifact(str(dataset_summary))
+    mlflow.set_tags(dict(tags))
+
+
+def log_report(scalars: Mapping[str, float], report_json: dict | None = None, artifact: str | None = None) -> None:
+    """A final report's metrics (``final_val/accuracy`` …) and, optionally, the whole report as JSON."""
+    mlflow.log_metrics(dict(scalars))
+    if report_json is not None and artifact:
+        mlflow.log_dict(report_json, artifact)
+
+
+def log_figures(figures: Mapping[str, object]) -> None:
+    """Matplotlib figures as run artifacts, closed once logged."""
+    import matplotlib.pyplot as plt
+
+    for name, figure in figures.items():
+        mlflow.log_figure(figure, name)
+        plt.close(figure)
+
+
+class EpochLogger:
+    """Per-epoch metrics from rank 0 of a Ray Train worker group into the driver's MLflow run."""
+
+    def __init__(self, tracking_uri: str, run_id: str, stage: str) -> None:
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.run_id, self.stage = run_id, stage
+
+    def log(self, metrics: Mapping[str, float], epoch: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = [Metric(f"{self.stage}/{k}", float(v), now, epoch) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
+        self.client.log_batch(self.run_id, metrics=values)
 
 
 def log_params(params: dict) -> None:

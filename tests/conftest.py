@@ -48,7 +48,7 @@ def ray_local():
     """
     import ray
 
-    from pipelines.train import LOOPBACK_NODE_IP
+    from pipelines.local_ray import LOOPBACK_NODE_IP
 
     if ray.is_initialized():  # another session fixture started it: share, and leave shutdown to it
         yield ray

@@ -324,7 +324,7 @@ def test_rayjob_entrypoints_are_real_msmae_commands(cluster_rendered, command):
             from tuning.space import check_space, load_space
 
             space = REPO / Path(params["space"]).relative_to(IMAGE_ROOT)
-            check_space(load_space(space), params["config"], params["set_"] or [])
+            check_space(load_space(space), cfg)
             gpu = params["gpus_per_worker"] > 0
         else:
             gpu = cfg.scaling.use_gpu

@@ -51,3 +51,48 @@ def test_unknown_preset_lists_the_choices():
 def test_malformed_set_is_explained():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config("demo", ["finetune.epochs"])
+
+
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("data.img_size=60", "data.img_size"),  # not a multiple of the tiny preset's 8 px patches
+        ("pretrain.masking.mask_ratio=0.01", "pretrain.masking"),  # masks no patch of 64
+        ("pretrain.random_mask_ratio=0.01", "pretrain.random_mask_ratio"),
+        ("finetune.masking.throw_ratio=0.54", "finetune.masking"),  # 0.45 + 0.54: no visible patch of 64
+    ],
+)
+def test_rules_across_sections_are_checked_before_anything_runs(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [override])
+    assert named in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_all_token_fine_tuning_does_not_need_fine_tuning_ratios_that_mask():
+    config = load_config("demo", ["finetune.sam=false", "finetune.masking.mask_ratio=0.01"])
+    assert config.finetune.masking.mask_ratio == 0.01
+
+
+def test_the_config_crosses_process_boundaries_as_itself_and_typed_values_apply():
+    import pickle
+
+    config = load_config("demo")
+    assert pickle.loads(pickle.dumps(config)) == config  # what Ray does to send it to a worker or trial
+    changed = config.with_values({"finetune.epochs": 3, "pretrain.masking.mask_ratio": 0.5})
+    assert (changed.finetune.epochs, changed.pretrain.masking.mask_ratio) == (3, 0.5)
+    assert config.finetune.epochs != 3  # the original is untouched
+    with pytest.raises(ConfigError, match="finetune.epoch"):
+        config.with_values({"finetune.epoch": 3})
+
+
+def test_the_defaults_are_the_methods():
+    from msmae import defaults
+
+    config = load_config("btmd-base")
+    assert (config.pretrain.cls_weight, config.pretrain.random_mask_ratio) == (defaults.CLS_WEIGHT, defaults.RANDOM_MASK_RATIO)
+    assert (config.finetune.layer_decay, config.finetune.label_smoothing) == (defaults.LAYER_DECAY, defaults.LABEL_SMOOTHING)
+
+
+def test_a_value_that_is_not_yaml_is_named():
+    with pytest.raises(ConfigError, match="finetune.epochs"):
+        load_config("demo", ["finetune.epochs=[1"])

@@ -263,7 +263,7 @@ def test_bundled_sample_ingests_cleanly(data_sample_ingested: Path, data_sample_
 def test_cli_ingests_a_manifest_and_reports_counts(data_manifest, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from msmae_cli import app
 
     manifest, img_dir = data_manifest
     args = ["ingest", "--manifest", str(manifest), "--image-root", str(img_dir), "--image-col", "image_id",

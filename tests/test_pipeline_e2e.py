@@ -132,7 +132,7 @@ def test_evaluate_command_on_a_raw_image_folder(train_resumed_run, data_sample_b
 
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from msmae_cli import app
 
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(app, ["evaluate", "--model", f"models:/{MODEL}@champion", "--data", str(data_sample_btmd),
@@ -151,7 +151,7 @@ def test_predict_command_writes_every_image_and_flags_unreadable_ones(train_resu
     import pyarrow.parquet as pq
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from msmae_cli import app
 
     folder = tmp_path / "incoming"
     shutil.copytree(data_sample_btmd / "glioma", folder)

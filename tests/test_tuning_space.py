@@ -7,7 +7,7 @@ import pytest
 
 import msmae
 from pipelines.config import load_config
-from tuning.space import SpaceError, check_space, load_space, overrides_list
+from tuning.space import SpaceError, check_space, load_space
 
 SHIPPED = "configs/space-masking.yaml"
 
@@ -21,7 +21,7 @@ def test_every_sampled_trial_of_the_shipped_space_is_a_valid_run_configuration()
 
     def objective(trial):
         overrides = define(trial)
-        cfg = load_config("demo", overrides_list(overrides))  # the config validator accepts it
+        cfg = load_config("demo", values=overrides)  # the config validator accepts it
         for stage in ("pretrain", "finetune"):
             masking = getattr(cfg, stage).masking
             assert masking.mask_ratio + masking.throw_ratio <= 1 - visible_low[stage] + 1e-12
@@ -35,7 +35,7 @@ def test_every_sampled_trial_of_the_shipped_space_is_a_valid_run_configuration()
 
 
 def test_the_shipped_space_passes_the_up_front_check():
-    cfg = check_space(load_space(SHIPPED), "demo", [])
+    cfg = check_space(load_space(SHIPPED), load_config("demo"))
     assert cfg.model.preset == "tiny"
 
 
@@ -59,14 +59,14 @@ def test_a_space_reaching_a_rejected_configuration_is_refused_before_any_trial(t
     path = tmp_path / "space.yaml"
     path.write_text("params:\n  finetune.label_smoothing: {float: [0.0, 1.5]}\n")
     with pytest.raises(SpaceError, match="finetune.label_smoothing"):
-        check_space(load_space(path), "demo", [])
+        check_space(load_space(path), load_config("demo"))
     path.write_text("params:\n  pretrain.no_such_key: {int: [1, 2]}\n")
     with pytest.raises(SpaceError, match="no_such_key"):
-        check_space(load_space(path), "demo", [])
+        check_space(load_space(path), load_config("demo"))
 
 
 def test_ratios_too_small_to_mask_one_patch_are_refused(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text("masking:\n  finetune: {visible: [0.2, 0.99], masked_share: [0.05, 0.9]}\n")
     with pytest.raises(SpaceError, match="masks no patch"):
-        check_space(load_space(path), "demo", [])
+        check_space(load_space(path), load_config("demo"))

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import ConfigError, RunConfig, load_config
+from pipelines.config import ConfigError, RunConfig
 
 DISTRIBUTIONS = ("float", "log", "int", "choice")
 STAGES = ("pretrain", "finetune")
@@ -119,14 +119,9 @@ SAMPLING_ONLY = (".masking.visible", ".masking.masked_share")
 
 
 def run_overrides(trial_config: dict[str, Any]) -> dict[str, Any]:
-    """A trial's config keys for ``load_config``: Tune hands over the sampled visible fraction and
+    """A trial's ``{dotted key: value}`` for ``RunConfig.with_values``: Tune hands over the sampled visible fraction and
     masked share too, which are not config keys (the ratios derived from them are)."""
     return {k: v for k, v in trial_config.items() if not k.endswith(SAMPLING_ONLY)}
-
-
-def overrides_list(overrides: dict[str, Any]) -> list[str]:
-    """``{"a.b": 1}`` → ``["a.b=1"]`` for ``load_config`` (values as YAML scalars)."""
-    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}" for key, value in overrides.items()]
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -178,22 +173,16 @@ def _range(path: Path, key: str, values, low_bound: float, high_bound: float, po
     return low, high
 
 
-def check_space(space: SearchSpace, preset: str, overrides: list[str]) -> RunConfig:
-    """Reject a space whose keys or extremes the run configuration refuses, before any trial starts."""
-    cfg = load_config(preset, overrides)
+def check_space(space: SearchSpace, base: RunConfig) -> RunConfig:
+    """Reject a space whose keys or extremes the run configuration refuses, before any trial starts.
+
+    The corners are the extremes of every range (low ends with the highest masked share, high
+    ends with the lowest), which is where a trial would mask no patch or leave none visible;
+    ``RunConfig`` itself checks those counts against the model's patch grid.
+    """
     for corner in space.corners():
         try:
-            load_config(preset, [*overrides, *overrides_list(corner)])
+            base.with_values(corner, source="the search space")
         except ConfigError as e:
             raise SpaceError(f"the search space reaches a configuration that is rejected: {e}") from e
-    import msmae
-
-    num_patches = msmae.get_preset(cfg.model.preset, cfg.data.img_size, cfg.model.patch_size).num_patches
-    for m in space.masking:  # the fewest masked patches and the fewest visible ones must both be >= 1
-        for visible, share in ((m.visible[1], m.masked_share[0]), (m.visible[0], m.masked_share[1])):
-            ratios = ratios_from(visible, share, m.stage)
-            try:
-                msmae.mask_counts(num_patches, *ratios.values())
-            except ValueError as e:
-                raise SpaceError(f"masking.{m.stage} at visible={visible}, masked_share={share}: {e}") from e
-    return cfg
+    return base

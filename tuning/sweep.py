@@ -18,11 +18,12 @@ from pathlib import Path
 import mlflow
 from joblib import cpu_count
 
-from pipelines.run import evaluate_and_register, prepare_data, set_experiment
-from pipelines.tracking import log_params
-from pipelines.train import class_names, dataset_info, ensure_ray
-from pipelines.config import load_config
-from tuning.space import SearchSpace, check_space, load_space, overrides_list, run_overrides
+from pipelines.config import RunConfig
+from pipelines.local_ray import ensure_ray
+from pipelines.report import evaluate_and_register
+from pipelines.run import prepare_data
+from pipelines.tracking import active_run, log_params, resolve_tracking_uri, set_experiment
+from tuning.space import SearchSpace, check_space, load_space, run_overrides
 from tuning.summary import log_summary, trial_rows
 from tuning.trial import PARENT_TAG, TRIAL_TAG, SweepContext, run_trial
 
@@ -36,8 +37,8 @@ class SweepRequest:
     data: Path
     space: Path
     trials: int
-    preset: str = "demo"
-    overrides: tuple[str, ...] = ()
+    config: RunConfig  # validated at the command line's edge (preset + --set)
+    preset: str = "demo"  # the preset's name, recorded with the sweep
     workdir: Path = Path("msmae-sweep")
     tracking_uri: str | None = None
     max_concurrent: int | None = None
@@ -60,15 +61,14 @@ class SweepOutcome:
     seconds: float
 
 
-def trial_overrides(request: SweepRequest, space: SearchSpace) -> list[str]:
-    """The request's ``--set`` overrides plus the per-trial resources and the selection metric."""
-    return [
-        *request.overrides,
-        f"scaling.workers={request.workers_per_trial}",
-        f"scaling.cpus_per_worker={request.cpus_per_worker}",
-        f"scaling.use_gpu={'true' if request.gpus_per_worker > 0 else 'false'}",
-        f"checkpoint.metric={space.objective}",
-    ]
+def sweep_base_config(request: SweepRequest, space: SearchSpace) -> RunConfig:
+    """The request's config with the per-trial resources and the selection metric applied."""
+    return request.config.with_values({
+        "scaling.workers": request.workers_per_trial,
+        "scaling.cpus_per_worker": request.cpus_per_worker,
+        "scaling.use_gpu": request.gpus_per_worker > 0,
+        "checkpoint.metric": space.objective,
+    }, source="the sweep's resources")
 
 
 def default_concurrency(resources: dict, request: SweepRequest) -> int:
@@ -96,20 +96,15 @@ def run_sweep(request: SweepRequest, log=print) -> SweepOutcome:
     workdir.mkdir(parents=True, exist_ok=True)
     state = _sweep_state(workdir, request.resume)
     space = load_space(request.space)
-    overrides = trial_overrides(request, space)
-    cfg = check_space(space, request.preset, overrides)
-    data_dir = prepare_data(request.data, cfg, workdir, log)
-    info = dataset_info(data_dir)
-    names = class_names(info)
+    cfg = check_space(space, sweep_base_config(request, space))
+    dataset = prepare_data(request.data, cfg, workdir, log)
     ensure_ray(num_cpus=local_cpus(request))
     import ray
 
     concurrency = request.max_concurrent or default_concurrency(ray.cluster_resources(), request)
-    from pipelines.tracking import resolve_tracking_uri
-
     tracking_uri = resolve_tracking_uri(request.tracking_uri, workdir)
     set_experiment(tracking_uri, cfg.tracking.experiment, workdir)
-    with mlflow.start_run(run_id=state.get("parent_run_id"), run_name=state["sweep_name"]) as parent:
+    with active_run(state.get("parent_run_id"), state["sweep_name"]) as parent:
         state["parent_run_id"] = parent.info.run_id
         (workdir / STATE_NAME).write_text(json.dumps(state))
         if not request.resume:
@@ -118,7 +113,7 @@ def run_sweep(request: SweepRequest, log=print) -> SweepOutcome:
                         "sweep.workers_per_trial": request.workers_per_trial, "sweep.gpus_per_worker": request.gpus_per_worker})
             mlflow.log_artifact(str(request.space), "sweep")
         context = SweepContext(
-            request.preset, tuple(overrides), str(data_dir), str(workdir), tracking_uri, parent.info.experiment_id,
+            cfg, str(dataset.path), str(workdir), tracking_uri, parent.info.experiment_id,
             parent.info.run_id, state["sweep_name"], space.objective, request.fail_trial,
         )
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU})
@@ -132,13 +127,12 @@ def run_sweep(request: SweepRequest, log=print) -> SweepOutcome:
         best = max((r for r in rows if r["status"] != "error" and r.get("best_checkpoint")), key=lambda r: r["objective"], default=None)
         version, champion = None, False
         if best is not None:
-            best_cfg = load_config(request.preset, [*overrides, *overrides_list(run_overrides(best["params"]))])
+            best_cfg = cfg.with_values(run_overrides(best["params"]), source=f"trial {best['trial_id']}")
             mlflow.log_metric(f"sweep_best_{space.objective}", best["objective"])
             mlflow.set_tag("sweep.best_trial", best["trial_id"])
             tags = {f"param.{k}": str(v) for k, v in best["params"].items()} | {"sweep": state["sweep_name"], "trial": best["trial_id"]}
-            version, champion, _, _ = evaluate_and_register(
-                best["best_checkpoint"], best["pretrain_checkpoint"], data_dir, info, best_cfg, names, log, version_tags=tags,
-            )
+            final = evaluate_and_register(best["best_checkpoint"], best["pretrain_checkpoint"], dataset, best_cfg, log, version_tags=tags)
+            version, champion = final.version, final.champion
             log(f"best trial {best['trial_id']}: {space.objective} {best['objective']:.4f} → {cfg.tracking.model_name} "
                 f"version {version}" + (" @champion" if champion else " (champion kept)"))
         else:

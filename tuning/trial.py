@@ -14,11 +14,10 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import load_config
-from pipelines.run import best_checkpoint
-from pipelines.train import class_names, dataset_info, run_stage, split_size
-from pipelines.worker import StageSpec
-from tuning.space import overrides_list, run_overrides
+from pipelines.config import RunConfig
+from pipelines.dataset import IngestedDataset
+from pipelines.stages import train_stages
+from tuning.space import run_overrides
 
 TRIAL_TAG = "msmae.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
@@ -28,8 +27,7 @@ PARENT_TAG = "mlflow.parentRunId"
 class SweepContext:
     """What every trial needs besides its sampled parameters (picklable, sent once to each trial)."""
 
-    preset: str
-    overrides: tuple[str, ...]
+    base: RunConfig  # the sweep's validated config; each trial applies its sampled values to it
     data_dir: str
     workdir: str
     tracking_uri: str
@@ -57,34 +55,23 @@ def run_trial(config: dict, context: SweepContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = load_config(context.preset, [*context.overrides, *overrides_list(run_overrides(config))])
+    cfg = context.base.with_values(run_overrides(config), source=f"trial {trial_id}")
     client = MlflowClient(context.tracking_uri)
     run_id = _child_run(client, context, trial_id, config)
     try:
         if context.fail_trial is not None and trial_index(trial_id, tune.get_context().get_trial_dir()) == context.fail_trial:
             raise RuntimeError(f"injected failure of trial {trial_id} (fault-injection test)")
-        data_dir = Path(context.data_dir)
-        info = dataset_info(data_dir)
-        names = class_names(info)
-        common = dict(
-            config=cfg.model_dump(), num_classes=len(names), num_train=split_size(info, "train"),
-            class_names=names, mlflow_uri=context.tracking_uri, mlflow_run_id=run_id,
+        result = train_stages(
+            cfg, IngestedDataset.load(context.data_dir), Path(context.workdir) / "storage", f"{context.sweep_name}-{trial_id}",
+            mlflow_uri=context.tracking_uri, mlflow_run_id=run_id, finetune_callbacks=[TuneReportCallback()],
         )
-        storage = Path(context.workdir) / "storage"
-        name = f"{context.sweep_name}-{trial_id}"
-        pre = run_stage(StageSpec("pretrain", **common), cfg, data_dir, storage, f"{name}-pretrain")
-        fine = run_stage(
-            StageSpec("finetune", init_checkpoint=pre.checkpoint.path, **common), cfg, data_dir, storage, f"{name}-finetune",
-            callbacks=[TuneReportCallback()],
-        )
-        best_dir, best = best_checkpoint(fine, context.objective)
-        client.log_metric(run_id, f"best_{context.objective}", best)
+        client.log_metric(run_id, f"best_{context.objective}", result.best_score)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
     tune.report({
-        context.tune_metric: best, "best_checkpoint": best_dir, "pretrain_checkpoint": pre.checkpoint.path,
+        context.tune_metric: result.best_score, "best_checkpoint": result.best_checkpoint, "pretrain_checkpoint": result.pretrain_checkpoint,
         "mlflow_run_id": run_id, "trial_finished": 1,
     })
 

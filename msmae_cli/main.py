@@ -1,4 +1,8 @@
-"""The `msmae` command line (typer). Heavy modules are imported inside commands so start-up stays fast."""
+"""The `msmae` command line (typer): every command, each a thin layer over ``pipelines`` or ``tuning``.
+
+Heavy modules are imported inside commands so start-up stays fast. Options are parsed and
+the run configuration validated here, at the edge; what goes further in is typed.
+"""
 
 from __future__ import annotations
 
@@ -53,8 +57,7 @@ def ingest(
     try:
         result = run_ingest(source, out, opts, progress=progress, log=typer.echo)
     except (IngestError, FileNotFoundError, ValueError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from e
+        raise _fail(str(e), 1) from e
     s = result.summary
     typer.echo(f"{s['num_images']} images kept, {s['quarantined']} quarantined, {s['duplicate_groups']} duplicate groups "
                f"({s['duplicate_images']} images), {s['label_conflict_groups']} label conflicts → {out}")
@@ -72,27 +75,33 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the last run
 FailOpt = Annotated[int | None, typer.Option(hidden=True, help="Fault injection for tests: one worker raises at this epoch.")]
 
 
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _config(config: str, set_: list[str] | None, values: dict | None = None):
+    """The validated run configuration (preset + ``--set`` + typed options), or a usage error naming the key."""
+    from pipelines.config import ConfigError, load_config
+
+    try:
+        return load_config(config, set_ or [], values)
+    except ConfigError as e:
+        raise _fail(str(e), 2) from e
+
+
 def _train(
     stages: tuple[str, ...], source: Path, config: str, set_: list[str] | None, workdir: Path, tracking_uri: str | None,
     workers: int | None, resume: bool, fail_at_epoch: int | None, init: Path | None = None,
 ) -> None:
     """What `run`, `pretrain` and `finetune` share: validate everything up front, then train."""
-    from pipelines.config import ConfigError, load_config
-
-    overrides = list(set_ or [])
-    if workers is not None:
-        overrides.append(f"scaling.workers={workers}")
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from e
+    cfg = _config(config, set_, {"scaling.workers": workers} if workers is not None else None)
     if not source.exists():
-        typer.secho(f"error: {source} does not exist", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
-    if init is not None and not (init / "state.pt").is_file():
-        typer.secho(f"error: --init {init} is not a checkpoint folder (no state.pt); `msmae pretrain` prints one", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
+        raise _fail(f"{source} does not exist", 2)
+    from pipelines.checkpoint import STATE_FILE, is_checkpoint
+
+    if init is not None and not is_checkpoint(init):
+        raise _fail(f"--init {init} is not a checkpoint folder (no {STATE_FILE}); `msmae pretrain` prints one", 2)
     from pipelines.run import run_pipeline
     from pipelines.tracking import resolve_tracking_uri
 
@@ -102,8 +111,7 @@ def _train(
             log=typer.echo, stages=stages, init_checkpoint=str(init.resolve()) if init else None,
         )
     except FileNotFoundError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from e
+        raise _fail(str(e), 1) from e
 
 
 @app.command()
@@ -141,11 +149,10 @@ def evaluate(
     model: Annotated[str, typer.Option("--model", help="models:/NAME@champion, runs:/ID/model, or a checkpoint folder.")],
     data: Annotated[Path, typer.Option("--data", help="A folder made by `msmae ingest`, or a raw labelled ImageFolder.")],
     split: Annotated[str, typer.Option(help="Split of an ingested folder: val, test, train, or all.")] = "val",
-    img_size: Annotated[int, typer.Option(help="Image side the model was trained at.")] = 64,
     out: Annotated[Path, typer.Option(help="Where to write the metrics JSON.")] = Path("evaluation.json"),
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ URIs.")] = None,
 ) -> None:
-    """Evaluate a model on whole images; print a metrics table and write JSON."""
+    """Evaluate a model on whole images at the size it was trained at; print a metrics table and write JSON."""
     import json
 
     from pipelines.evaluate import evaluate_data
@@ -155,10 +162,9 @@ def evaluate(
 
         mlflow.set_tracking_uri(tracking_uri)
     try:
-        results = evaluate_data(model, data, split, img_size, log=typer.echo)
+        results = evaluate_data(model, data, split, log=typer.echo)
     except (FileNotFoundError, ValueError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from e
+        raise _fail(str(e), 1) from e
     out.write_text(json.dumps(results, indent=2, default=str))
     typer.echo(f"metrics written to {out}")
 
@@ -168,29 +174,59 @@ def predict(
     model: Annotated[str, typer.Option("--model", help="models:/NAME@champion, runs:/ID/model, or a checkpoint folder.")],
     input_dir: Annotated[Path, typer.Option("--input", help="Folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option(help="Parquet file to write.")] = Path("predictions.parquet"),
-    img_size: Annotated[int, typer.Option(help="Image side the model was trained at.")] = 64,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ URIs.")] = None,
 ) -> None:
-    """Predict every image of a folder with Ray Data batch inference; write path, class, probabilities."""
+    """Predict every image of a folder (at the model's own size) with Ray Data batch inference; write path, class, probabilities."""
     if tracking_uri:
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri)
+    from pipelines.local_ray import ensure_ray
     from pipelines.predict import predict_folder
-    from pipelines.train import ensure_ray
 
     ensure_ray()
     try:
-        summary = predict_folder(model, input_dir, out, img_size)
+        summary = predict_folder(model, input_dir, out)
     except (FileNotFoundError, ValueError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from e
+        raise _fail(str(e), 1) from e
     typer.echo(f"{summary['images']} images predicted ({summary['unreadable']} unreadable, marked ok=false) -> {summary['out']}")
 
 
-@app.callback()
-def _root() -> None:
-    """Keeps `msmae ingest` a sub-command even while it is the only one."""
+@app.command()
+def tune(
+    data: Annotated[Path, typer.Option("--data", help="Raw ImageFolder root, or a folder made by `msmae ingest`.")],
+    space: Annotated[Path, typer.Option("--space", help="Search space YAML.")] = Path("configs/space-masking.yaml"),
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Number of trials.")] = 16,
+    max_concurrent: Annotated[int | None, typer.Option(min=1, help="Trials at a time (default: as many as the cluster holds now).")] = None,
+    config: ConfigOpt = "demo",
+    set_: SetOpt = None,
+    workdir: Annotated[Path, typer.Option(help="Folder for the sweep's state, checkpoints, Optuna study, MLflow store.")] = Path("msmae-sweep"),
+    tracking_uri: TrackingOpt = None,
+    workers_per_trial: Annotated[int, typer.Option(min=1, help="Ray Train workers per trial.")] = 1,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per Ray Train worker.")] = 1.0,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per Ray Train worker (0: CPU training).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of Optuna's TPE sampler.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted sweep in --workdir.")] = False,
+    fail_trial: Annotated[int | None, typer.Option(hidden=True, help="Fault injection for tests: this trial raises.")] = None,
+) -> None:
+    """Sweep masking ratios and schedules (Optuna TPE + ASHA on Ray Tune); register the best model."""
+    cfg = _config(config, set_)
+    if not data.exists():
+        raise _fail(f"--data {data} does not exist", 2)
+    from pipelines.config import ConfigError
+    from tuning.space import SpaceError
+    from tuning.sweep import SweepRequest, run_sweep
+
+    request = SweepRequest(
+        data=data, space=space, trials=trials, config=cfg, preset=config, workdir=workdir,
+        tracking_uri=tracking_uri, max_concurrent=max_concurrent, workers_per_trial=workers_per_trial,
+        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, seed=seed, resume=resume, fail_trial=fail_trial,
+    )
+    try:
+        outcome = run_sweep(request, log=typer.echo)
+    except (ConfigError, SpaceError, FileNotFoundError, FileExistsError) as e:
+        raise _fail(str(e), 2) from e
+    typer.echo(f"sweep {outcome.sweep_name} done in {outcome.seconds:.0f} s")
 
 
 def main() -> None:

@@ -1,0 +1,54 @@
+"""Ray start-up for a run on this machine, or joining the cluster ``RAY_ADDRESS`` names."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+import ray
+from joblib import cpu_count
+
+# Ray rewrites 127.0.0.1 to the machine's network address, so a local Ray would listen on the
+# network; on Linux all of 127/8 is loopback, and 127.0.0.2 keeps it there. (Elsewhere: Ray's default.)
+LOOPBACK_NODE_IP = "127.0.0.2" if sys.platform.startswith("linux") else None
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to ``RAY_ADDRESS`` when set, else start a local Ray on loopback.
+
+    Locally Ray gets more logical CPUs than the machine has cores: two Train workers of one
+    CPU each would otherwise leave nothing for Ray Data's decode tasks and hang.
+    """
+    quiet_ray_data()
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    cpus = num_cpus or max(4, cpu_count() * 2)
+    # The dashboard serves Ray's state API, which Ray Train's clean-up actor polls; bound to
+    # loopback on a port chosen here, so the actor can be told where it is (left to itself it
+    # scans the machine for Ray clusters and fails when it finds more than one).
+    dashboard_port = _free_port()
+    ray.init(
+        address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+        log_to_driver=True, _node_ip_address=LOOPBACK_NODE_IP,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-operator progress output drowns the epoch lines; keep it off."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False  # its plan, per dataset and epoch, in every split coordinator
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
