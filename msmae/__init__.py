@@ -8,7 +8,9 @@ Public API:
     load_pretrained_encoder, PRESETS         models by preset name (msmae.models)
     AttentionTable                           per-image maps keyed by dataset index
     pretrain_step, finetune_step, evaluate,
-    compute_attention_maps, draw_masks       step functions for any loop (msmae.engine)
+    compute_attention_maps, draw_masks,
+    refresh_maps                             step functions for any loop (msmae.engine)
+    map_quality, MapQuality                  do the maps point at tissue? (msmae.map_quality)
     train_one_epoch, EpochPlan               one epoch of either stage (msmae.loop)
     StageTrainer, StageSchedule              the epoch skeleton any loop shares (msmae.loop)
     build_optimizer                          each stage's AdamW (msmae.optim)
@@ -27,8 +29,10 @@ from msmae.engine import (
     finetune_step,
     predict_probs,
     pretrain_step,
+    refresh_maps,
 )
 from msmae.geometry import crop_flip_maps
+from msmae.map_quality import MapQuality, foreground_patches, map_quality
 from msmae.loop import EpochOutcome, EpochPlan, EpochTotals, StageSchedule, StageTrainer, train_one_epoch
 from msmae.masking import MaskSplit, mask_counts, random_masking, sam_masking
 from msmae.metrics import ClassificationReport, classification_report
@@ -59,6 +63,7 @@ __all__ = [
     "MSMAEClassifier",
     "MSMAEPretrainModel",
     "MaskRatios",
+    "MapQuality",
     "MaskSplit",
     "MaskingSchedule",
     "StageSchedule",
@@ -75,13 +80,16 @@ __all__ = [
     "draw_masks",
     "evaluate",
     "finetune_step",
+    "foreground_patches",
     "get_preset",
     "layer_decay_param_groups",
     "load_pretrained_encoder",
+    "map_quality",
     "mask_counts",
     "predict_probs",
     "pretrain_step",
     "random_masking",
+    "refresh_maps",
     "sam_masking",
     "scaled_lr",
     "set_lr",

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from msmae import defaults
 from msmae.attention import attention_maps
 from msmae.losses import pretrain_loss
+from msmae.map_quality import foreground_patches
 from msmae.masking import MaskSplit, random_masking, sam_masking
 from msmae.metrics import ClassificationReport, classification_report
 from msmae.models import MSMAEClassifier, MSMAEPretrainModel
@@ -172,21 +173,38 @@ def report_from_probs(probs: torch.Tensor, labels: torch.Tensor, num_classes: in
     return classification_report(probs, labels, num_classes, loss)
 
 
+@dataclass
+class RefreshedMaps:
+    """Maps of un-augmented images with what the map-quality measure needs: which patches are tissue."""
+
+    index: torch.Tensor  # [N] dataset indices
+    maps: torch.Tensor  # [N, L] weights in [0, 1]
+    foreground: torch.Tensor  # [N, L] bool (msmae.map_quality.foreground_patches)
+
+
 @torch.no_grad()
+def refresh_maps(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], amp: bool = True) -> RefreshedMaps:
+    """Maps for un-augmented ``(images, index)`` batches, on CPU, with each patch's foreground flag.
+
+    Any batch size works, a last partial batch included (reference-code defect 4).
+    """
+    patch_size = _unwrap(model).preset.patch_size
+    indices, maps, foreground = [], [], []
+    for images, index in batches:
+        with autocast(images.device, amp):
+            maps.append(attention_maps(model, images).float().cpu())
+        foreground.append(foreground_patches(images, patch_size).cpu())
+        indices.append(index.cpu().long())
+    if not maps:
+        raise ValueError("no images to compute attention maps from")
+    return RefreshedMaps(torch.cat(indices), torch.cat(maps), torch.cat(foreground))
+
+
 def compute_attention_maps(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     amp: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maps for un-augmented ``(images, index)`` batches: ``(index [N], maps [N, L])`` on CPU.
-
-    Any batch size works, a last partial batch included (reference-code defect 4).
-    """
-    indices, maps = [], []
-    for images, index in batches:
-        with autocast(images.device, amp):
-            maps.append(attention_maps(model, images).float().cpu())
-        indices.append(index.cpu().long())
-    if not maps:
-        raise ValueError("no images to compute attention maps from")
-    return torch.cat(indices), torch.cat(maps)
+    """Maps for un-augmented ``(images, index)`` batches: ``(index [N], maps [N, L])`` on CPU."""
+    refreshed = refresh_maps(model, batches, amp)
+    return refreshed.index, refreshed.maps

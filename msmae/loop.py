@@ -21,6 +21,11 @@ from msmae.schedules import MaskingPhase, MaskingSchedule, cosine_lr, set_lr
 from msmae.table import AttentionTable
 
 Stage = Literal["pretrain", "finetune"]
+# Which weights drive the SAM draw: the paper's supervised attention maps, the released
+# code's uniform weights (its map refresh returns ones), or — fine-tuning only — no
+# dropping at all (every token).
+MaskingStrategy = Literal["attention", "uniform", "all"]
+STRATEGIES: dict[Stage, tuple[MaskingStrategy, ...]] = {"pretrain": ("attention", "uniform"), "finetune": ("attention", "uniform", "all")}
 
 
 @dataclass(frozen=True)
@@ -28,19 +33,31 @@ class EpochPlan:
     """How this epoch trains.
 
     ``phase`` "random": pre-training masks at random (MAE), fine-tuning sees all tokens.
-    ``phase`` "sam": both drop patches by supervised attention, pre-training also reconstructs.
-    ``align_maps=False`` uses each image's map as stored, ignoring the crop and flip — what the
-    reference code does; kept only to measure what aligning the maps is worth.
+    ``phase`` "sam": both drop patches by the (m, t) split, pre-training also reconstructs;
+    ``strategy`` says which weights order the draw (see ``MaskingStrategy``): with
+    "uniform" the split is random, with "all" fine-tuning never drops a token.
+    ``align_maps=False`` uses each image's map as stored, ignoring the crop and flip — kept
+    only to measure what aligning the maps is worth.
     """
 
     stage: Stage
     phase: MaskingPhase
     ratios: MaskRatios = MaskRatios()
+    strategy: MaskingStrategy = "attention"
     align_maps: bool = True
     cls_weight: float = defaults.CLS_WEIGHT
     norm_pix_loss: bool = defaults.NORM_PIX_LOSS
     label_smoothing: float = defaults.LABEL_SMOOTHING
     grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES[self.stage]:
+            raise ValueError(f"{self.stage} masking strategy {self.strategy!r}: choose one of {STRATEGIES[self.stage]}")
+
+    @property
+    def uses_maps(self) -> bool:
+        """Does this plan read the attention table (so the maps must be refreshed)?"""
+        return self.strategy == "attention"
 
 
 @dataclass
@@ -60,9 +77,12 @@ class EpochTotals:
         return {name: check_finite(float(total) / max(self.seen, 1), f"train {name}") for name, total in self.sums.items()}
 
 
-def batch_weights(table: AttentionTable, batch: Mapping[str, torch.Tensor], align_maps: bool) -> torch.Tensor:
-    """The batch's attention weights ``[B, L]`` on the images' device."""
-    if align_maps:
+def batch_weights(table: AttentionTable | None, batch: Mapping[str, torch.Tensor], plan: EpochPlan, num_patches: int) -> torch.Tensor:
+    """The batch's draw weights ``[B, L]`` on the images' device: its maps, moved with the
+    augmentation (or as stored), or all ones for the uniform strategy."""
+    if plan.strategy == "uniform":
+        return torch.ones(len(batch["image"]), num_patches, device=batch["image"].device)
+    if plan.align_maps:
         return table.batch_weights(batch["index"], batch["crop_box"], batch["flipped"], device=batch["image"].device)
     return table.rows(batch["index"], device=batch["image"].device)
 
@@ -81,23 +101,25 @@ def train_one_epoch(
     """Train over ``batches`` (dicts with image, label, index, crop_box, flipped on the device).
 
     ``lr_at`` maps a fractional epoch to the learning rate (set every step, as MAE does).
-    ``table`` is needed in the "sam" phase only. Nothing here reads a value back to the host.
+    ``table`` is needed in the "sam" phase of the attention strategy only. Nothing here
+    reads a value back to the host.
     """
-    if plan.phase == "sam" and table is None:
+    drops_tokens = plan.phase == "sam" and plan.strategy != "all"
+    if drops_tokens and plan.uses_maps and table is None:
         raise ValueError("the SAM phase needs an attention table")
     num_patches = _unwrap(model).preset.num_patches
     totals = EpochTotals()
     for step, batch in enumerate(batches):
         set_lr(optimizer, lr_at(epoch + step / steps_per_epoch))
         images, labels = batch["image"], batch["label"]
-        weights = batch_weights(table, batch, plan.align_maps) if plan.phase == "sam" else None
+        weights = batch_weights(table, batch, plan, num_patches) if drops_tokens else None
         if plan.stage == "pretrain":
             split = draw_masks(plan.phase, plan.ratios, len(images), num_patches, weights, generator, images.device)
             out = pretrain_step(model, optimizer, images, labels, split, plan.cls_weight, plan.norm_pix_loss, grad_clip=plan.grad_clip)
             losses = {"loss": out.loss, "loss_recon": out.reconstruction, "loss_cls": out.classification}
         else:
             kept = None
-            if plan.phase == "sam":
+            if drops_tokens:
                 kept = draw_masks("sam", plan.ratios, len(images), num_patches, weights, generator, images.device).kept
             losses = {"loss": finetune_step(model, optimizer, images, labels, kept, plan.label_smoothing, grad_clip=plan.grad_clip)}
         totals.add(losses, len(images))
@@ -164,7 +186,7 @@ class StageTrainer:
         refresh: Callable[[int], int] | None = None,
     ) -> EpochOutcome:
         refreshed = 0
-        if self.schedule.refresh_due(epoch):
+        if self.plan.uses_maps and self.schedule.refresh_due(epoch):
             if refresh is None or self.table is None:
                 raise ValueError(f"epoch {epoch} is due a map refresh: give the trainer a table and a refresh function")
             refreshed = refresh(epoch)

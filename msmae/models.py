@@ -36,6 +36,14 @@ class ViTPreset:
     decoder_depth: int
     decoder_heads: int
     mlp_ratio: float = 4.0
+    # Extra learned tokens beside CLS ("Vision Transformers Need Registers"): a place for the
+    # model's global scratch work, which otherwise parks CLS attention on background patches.
+    reg_tokens: int = 0
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS plus the register tokens: the tokens before the patches in every sequence."""
+        return 1 + self.reg_tokens
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -56,13 +64,18 @@ PRESETS: dict[str, ViTPreset] = {
 }
 
 
-def get_preset(name: str, img_size: int | None = None, patch_size: int | None = None) -> ViTPreset:
-    """Look up a preset by name, optionally at another image or patch size."""
+def get_preset(name: str, img_size: int | None = None, patch_size: int | None = None, reg_tokens: int | None = None) -> ViTPreset:
+    """Look up a preset by name, optionally at another image or patch size or with register tokens."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     preset = PRESETS[name]
-    if img_size is not None or patch_size is not None:
-        preset = replace(preset, img_size=img_size or preset.img_size, patch_size=patch_size or preset.patch_size)
+    if img_size is not None or patch_size is not None or reg_tokens is not None:
+        preset = replace(
+            preset, img_size=img_size or preset.img_size, patch_size=patch_size or preset.patch_size,
+            reg_tokens=preset.reg_tokens if reg_tokens is None else reg_tokens,
+        )
+    if preset.reg_tokens < 0:
+        raise ValueError(f"reg_tokens={preset.reg_tokens} must be >= 0")
     if preset.img_size % preset.patch_size:
         raise ValueError(
             f"img_size={preset.img_size} is not divisible by patch_size={preset.patch_size}; "
@@ -71,10 +84,10 @@ def get_preset(name: str, img_size: int | None = None, patch_size: int | None = 
     return preset
 
 
-def sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding with a zero row for CLS, ``[1, 1 + L, dim]``."""
+def sincos_pos_embed(grid: tuple[int, int], dim: int, prefix_tokens: int = 1) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding with zero rows for CLS (and registers), ``[1, prefix + L, dim]``."""
     patches = build_sincos2d_pos_embed(list(grid), dim=dim)  # [L, dim]
-    return torch.cat([torch.zeros(1, dim), patches], dim=0).unsqueeze(0)
+    return torch.cat([torch.zeros(prefix_tokens, dim), patches], dim=0).unsqueeze(0)
 
 
 def build_vit(preset: ViTPreset, num_classes: int, global_pool: str, drop_path_rate: float = 0.0) -> VisionTransformer:
@@ -91,25 +104,30 @@ def build_vit(preset: ViTPreset, num_classes: int, global_pool: str, drop_path_r
         global_pool=global_pool,
         drop_path_rate=drop_path_rate,
         norm_layer=_norm_layer,
+        reg_tokens=preset.reg_tokens,
     )
     with torch.no_grad():
-        vit.pos_embed.copy_(sincos_pos_embed(preset.grid, preset.embed_dim))
+        vit.pos_embed.copy_(sincos_pos_embed(preset.grid, preset.embed_dim, preset.num_prefix_tokens))
     return vit
 
 
 def embed_tokens(vit: VisionTransformer, images: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
-    """Patch-embed the kept patches, add their positions, prepend CLS: ``[B, 1 + n, D]``.
+    """Patch-embed the kept patches, add their positions, prepend CLS (and registers): ``[B, prefix + n, D]``.
 
     ``kept=None`` embeds all L patches (evaluation, attention maps). With ``kept``, only
     the kept patches are cut out and projected, so dropped patches cost nothing at all;
     each kept token carries the position of the patch it came from.
     """
+    prefix = vit.num_prefix_tokens
+    patch_pos = vit.pos_embed[:, prefix:]  # [1, L, D]
     if kept is None:
-        x = vit.patch_embed(images) + vit.pos_embed[:, 1:]  # [B, L, D]
+        x = vit.patch_embed(images) + patch_pos  # [B, L, D]
     else:
-        x = _embed_kept_patches(vit, images, kept) + _gather_tokens(vit.pos_embed[:, 1:].expand(kept.shape[0], -1, -1), kept)
-    cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-    x = torch.cat([cls, x], dim=1)
+        x = _embed_kept_patches(vit, images, kept) + _gather_tokens(patch_pos.expand(kept.shape[0], -1, -1), kept)
+    tokens = [vit.cls_token + vit.pos_embed[:, :1]]
+    if vit.reg_token is not None:
+        tokens.append(vit.reg_token + vit.pos_embed[:, 1:prefix])
+    x = torch.cat([t.expand(x.shape[0], -1, -1) for t in tokens] + [x], dim=1)
     return vit.norm_pre(vit.pos_drop(x))
 
 
@@ -171,14 +189,16 @@ class MSMAEPretrainModel(nn.Module):
                     nn.init.zeros_(sub.bias)
 
     def forward_encoder(self, images: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        return encode(self.encoder, images, kept)  # [B, 1 + n_kept, D]
+        return encode(self.encoder, images, kept)  # [B, prefix + n_kept, D]
 
     def forward_decoder(self, latent: torch.Tensor, kept: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """Predict pixels of the masked patches: ``[B, n_masked, p*p*3]``.
 
         Attention is order-free given position embeddings, so tokens need no unshuffle:
         the decoder input is [CLS, visible..., mask tokens...] with each one's position.
+        Register tokens, if any, stay in the encoder (as in the registers paper).
         """
+        latent = torch.cat([latent[:, :1], latent[:, self.preset.num_prefix_tokens:]], dim=1)  # [B, 1 + n_kept, D]
         x = self.decoder_embed(latent)  # [B, 1 + n_kept, Dd]
         pos = self.decoder_pos_embed.expand(x.shape[0], -1, -1)
         visible_pos, masked_pos = _gather_tokens(pos[:, 1:], kept), _gather_tokens(pos[:, 1:], masked)
@@ -214,10 +234,11 @@ class MSMAEClassifier(VisionTransformer):
             global_pool="avg",  # timm then uses fc_norm after pooling, no final norm
             drop_path_rate=drop_path_rate,
             norm_layer=_norm_layer,
+            reg_tokens=preset.reg_tokens,  # timm's avg pool skips CLS and registers
         )
         self.preset = preset
         with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed(preset.grid, preset.embed_dim))
+            self.pos_embed.copy_(sincos_pos_embed(preset.grid, preset.embed_dim, preset.num_prefix_tokens))
 
     def forward(self, images: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_head(encode(self, images, kept))
@@ -266,7 +287,7 @@ def load_pretrained_encoder(classifier: MSMAEClassifier, source: MSMAEPretrainMo
     pos = encoder_state["pos_embed"]
     if pos.shape != classifier.pos_embed.shape:
         encoder_state["pos_embed"] = resample_abs_pos_embed(
-            pos, new_size=list(classifier.patch_embed.grid_size), num_prefix_tokens=1
+            pos, new_size=list(classifier.patch_embed.grid_size), num_prefix_tokens=classifier.num_prefix_tokens
         )
     result = classifier.load_state_dict(encoder_state, strict=False)
     missing = set(result.missing_keys)

@@ -38,23 +38,29 @@ class MaskingSchedule:
 
     Pre-training (paper): random until ``sam_start`` = W = 40, maps refreshed at W and every
     K = 40 epochs after. Fine-tuning: ``sam_start`` = 0, refresh at 0 and every 20.
+    ``sam_stop`` (optional) ends the SAM phase early: from that epoch on the phase is
+    "random" again — in fine-tuning, every token (dropped-token training, then all tokens).
     """
 
     sam_start: int
     refresh_every: int
+    sam_stop: int | None = None
 
     def __post_init__(self) -> None:
         if self.sam_start < 0:
             raise ValueError(f"sam_start (warm-up epochs) must be >= 0, got {self.sam_start}")
         if self.refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1 epoch, got {self.refresh_every}")
+        if self.sam_stop is not None and self.sam_stop < self.sam_start:
+            raise ValueError(f"sam_stop={self.sam_stop} is before sam_start={self.sam_start}")
 
     def phase(self, epoch: int) -> MaskingPhase:
-        return "random" if epoch < self.sam_start else "sam"
+        in_sam = epoch >= self.sam_start and (self.sam_stop is None or epoch < self.sam_stop)
+        return "sam" if in_sam else "random"
 
     def refresh_due(self, epoch: int) -> bool:
         """Refresh the maps at the start of this epoch (from the model as it is then)?"""
-        return epoch >= self.sam_start and (epoch - self.sam_start) % self.refresh_every == 0
+        return self.phase(epoch) == "sam" and (epoch - self.sam_start) % self.refresh_every == 0
 
     def refresh_epochs(self, total_epochs: int) -> list[int]:
         return [e for e in range(total_epochs) if self.refresh_due(e)]

@@ -140,7 +140,7 @@ def finetune(
     config: ConfigOpt = "demo", set_: SetOpt = None, workdir: WorkdirOpt = Path("msmae-work"),
     tracking_uri: TrackingOpt = None, workers: WorkersOpt = None, resume: ResumeOpt = False, fail_at_epoch: FailOpt = None,
 ) -> None:
-    """Fine-tuning (SAM unless finetune.sam=false) -> evaluate -> register."""
+    """Fine-tuning (tokens dropped as finetune.masking.strategy says) -> evaluate -> register."""
     _train(("finetune",), source, config, set_, workdir, tracking_uri, workers, resume, fail_at_epoch, init)
 
 

@@ -39,14 +39,23 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     preset: Literal["tiny", "small", "base"] = "tiny"
     patch_size: int | None = Field(None, ge=2, description="override the preset's patch size")
+    reg_tokens: int = Field(0, ge=0, le=16, description="register tokens beside CLS (0: none, the paper's ViT)")
 
 
 class MaskingConfig(_Section):
+    strategy: Literal["attention", "uniform", "all"] = Field(
+        "attention",
+        description="which weights order the draw: attention (the paper), uniform (the released code: its maps are all ones), "
+        "all (fine-tuning only: no token dropped)",
+    )
     mask_ratio: float = Field(defaults.MASK_RATIO, gt=0, lt=1)
     throw_ratio: float = Field(defaults.THROW_RATIO, ge=0, lt=1)
     sam_start: int = Field(0, ge=0, description="epochs of random masking before SAM (W)")
     refresh_every: int = Field(20, ge=1, description="epochs between attention-map refreshes (K)")
-    align_maps: bool = Field(True, description="move each map with its image's crop and flip (False: the reference code's uncropped maps)")
+    align_maps: bool = Field(True, description="move each map with its image's crop and flip (False: maps used as stored)")
+    all_tokens_from: float | None = Field(
+        None, gt=0, le=1, description="fine-tuning only: from this fraction of the epochs on, train on every token",
+    )
 
     @model_validator(mode="after")
     def _leaves_tokens_visible(self) -> "MaskingConfig":
@@ -87,7 +96,6 @@ class FinetuneConfig(OptimConfig):
     layer_decay: float = Field(defaults.LAYER_DECAY, gt=0, le=1)
     label_smoothing: float = Field(defaults.LABEL_SMOOTHING, ge=0, lt=1)
     drop_path: float = Field(defaults.DROP_PATH, ge=0, lt=1)
-    sam: bool = Field(True, description="drop tokens by SAM in fine-tuning (False: train on all tokens)")
     masking: MaskingConfig = MaskingConfig(sam_start=0, refresh_every=20)
 
 
@@ -141,8 +149,12 @@ class RunConfig(_Section):
             preset = self.preset()
         except ValueError as e:
             raise ValueError(f"data.img_size / model.patch_size: {e}") from None
+        if self.pretrain.masking.strategy == "all":
+            raise ValueError("pretrain.masking.strategy: 'all' is for fine-tuning; pre-training must hide patches to reconstruct them")
+        if self.pretrain.masking.all_tokens_from is not None:
+            raise ValueError("pretrain.masking.all_tokens_from: fine-tuning only (pre-training always hides patches)")
         stages = [("pretrain.masking", self.pretrain.masking), ("pretrain.random_mask_ratio", MaskingConfig(mask_ratio=self.pretrain.random_mask_ratio, throw_ratio=0.0))]
-        if self.finetune.sam:
+        if self.finetune.masking.strategy != "all":
             stages.append(("finetune.masking", self.finetune.masking))
         for key, masking in stages:
             try:
@@ -153,7 +165,7 @@ class RunConfig(_Section):
 
     def preset(self) -> msmae.ViTPreset:
         """The model's architecture at this run's image and patch size."""
-        return msmae.get_preset(self.model.preset, self.data.img_size, self.model.patch_size)
+        return msmae.get_preset(self.model.preset, self.data.img_size, self.model.patch_size, self.model.reg_tokens)
 
     def flat(self) -> dict[str, Any]:
         """``{"pretrain.masking.mask_ratio": 0.45, ...}`` for logging as parameters."""

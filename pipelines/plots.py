@@ -6,6 +6,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
@@ -61,29 +63,46 @@ def to_rgb(images: torch.Tensor) -> np.ndarray:
     return (images.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-def attention_figure(model: torch.nn.Module, images: torch.Tensor, titles: list[str]) -> plt.Figure:
-    """Each image with the model's attention map over it (what SAM would hide first)."""
+def attention_figure(
+    model: torch.nn.Module, images: torch.Tensor, true_names: list[str], predicted_names: list[str] | None = None,
+) -> plt.Figure:
+    """Each image with the model's attention map over it (what SAM would hide first), its true
+    and predicted class, and the share of the map's mass on tissue (``msmae.map_quality``)."""
     grid = msmae.attention.encoder_of(model).patch_embed.grid_size
-    maps = msmae.attention_maps(model, images).reshape(-1, *grid).cpu().numpy()
+    weights = msmae.attention_maps(model, images).cpu()
+    foreground = msmae.foreground_patches(images.cpu(), msmae.attention.encoder_of(model).patch_embed.patch_size[0])
+    overall = msmae.map_quality(weights, foreground)
+    maps = weights.reshape(-1, *grid).numpy()
     rgb = to_rgb(images)
-    fig, axes = plt.subplots(2, len(images), figsize=(2 * len(images), 4.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(images), figsize=(2 * len(images) + 0.8, 4.6), squeeze=False)
     for k in range(len(images)):
+        title = f"true {true_names[k]}" + (f"\npred {predicted_names[k]}" if predicted_names else "")
         axes[0, k].imshow(rgb[k])
-        axes[0, k].set_title(titles[k], fontsize=8)
+        axes[0, k].set_title(title, fontsize=7)
         axes[1, k].imshow(rgb[k])
-        axes[1, k].imshow(maps[k], cmap="jet", alpha=0.45, extent=(0, rgb.shape[2], rgb.shape[1], 0), interpolation="nearest")
+        shown = axes[1, k].imshow(maps[k], cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=(0, rgb.shape[2], rgb.shape[1], 0), interpolation="nearest")
+        mass = msmae.map_quality(weights[k:k + 1], foreground[k:k + 1])
+        axes[1, k].set_title(f"on tissue {mass.foreground_mass:.0%} of {mass.foreground_share:.0%}", fontsize=7)
         for ax in axes[:, k]:
             ax.axis("off")
-    fig.tight_layout()
+    fig.colorbar(shown, ax=axes[1, :].tolist(), fraction=0.02, pad=0.01, label="attention weight")
+    fig.suptitle(
+        f"CLS attention maps; map mass on tissue {overall.foreground_mass:.0%} vs tissue's share of patches "
+        f"{overall.foreground_share:.0%} (lift {overall.foreground_lift:.2f}), entropy {overall.entropy:.2f}",
+        fontsize=8,
+    )
     return fig
 
 
 @torch.no_grad()
-def reconstruction_figure(model: msmae.MSMAEPretrainModel, images: torch.Tensor, mask_ratio: float, throw_ratio: float) -> plt.Figure:
-    """Rows: image; what the encoder sees (masked and thrown greyed); its reconstruction of the masked patches."""
+def reconstruction_figure(
+    model: msmae.MSMAEPretrainModel, images: torch.Tensor, mask_ratio: float, throw_ratio: float, uniform: bool = False,
+) -> plt.Figure:
+    """Rows: image; what the encoder sees (masked and thrown greyed); its reconstruction of the masked
+    patches; each patch's role. The draw uses the model's attention maps (``uniform``: all ones)."""
     model.eval()
     preset = model.preset
-    weights = msmae.attention_maps(model, images)
+    weights = torch.ones(len(images), preset.num_patches) if uniform else msmae.attention_maps(model, images)
     split = msmae.sam_masking(weights, mask_ratio, throw_ratio, torch.Generator().manual_seed(0))
     pred, _ = model(images, split)
     patches = patchify(images, preset.patch_size)
@@ -91,13 +110,30 @@ def reconstruction_figure(model: msmae.MSMAEPretrainModel, images: torch.Tensor,
     visible.scatter_(1, split.kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]), patches.gather(1, split.kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1])))
     filled = visible.clone()
     filled.scatter_(1, split.masked.unsqueeze(-1).expand(-1, -1, patches.shape[-1]), pred.float())
+    roles = _role_image(split, preset)
     rows = [to_rgb(images), to_rgb(unpatchify(visible, preset.patch_size, preset.grid)), to_rgb(unpatchify(filled, preset.patch_size, preset.grid))]
-    names = ["image", "visible to the encoder", "visible + reconstructed masked"]
-    fig, axes = plt.subplots(3, len(images), figsize=(2 * len(images), 6.3), squeeze=False)
+    names = ["image", "visible to the encoder", "visible + reconstructed masked", "role of each patch"]
+    fig, axes = plt.subplots(4, len(images), figsize=(2 * len(images), 8.4), squeeze=False)
     for r, row in enumerate(rows):
         for k in range(len(images)):
             axes[r, k].imshow(row[k])
-            axes[r, k].axis("off")
+    colours = ListedColormap(["#2ca02c", "#d62728", "#7f7f7f"])  # visible, masked, thrown
+    for k in range(len(images)):
+        axes[3, k].imshow(roles[k], cmap=colours, vmin=0, vmax=2, interpolation="nearest")
+    for r in range(4):
         axes[r, 0].set_title(names[r], fontsize=8, loc="left")
-    fig.tight_layout()
+        for ax in axes[r]:
+            ax.axis("off")
+    legend = [Patch(color=c, label=n) for c, n in zip(colours.colors, (
+        f"visible ({split.kept.shape[1]})", f"masked, reconstructed ({split.masked.shape[1]})", f"thrown ({split.thrown.shape[1]})"))]
+    fig.legend(handles=legend, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
+
+
+def _role_image(split: msmae.MaskSplit, preset: msmae.ViTPreset) -> np.ndarray:
+    """``[B, gh, gw]`` with 0 = visible, 1 = masked, 2 = thrown."""
+    roles = torch.zeros(split.kept.shape[0], preset.num_patches, dtype=torch.long)
+    roles.scatter_(1, split.masked.cpu(), 1)
+    roles.scatter_(1, split.thrown.cpu(), 2)
+    return roles.reshape(-1, *preset.grid).numpy()

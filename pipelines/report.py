@@ -48,6 +48,22 @@ def evaluate_and_register(
     return FinalReport(version, champion, val, test)
 
 
+def images_of_every_class(stream, num_classes: int, per_class: int = 2, limit: int = 12):
+    """Up to ``per_class`` validation images of each class (at most ``limit``), in class order:
+    the shards are written class by class, so the first few images would all be one class."""
+    import torch
+
+    picked: dict[int, list[torch.Tensor]] = {c: [] for c in range(num_classes)}
+    for batch in stream.iter_torch_batches(batch_size=64):
+        for image, label in zip(batch["image"], batch["label"].tolist()):
+            if len(picked[label]) < per_class:
+                picked[label].append(image)
+        if all(len(v) == per_class for v in picked.values()):
+            break
+    chosen = [(image, c) for c in range(num_classes) for image in picked[c]][:limit]
+    return torch.stack([i for i, _ in chosen]), torch.tensor([c for _, c in chosen])
+
+
 def figures(model, pretrain_checkpoint: str | None, data_dir: Path, cfg: RunConfig, names: list[str], report, probs, labels) -> dict:
     """Confusion matrix, ROC curves, attention overlays and masked reconstructions on validation images."""
     import torch
@@ -59,12 +75,16 @@ def figures(model, pretrain_checkpoint: str | None, data_dir: Path, cfg: RunConf
         "plots/confusion_matrix.png": plots.confusion_figure(report.confusion, names),
         "plots/roc_curves.png": plots.roc_figure(probs, labels, names, report.per_class_auc),
     }
-    sample = eval_stream(data_dir, "val", model.preset.img_size).take_batch(8)
-    images = torch.as_tensor(sample["image"])
-    titles = [names[int(label)] for label in sample["label"]]
-    out["plots/attention_overlays.png"] = plots.attention_figure(model.cpu(), images, titles)
+    images, sample_labels = images_of_every_class(eval_stream(data_dir, "val", model.preset.img_size), len(names))
+    with torch.no_grad():
+        predicted = model.cpu().eval()(images).argmax(-1)
+    out["plots/attention_overlays.png"] = plots.attention_figure(
+        model.cpu(), images, [names[int(i)] for i in sample_labels], [names[int(i)] for i in predicted],
+    )
     if pretrain_checkpoint is not None:  # fine-tuning from scratch has no decoder to show
         masking = cfg.pretrain.masking
         pretrain = checkpoint.load_pretrain_model(pretrain_checkpoint)
-        out["plots/reconstructions.png"] = plots.reconstruction_figure(pretrain, images, masking.mask_ratio, masking.throw_ratio)
+        out["plots/reconstructions.png"] = plots.reconstruction_figure(
+            pretrain, images, masking.mask_ratio, masking.throw_ratio, uniform=masking.strategy == "uniform",
+        )
     return out

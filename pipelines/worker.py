@@ -27,6 +27,7 @@ from pipelines import checkpoint
 from pipelines.config import RunConfig
 
 Stage = Literal["pretrain", "finetune"]
+MAP_QUALITY_KEYS = tuple(msmae.MapQuality(0, 0, 0, 0, 0).metrics())
 
 
 @dataclass(frozen=True)
@@ -56,19 +57,26 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def refresh_table(model: torch.nn.Module, table: msmae.AttentionTable, shard, batch_size: int, device, epoch: int) -> int:
-    """Recompute maps from this worker's share of the un-augmented images, then all-gather."""
+def refresh_table(
+    model: torch.nn.Module, table: msmae.AttentionTable, shard, batch_size: int, device, epoch: int,
+) -> tuple[int, msmae.MapQuality]:
+    """Recompute maps from this worker's share of the un-augmented images, then all-gather.
+
+    Returns how many images were refreshed and where the new maps' mass lies (tissue or
+    background), measured over the whole table."""
     batches = (
         (b["image"], b["index"])
         for b in shard.iter_torch_batches(batch_size=batch_size, device=device)
     )
     try:
-        index, maps = msmae.compute_attention_maps(model, batches)
+        mine = msmae.refresh_maps(model, batches)
     except ValueError:  # this worker's share is empty (tiny datasets, many workers)
-        index, maps = torch.empty(0, dtype=torch.long), torch.empty(0, table.maps.shape[1])
-    parts = _gather((index, maps.half()))
-    table.update(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).float(), epoch=epoch)
-    return sum(len(p[0]) for p in parts)
+        size = table.maps.shape[1]
+        mine = msmae.engine.RefreshedMaps(torch.empty(0, dtype=torch.long), torch.empty(0, size), torch.empty(0, size, dtype=torch.bool))
+    parts = _gather((mine.index, mine.maps.half(), mine.foreground))
+    index, maps, foreground = (torch.cat([p[k] for p in parts]) for k in range(3))
+    table.update(index, maps.float(), epoch=epoch)
+    return len(index), msmae.map_quality(maps.float(), foreground)
 
 
 def table_replicas_equal(table: msmae.AttentionTable) -> bool:
@@ -116,10 +124,15 @@ def epoch_plan(spec: StageSpec) -> msmae.EpochPlan:
     if spec.stage == "pretrain":
         p = spec.config.pretrain
         ratios = msmae.MaskRatios(p.masking.mask_ratio, p.masking.throw_ratio, p.random_mask_ratio)
-        return msmae.EpochPlan("pretrain", "random", ratios, align_maps=p.masking.align_maps, cls_weight=p.cls_weight, norm_pix_loss=p.norm_pix_loss)
+        return msmae.EpochPlan(
+            "pretrain", "random", ratios, strategy=p.masking.strategy, align_maps=p.masking.align_maps,
+            cls_weight=p.cls_weight, norm_pix_loss=p.norm_pix_loss,
+        )
     f = spec.config.finetune
     ratios = msmae.MaskRatios(f.masking.mask_ratio, f.masking.throw_ratio)
-    return msmae.EpochPlan("finetune", "random", ratios, align_maps=f.masking.align_maps, label_smoothing=f.label_smoothing)
+    return msmae.EpochPlan(
+        "finetune", "random", ratios, strategy=f.masking.strategy, align_maps=f.masking.align_maps, label_smoothing=f.label_smoothing,
+    )
 
 
 def build_optimizer(spec: StageSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -133,8 +146,9 @@ def build_optimizer(spec: StageSpec, model: torch.nn.Module) -> torch.optim.Opti
 def stage_schedule(spec: StageSpec, global_batch: int) -> msmae.StageSchedule:
     """Per-step lr (linear scaling by the global batch) and when SAM runs; all-token fine-tuning never does."""
     stage_cfg = spec.config.pretrain if spec.stage == "pretrain" else spec.config.finetune
-    uses_sam = spec.stage == "pretrain" or spec.config.finetune.sam
-    masking = msmae.MaskingSchedule(stage_cfg.masking.sam_start, stage_cfg.masking.refresh_every) if uses_sam else None
+    m = stage_cfg.masking
+    sam_stop = None if m.all_tokens_from is None else max(m.sam_start, round(m.all_tokens_from * stage_cfg.epochs))
+    masking = msmae.MaskingSchedule(m.sam_start, m.refresh_every, sam_stop) if m.strategy != "all" else None
     return msmae.StageSchedule(stage_cfg.epochs, msmae.scaled_lr(stage_cfg.blr, global_batch), stage_cfg.min_lr, stage_cfg.warmup_epochs, masking)
 
 
@@ -191,19 +205,18 @@ def train_loop(loop_config: dict) -> None:
         from pipelines.tracking import EpochLogger
 
         logger = EpochLogger(spec.mlflow_uri, spec.mlflow_run_id, spec.stage)
-    replicas_equal = float("nan")
+    refresh_metrics: dict[str, float] = {}
 
     def refresh(epoch: int) -> int:
-        nonlocal replicas_equal
-        refreshed = refresh_table(raw, table, plain_shard, per_worker_batch, device, epoch)
-        replicas_equal = float(table_replicas_equal(table))
+        refreshed, quality = refresh_table(raw, table, plain_shard, per_worker_batch, device, epoch)
+        refresh_metrics.update(quality.metrics(), attention_table_replicas_equal=float(table_replicas_equal(table)))
         return refreshed
 
     for epoch in range(start_epoch, stage_cfg.epochs):
         epoch_start = time.perf_counter()
         if spec.fail_at_epoch == epoch and rank == world - 1 and not restored:
             raise RuntimeError(f"injected worker failure at epoch {epoch} (fault-injection test)")
-        replicas_equal = float("nan")
+        refresh_metrics.clear()
         batches = train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=True)
         outcome = trainer.run_epoch(epoch, batches, steps_per_epoch, refresh)
         report = validate(eval_model, val_shard, per_worker_batch, device, spec.num_classes)
@@ -216,7 +229,8 @@ def train_loop(loop_config: dict) -> None:
             "images_per_s": images_per_s,
             "epoch_seconds": time.perf_counter() - epoch_start,
             "maps_refreshed": outcome.maps_refreshed,
-            "attention_table_replicas_equal": replicas_equal,
+            "attention_table_replicas_equal": refresh_metrics.get("attention_table_replicas_equal", float("nan")),
+            **{k: refresh_metrics.get(k, float("nan")) for k in MAP_QUALITY_KEYS},  # measured at refresh epochs only
             "masking_phase_sam": float(outcome.phase == "sam"),
             "worker_nodes": worker_nodes,
         }

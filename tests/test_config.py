@@ -15,10 +15,10 @@ def test_shipped_presets_validate(preset):
 
 
 def test_set_overrides_parse_values_as_yaml():
-    config = load_config("demo", ["finetune.epochs=50", "pretrain.masking.mask_ratio=0.5", "finetune.sam=false"])
+    config = load_config("demo", ["finetune.epochs=50", "pretrain.masking.mask_ratio=0.5", "finetune.masking.strategy=all"])
     assert config.finetune.epochs == 50
     assert config.pretrain.masking.mask_ratio == 0.5
-    assert config.finetune.sam is False
+    assert config.finetune.masking.strategy == "all"
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_rules_across_sections_are_checked_before_anything_runs(override, named)
 
 
 def test_all_token_fine_tuning_does_not_need_fine_tuning_ratios_that_mask():
-    config = load_config("demo", ["finetune.sam=false", "finetune.masking.mask_ratio=0.01"])
+    config = load_config("demo", ["finetune.masking.strategy=all", "finetune.masking.mask_ratio=0.01"])
     assert config.finetune.masking.mask_ratio == 0.01
 
 
@@ -96,3 +96,16 @@ def test_the_defaults_are_the_methods():
 def test_a_value_that_is_not_yaml_is_named():
     with pytest.raises(ConfigError, match="finetune.epochs"):
         load_config("demo", ["finetune.epochs=[1"])
+
+
+def test_masking_strategies_per_stage_and_registers_reach_the_model():
+    config = load_config("demo", ["pretrain.masking.strategy=uniform", "finetune.masking.strategy=all", "model.reg_tokens=4"])
+    assert (config.pretrain.masking.strategy, config.finetune.masking.strategy) == ("uniform", "all")
+    assert config.preset().reg_tokens == 4 and config.flat()["finetune.masking.strategy"] == "all"  # logged as a param
+    with pytest.raises(ConfigError, match="pretrain.masking.strategy"):
+        load_config("demo", ["pretrain.masking.strategy=all"])
+    with pytest.raises(ConfigError, match="strategy"):
+        load_config("demo", ["finetune.masking.strategy=random"])
+    with pytest.raises(ConfigError, match="pretrain.masking.all_tokens_from"):
+        load_config("demo", ["pretrain.masking.all_tokens_from=0.5"])
+    assert load_config("demo", ["finetune.masking.all_tokens_from=0.75"]).finetune.masking.all_tokens_from == 0.75

@@ -19,7 +19,7 @@ Format::
     params:
       pretrain.masking.sam_start: {int: [2, 8]}
       pretrain.cls_weight: {log: [0.02, 0.5]}
-      finetune.sam: {choice: [true, false]}
+      finetune.masking.strategy: {choice: [attention, uniform, all]}
 """
 
 from __future__ import annotations

@@ -65,8 +65,8 @@ def test_sam_phase_without_a_table_is_refused(device):
 def test_aligned_maps_follow_the_flip_and_unaligned_maps_do_not(device):
     table = _table(device)
     batch = _batches(device, flip_all=True)[0]
-    aligned = batch_weights(table, batch, align_maps=True)
-    unaligned = batch_weights(table, batch, align_maps=False)
+    aligned = batch_weights(table, batch, EpochPlan("finetune", "sam", align_maps=True), 64)
+    unaligned = batch_weights(table, batch, EpochPlan("finetune", "sam", align_maps=False), 64)
     assert aligned.device == batch["image"].device and unaligned.device == batch["image"].device
     # The stored map puts everything on the top-left patch; the left half, flipped, moves it to the top-right.
     assert torch.equal(unaligned, table.rows(batch["index"]))
@@ -88,3 +88,48 @@ def test_non_finite_losses_are_reported_when_read_back():
     totals.add({"loss": torch.tensor(float("nan"))}, 4)
     with pytest.raises(FloatingPointError, match="train loss"):
         totals.means()
+
+
+def _kept_seen(model) -> list:
+    """Record the ``kept`` argument of every forward call: the tokens the encoder saw (None = all)."""
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[1] if len(args) > 1 else None))
+    return seen
+
+
+def test_fine_tuning_strategies_decide_which_tokens_the_encoder_sees(device):
+    """The table puts every image's attention on patch 0 (the flip-free crop is the whole image)."""
+    batches = _batches(device, n=64, batch=32)
+    for batch in batches:
+        batch["crop_box"] = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * len(batch["image"]), device=device)
+    table = _table(device, n=64)
+    seen = {}
+    for strategy in ("attention", "uniform", "all"):
+        torch.manual_seed(0)
+        model = msmae.build_classifier("tiny", 2).to(device)
+        seen[strategy] = _kept_seen(model)
+        plan = EpochPlan("finetune", "sam", strategy=strategy)
+        gen = torch.Generator(device=device).manual_seed(0)
+        train_one_epoch(model, torch.optim.AdamW(model.parameters()), batches, plan, table, lambda e: 1e-4, 0, 2, gen)
+    attention, uniform = torch.cat(seen["attention"]), torch.cat(seen["uniform"])
+    assert attention.shape == uniform.shape == (64, 16)  # 25 % of 64 patches visible either way
+    assert not (attention == 0).any()  # the paper's rule: the high-attention patch is always hidden
+    assert (uniform == 0).any()  # the released code's rule: patch 0 is as likely to be seen as any other
+    assert seen["all"] == [None, None]  # every token
+
+
+def test_uniform_pretraining_needs_no_table_and_all_is_fine_tuning_only(device):
+    model = msmae.build_pretrain_model("tiny", 2).to(device)
+    plan = EpochPlan("pretrain", "sam", strategy="uniform")
+    totals = train_one_epoch(model, torch.optim.AdamW(model.parameters()), _batches(device), plan, None, lambda e: 1e-4, 0, 2)
+    assert totals.seen == 16
+    with pytest.raises(ValueError, match="pretrain masking strategy 'all'"):
+        EpochPlan("pretrain", "sam", strategy="all")
+
+
+def test_sam_can_stop_before_the_end_of_fine_tuning():
+    schedule = msmae.MaskingSchedule(sam_start=0, refresh_every=2, sam_stop=3)
+    assert [schedule.phase(e) for e in range(5)] == ["sam", "sam", "sam", "random", "random"]
+    assert schedule.refresh_epochs(5) == [0, 2]
+    with pytest.raises(ValueError, match="before sam_start"):
+        msmae.MaskingSchedule(sam_start=2, refresh_every=1, sam_stop=1)
