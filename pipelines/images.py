@@ -25,6 +25,10 @@ CORRUPT = "corrupt"
 TOO_LARGE = "too_large"
 UNSUPPORTED_MODE = "unsupported_mode"
 DICOM_UNAVAILABLE = "dicom_unavailable"
+UNREADABLE = "unreadable"  # exists, but this process may not read it (permissions)
+MIN_SIDE = "min_side"  # decodes, but its shorter side is below --min-side (a 1x1 image teaches nothing)
+
+DEFAULT_MIN_SIDE = 8
 
 SUPPORTED_MODES = ("RGB", "L")
 # Formats whose bytes we store unchanged when no resize is needed: every Ray Data / PIL
@@ -54,31 +58,64 @@ class Rejected:
     detail: str
 
 
-def process_file(path: str, mode: str = "RGB", max_side: int | None = None) -> Accepted | Rejected:
+def process_file(path: str, mode: str = "RGB", max_side: int | None = None, min_side: int = 1) -> Accepted | Rejected:
     """Read `path` once, validate it fully, normalise its mode and size, hash the pixels.
 
     The hash is taken over the normalised pixels, not the file bytes, so byte-identical
     files and pixel-identical re-encodings (e.g. the same scan saved as PNG twice) group
     together. It is taken before `max_side` downscaling, so changing `max_side` does not
-    change which images count as duplicates.
+    change which images count as duplicates. An image whose stored shorter side is below
+    `min_side` is rejected (`min_side`): it would be upsampled into a blur of one colour.
     """
     if mode not in SUPPORTED_MODES:
         raise ValueError(f"mode must be one of {SUPPORTED_MODES}, got {mode!r}")
-    p = Path(path)
+    raw = _read_bytes(path)
+    if isinstance(raw, Rejected):
+        return raw
+    decoded = _decode(raw, Path(path).suffix, mode)
+    if isinstance(decoded, Rejected):
+        return decoded
+    normalised, fmt, src_mode = decoded
+    resized = downscale(normalised, max_side)
+    if min(resized.size) < min_side:
+        return Rejected(MIN_SIDE, f"image is {resized.width}x{resized.height} px; its shorter side is below --min-side {min_side}")
+    if resized is normalised and fmt in _PASS_THROUGH_FORMATS and src_mode in _PASS_THROUGH_MODES:
+        data = raw
+    else:
+        data = encode_png(resized)
+    return Accepted(pixel_hash(normalised), data, resized.width, resized.height, fmt, src_mode)
+
+
+def load_image(path: str | Path, mode: str = "RGB") -> Image.Image | Rejected:
+    """One file decoded and normalised exactly as ingest does it (16-bit contrast, alpha on black,
+    DICOM windowing), or why it cannot be: inference must see what training saw."""
+    raw = _read_bytes(path)
+    if isinstance(raw, Rejected):
+        return raw
+    decoded = _decode(raw, Path(path).suffix, mode)
+    return decoded if isinstance(decoded, Rejected) else decoded[0]
+
+
+def _read_bytes(path: str | Path) -> bytes | Rejected:
     try:
-        raw = p.read_bytes()
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         return Rejected(MISSING_FILE, f"{path} does not exist")
+    except PermissionError as e:
+        return Rejected(UNREADABLE, f"permission denied: {e.strerror}")
     except OSError as e:
         return Rejected(CORRUPT, f"cannot read file: {e}")
-    if not raw:
-        return Rejected(ZERO_BYTE, "file is empty (0 bytes)")
-    if p.suffix.lower() == ".dcm" or raw[128:132] == b"DICM":
-        return _process_dicom(raw, mode, max_side)
-    return _process_raster(raw, mode, max_side)
+    return raw if raw else Rejected(ZERO_BYTE, "file is empty (0 bytes)")
 
 
-def _process_raster(raw: bytes, mode: str, max_side: int | None) -> Accepted | Rejected:
+def _decode(raw: bytes, suffix: str, mode: str) -> tuple[Image.Image, str, str] | Rejected:
+    """(normalised image, source format, source mode), or why the bytes are not a usable image."""
+    if suffix.lower() == ".dcm" or raw[128:132] == b"DICM":
+        return _decode_dicom(raw, mode)
+    return _decode_raster(raw, mode)
+
+
+def _decode_raster(raw: bytes, mode: str) -> tuple[Image.Image, str, str] | Rejected:
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not be padded grey
     try:
         with Image.open(io.BytesIO(raw)) as img:
@@ -95,16 +132,10 @@ def _process_raster(raw: bytes, mode: str, max_side: int | None) -> Accepted | R
         return Rejected(reason, msg or type(e).__name__)
     except _UnsupportedMode as e:
         return Rejected(UNSUPPORTED_MODE, str(e))
-    content_hash = pixel_hash(normalised)
-    resized = downscale(normalised, max_side)
-    if resized is normalised and fmt in _PASS_THROUGH_FORMATS and src_mode in _PASS_THROUGH_MODES:
-        data = raw
-    else:
-        data = encode_png(resized)
-    return Accepted(content_hash, data, resized.width, resized.height, fmt, src_mode)
+    return normalised, fmt, src_mode
 
 
-def _process_dicom(raw: bytes, mode: str, max_side: int | None) -> Accepted | Rejected:
+def _decode_dicom(raw: bytes, mode: str) -> tuple[Image.Image, str, str] | Rejected:
     """DICOM: modality LUT, then the file's own VOI window (centre/width) when it has one."""
     try:
         import pydicom
@@ -127,9 +158,10 @@ def _process_dicom(raw: bytes, mode: str, max_side: int | None) -> Accepted | Re
             img = Image.fromarray(_to_uint8(np.asarray(arr, dtype=np.float64)))
     except Exception as e:  # pydicom raises many types for bad or unsupported files
         return Rejected(CORRUPT, f"DICOM: {type(e).__name__}: {e}")
-    normalised = to_mode(img, mode)
-    resized = downscale(normalised, max_side)
-    return Accepted(pixel_hash(normalised), encode_png(resized), resized.width, resized.height, "DICOM", img.mode)
+    try:
+        return to_mode(img, mode), "DICOM", img.mode
+    except _UnsupportedMode as e:
+        return Rejected(UNSUPPORTED_MODE, str(e))
 
 
 class _UnsupportedMode(Exception):

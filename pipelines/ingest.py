@@ -9,15 +9,21 @@ Output layout in DIR:
     quarantine.csv                  path, reason, detail — every listed file not kept
     dataset.json                    classes, counts, quarantine and duplicate summary, seed, ...
 
+DIR is built in a folder beside it and renamed into place when complete: it always holds a
+whole dataset or none, and a failed run leaves the one already there as it was.
+
 `index` is dense over the whole dataset and the train split comes first, so training rows
 are exactly 0..n_train-1: the trainer's attention table is indexed by it directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -56,7 +62,11 @@ SHARD_SCHEMA = pa.schema(
 
 
 class IngestError(RuntimeError):
-    """Ingest stopped (bad arguments, or quarantined files under --strict)."""
+    """Ingest stopped: quarantined files under --strict, or nothing usable (the command exits 1)."""
+
+
+class IngestOptionError(IngestError):
+    """An option or the output folder was refused before anything was read or written (a usage error: exit 2)."""
 
 
 def usable_cpus() -> int:
@@ -70,17 +80,22 @@ def usable_cpus() -> int:
 
 @dataclass(frozen=True)
 class IngestOptions:
-    """Everything that changes the output (all of it goes into the fingerprint)."""
+    """Everything that changes the output (all of it goes into the fingerprint), and how to run."""
 
     mode: str = "RGB"
     max_side: int | None = None
+    min_side: int = images.DEFAULT_MIN_SIDE
     val: float = 0.2
     test: float = 0.0
     seed: int = 0
     classes: list[str] | None = None
     rows_per_shard: int = 2048
     strict: bool = False
+    force: bool = False  # replace a dataset ingested from another source
     workers: int = field(default_factory=usable_cpus, compare=False)
+
+
+RUN_ONLY_OPTIONS = ("workers", "strict", "force")  # how ingest runs, not what it writes
 
 
 @dataclass
@@ -97,6 +112,31 @@ def tool_version() -> str:
         return "0.1.0+src"  # running from a checkout that was not pip-installed
 
 
+def check_options(opts: IngestOptions) -> dict[str, float]:
+    """Refuse options that would write a wrong or empty dataset, before anything is read; returns the split fractions.
+
+    Why here and not only in the CLI: ``msmae run`` and ``msmae evaluate`` ingest too.
+    """
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise IngestOptionError(message)
+
+    need(opts.mode in images.SUPPORTED_MODES, f"--mode must be one of {', '.join(images.SUPPORTED_MODES)}, got {opts.mode!r}")
+    need(opts.rows_per_shard >= 1, f"--rows-per-shard must be at least 1, got {opts.rows_per_shard}")
+    need(opts.workers >= 1, f"--workers must be at least 1, got {opts.workers}")
+    need(opts.min_side >= 1, f"--min-side must be at least 1 pixel, got {opts.min_side}")
+    need(opts.max_side is None or opts.max_side >= opts.min_side,
+         f"--max-side must be at least --min-side ({opts.min_side} px), got {opts.max_side}")
+    if opts.classes is not None:
+        need(all(c.strip() for c in opts.classes), f"--classes has an empty name: {','.join(opts.classes)!r}")
+        repeated = sorted(c for c, n in Counter(opts.classes).items() if n > 1)
+        need(not repeated, f"--classes names {', '.join(repeated)} more than once; each class needs one id")
+    try:
+        return splits.fractions_for(opts.val, opts.test)
+    except ValueError as e:
+        raise IngestOptionError(f"--val/--test: {e}") from None
+
+
 def ingest(
     src: Path | sources.ManifestSpec,
     out: Path,
@@ -104,18 +144,49 @@ def ingest(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> IngestResult:
-    """Ingest `src` (an ImageFolder root or a manifest spec) into `out`; a no-op when up to date."""
+    """Ingest `src` (an ImageFolder root or a manifest spec) into `out`; a no-op when up to date.
+
+    The dataset is built in a folder beside `out` and renamed into place only when complete,
+    so `out` always holds a whole dataset (the old one or the new one) or nothing; a failed
+    run leaves a dataset already there untouched.
+    """
     opts = opts or IngestOptions()  # built per call: its CPU count is this process's, now
-    if opts.mode not in images.SUPPORTED_MODES:
-        raise IngestError(f"--mode must be one of {images.SUPPORTED_MODES}, got {opts.mode!r}")
-    fractions = splits.fractions_for(opts.val, opts.test)
-    listing, source_info = _list(src, opts)
+    fractions = check_options(opts)
+    source_info = _source_info(src)
+    _check_destination(out, source_info, opts.force)
+    listing = _list(src, opts)
     fp = _fingerprint(listing, source_info, opts)
     existing = _load_if_current(out, fp)
     if existing is not None:
         log(f"{out} is up to date with its source and options: nothing rewritten")
         return IngestResult(out, existing, wrote=False)
 
+    quarantine, kept, conflicts = _sort_out(listing, opts, progress)
+    if len(quarantine) != listing.height - len(kept):
+        raise AssertionError("ingest lost track of a file: kept + quarantined != listed")  # never silent
+    counted = f"quarantined {len(quarantine)} of {listing.height} files: {dict(Counter(q['reason'] for q in quarantine))}"
+    with _staging(out) as stage:
+        _write(stage, "quarantine.csv", _quarantine_csv(quarantine), out)
+        if not kept or (opts.strict and quarantine):
+            if quarantine:
+                log(counted)
+            kept_old = (out / SUMMARY_FILE).is_file()
+            where = _keep_failed_quarantine(stage, out)
+            unchanged = f"; the dataset already in {out} is unchanged" if kept_old else ""
+            if opts.strict and quarantine:
+                raise IngestError(f"--strict: {len(quarantine)} of {listing.height} files quarantined, no dataset written{unchanged}; see {where}")
+            raise IngestError(f"no usable images in {_describe(source_info)} ({listing.height} files listed){unchanged}; see {where}")
+        summary = _write_dataset(stage, out, kept, listing, quarantine, conflicts, fp, source_info, opts, fractions)
+        _publish(stage, out)
+    if quarantine:
+        log(f"{counted} (see {out / 'quarantine.csv'})")
+    for warning in summary["warnings"]:
+        log(f"warning: {warning}")
+    return IngestResult(out, summary, wrote=True)
+
+
+def _sort_out(listing: pl.DataFrame, opts: IngestOptions, progress: bool) -> tuple[list[dict], list[dict], int]:
+    """Every listed file kept or quarantined with a reason: (quarantine rows, kept rows, label-conflict groups)."""
     quarantine: list[dict] = [
         {"path": r["path"] or r["source"], "reason": r["problem"], "detail": _listing_detail(r)}
         for r in listing.filter(pl.col("problem").is_not_null()).iter_rows(named=True)
@@ -129,26 +200,20 @@ def ingest(
         else:
             kept.append({**c, "res": res})
     kept, conflicts = _drop_label_conflicts(kept, quarantine)
+    return quarantine, kept, conflicts
 
-    n_quarantined = len(quarantine)
-    if n_quarantined != listing.height - len(kept):
-        raise AssertionError("ingest lost track of a file: kept + quarantined != listed")  # never silent
-    out.mkdir(parents=True, exist_ok=True)
-    _write_if_changed(out / "quarantine.csv", _quarantine_csv(quarantine))
-    if n_quarantined:
-        log(f"quarantined {n_quarantined} of {listing.height} files: {dict(Counter(q['reason'] for q in quarantine))} "
-            f"(see {out / 'quarantine.csv'})")
-    if opts.strict and n_quarantined:
-        raise IngestError(f"--strict: {n_quarantined} files quarantined, no shards written; see {out / 'quarantine.csv'}")
-    if not kept:
-        raise IngestError(f"no usable images in {source_info}; see {out / 'quarantine.csv'}")
 
+def _write_dataset(
+    stage: Path, out: Path, kept: list[dict], listing: pl.DataFrame, quarantine: list[dict], conflicts: int,
+    fp: str, source_info: dict, opts: IngestOptions, fractions: dict[str, float],
+) -> dict:
+    """Split the kept images, write shards and dataset.json into the staging folder; returns the summary."""
     class_ids = _class_ids(listing, opts)
     labels = [class_ids[k["label_name"]] for k in kept]
     group_ids = splits.split_groups([k["res"].content_hash for k in kept], [k["group"] for k in kept])
     split_of = splits.assign_splits(group_ids, labels, fractions, opts.seed)
     table = _build_table(kept, labels, group_ids, split_of, list(fractions))
-    shards = _write_shards(out, table, opts.rows_per_shard)
+    shards = _write_shards(stage, out, table, opts.rows_per_shard)
 
     dup_sizes = Counter(k["res"].content_hash for k in kept)
     summary = {
@@ -157,7 +222,7 @@ def ingest(
         "tool_version": tool_version(),
         "fingerprint": fp,
         "source": source_info,
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("workers", "strict")},
+        "options": _output_options(opts),
         "mode": opts.mode,
         "seed": opts.seed,
         "fractions": fractions,
@@ -166,21 +231,32 @@ def ingest(
         "num_images": table.num_rows,
         "counts": _counts(table, class_ids, list(fractions)),
         "index_ranges": _index_ranges(table, list(fractions)),
-        "quarantined": n_quarantined,
+        "quarantined": len(quarantine),
         "quarantine_reasons": dict(sorted(Counter(q["reason"] for q in quarantine).items())),
         "duplicate_groups": sum(1 for n in dup_sizes.values() if n > 1),
         "duplicate_images": sum(n for n in dup_sizes.values() if n > 1),
         "label_conflict_groups": conflicts,
         "split_groups": len(set(group_ids)),
         "shards": shards,
+        "warnings": _class_size_warnings(Counter(labels), class_ids, list(fractions)),
     }
-    _write_if_changed(out / SUMMARY_FILE, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode())
-    return IngestResult(out, summary, wrote=True)
+    _write(stage, SUMMARY_FILE, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode(), out)
+    return summary
 
 
-def _list(src: Path | sources.ManifestSpec, opts: IngestOptions) -> tuple[pl.DataFrame, dict]:
+def _class_size_warnings(per_class: Counter, class_ids: dict[str, int], split_names: list[str]) -> list[str]:
+    """A class with fewer images than splits cannot appear in all of them: train on it and never validate it, or the reverse."""
+    need = len(split_names)
+    return [
+        f"class {name!r} has {per_class.get(cid, 0)} usable image(s); it needs at least {need} to appear in every split "
+        f"({', '.join(split_names)}): add images, or leave it out with --classes"
+        for name, cid in class_ids.items() if per_class.get(cid, 0) < need
+    ]
+
+
+def _source_info(src: Path | sources.ManifestSpec) -> dict:
     if isinstance(src, sources.ManifestSpec):
-        info = {
+        return {
             "kind": "manifest",
             "manifest": str(src.manifest.resolve()),
             "image_root": str(src.image_root.resolve()),
@@ -188,13 +264,117 @@ def _list(src: Path | sources.ManifestSpec, opts: IngestOptions) -> tuple[pl.Dat
             "label_col": src.label_col,
             "group_col": src.group_col,
         }
-        return sources.list_manifest(src, opts.classes), info
-    return sources.list_image_folder(Path(src), opts.classes), {"kind": "image_folder", "root": str(Path(src).resolve())}
+    return {"kind": "image_folder", "root": str(Path(src).resolve())}
+
+
+def _list(src: Path | sources.ManifestSpec, opts: IngestOptions) -> pl.DataFrame:
+    if isinstance(src, sources.ManifestSpec):
+        return sources.list_manifest(src, opts.classes)
+    return sources.list_image_folder(Path(src), opts.classes)
+
+
+def _source_key(info: dict | None) -> tuple:
+    """What makes two ingests 'the same source' (columns and options may change; the inputs may not)."""
+    if not isinstance(info, dict):
+        return ("unknown",)
+    if info.get("kind") == "manifest":
+        return ("manifest", info.get("manifest"), info.get("image_root"))
+    return (info.get("kind"), info.get("root"))
+
+
+def _describe(info: dict | None) -> str:
+    if not isinstance(info, dict):
+        return "an unknown source"
+    if info.get("kind") == "manifest":
+        return f"manifest {info.get('manifest')} (images under {info.get('image_root')})"
+    return str(info.get("root"))
+
+
+def _input_paths(info: dict) -> list[Path]:
+    return [Path(info[k]) for k in ("root", "manifest", "image_root") if info.get(k)]
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _check_destination(out: Path, source_info: dict, force: bool) -> None:
+    """Refuse an --out that ingest would damage, before any work: a file, a folder of other
+    files, a folder overlapping the inputs, or a dataset of another source (unless --force)."""
+    ancestor = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if ancestor != out and not ancestor.is_dir():
+        raise IngestOptionError(f"--out {out}: {ancestor} is a file, not a folder; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise IngestOptionError(f"--out {out} is a file; give a folder (it will hold shards/, quarantine.csv, dataset.json)")
+    for path in _input_paths(source_info):
+        if _overlaps(out, path):
+            raise IngestOptionError(f"--out {out} overlaps the input {path}; write the dataset outside its source")
+    if not out.is_dir():
+        return
+    if not (out / SUMMARY_FILE).is_file():
+        others = sorted(p.name for p in out.iterdir() if p.name != "quarantine.csv")
+        if others:
+            raise IngestOptionError(
+                f"--out {out} is not empty and holds no msmae dataset ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                "choose a new or empty folder"
+            )
+        return
+    try:
+        old = json.loads((out / SUMMARY_FILE).read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        old = None
+    if _source_key(old) != _source_key(source_info) and not force:
+        raise IngestOptionError(
+            f"--out {out} holds a dataset ingested from {_describe(old)}, not from {_describe(source_info)}; "
+            "pass --force (msmae ingest) to replace it, or choose another --out (msmae run: another --workdir)"
+        )
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A fresh folder beside `out` (same file system, so publishing it is a rename), removed unless published."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.ingest-", dir=out.parent))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone already when it was published
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Put the finished folder in place of `out`; an old one is renamed aside first, then removed."""
+    if not out.exists():
+        os.rename(stage, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+    os.rename(out, aside / "old")
+    try:
+        os.rename(stage, out)
+    except OSError:
+        os.rename(aside / "old", out)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _keep_failed_quarantine(stage: Path, out: Path) -> Path:
+    """Where a failed run's quarantine list goes: into `out` when it holds no dataset (a folder
+    with only quarantine.csv), else beside it, so the dataset already there stays whole."""
+    if not (out / SUMMARY_FILE).is_file():
+        _publish(stage, out)
+        return out / "quarantine.csv"
+    beside = out.with_name(f"{out.name}.rejected-quarantine.csv")
+    os.replace(stage / "quarantine.csv", beside)
+    return beside
 
 
 def _listing_detail(row: dict) -> str:
+    if row.get("detail"):
+        return row["detail"]
     return {
         sources.UNKNOWN_LABEL: f"label {row['label_name']!r} is not a declared class",
+        sources.MISSING_LABEL: "no label (an empty cell or a missing-value token such as NA, nan, None)",
         sources.NO_CLASS_FOLDER: "file is not inside a class folder",
         sources.AMBIGUOUS_FILE: f"id {row['source']!r} matches several files with different extensions",
         sources.DUPLICATE_ROW: f"id {row['source']!r} appears more than once in the manifest; first row kept",
@@ -209,7 +389,7 @@ def _fingerprint(listing: pl.DataFrame, source_info: dict, opts: IngestOptions) 
     change returns at once. Like make, it trusts size + mtime to reveal edits.
     """
     h = hashlib.sha256()
-    h.update(json.dumps([FORMAT_VERSION, tool_version(), source_info, asdict(opts) | {"workers": 0, "strict": False}], sort_keys=True).encode())
+    h.update(json.dumps([FORMAT_VERSION, tool_version(), source_info, _output_options(opts)], sort_keys=True).encode())
     if source_info["kind"] == "manifest":
         h.update(Path(source_info["manifest"]).read_bytes())
     for row in listing.iter_rows():
@@ -222,6 +402,10 @@ def _fingerprint(listing: pl.DataFrame, source_info: dict, opts: IngestOptions) 
             except OSError:
                 h.update(b"missing")
     return h.hexdigest()
+
+
+def _output_options(opts: IngestOptions) -> dict:
+    return {k: v for k, v in asdict(opts).items() if k not in RUN_ONLY_OPTIONS}
 
 
 def _load_if_current(out: Path, fp: str) -> dict | None:
@@ -240,7 +424,7 @@ def _decode_all(paths: list[str], opts: IngestOptions, progress: bool) -> list[i
     """Decode every file once, in a process pool for large inputs; order is preserved."""
     from tqdm import tqdm
 
-    fn = partial(images.process_file, mode=opts.mode, max_side=opts.max_side)
+    fn = partial(images.process_file, mode=opts.mode, max_side=opts.max_side, min_side=opts.min_side)
     bar = partial(tqdm, total=len(paths), desc="decode+validate", unit="img", disable=not progress, mininterval=1.0)
     if opts.workers <= 1 or len(paths) < _PARALLEL_MIN_FILES:
         return list(bar(map(fn, paths)))
@@ -288,10 +472,8 @@ def _build_table(kept: list[dict], labels: list[int], group_ids: list[int], spli
     return pa.table(cols, schema=SHARD_SCHEMA)
 
 
-def _write_shards(out: Path, table: pa.Table, rows_per_shard: int) -> list[dict]:
-    """One or more files per split; stale shards from an earlier run with other options go."""
-    shard_dir = out / "shards"
-    shard_dir.mkdir(exist_ok=True)
+def _write_shards(stage: Path, previous: Path, table: pa.Table, rows_per_shard: int) -> list[dict]:
+    """One or more files per split, written into the staging folder."""
     written: list[dict] = []
     split_col = table.column("split").to_pylist()
     for split in dict.fromkeys(split_col):
@@ -303,25 +485,24 @@ def _write_shards(out: Path, table: pa.Table, rows_per_shard: int) -> list[dict]
             sink = pa.BufferOutputStream()
             pq.write_table(chunk, sink, compression="zstd", row_group_size=256)
             data = sink.getvalue().to_pybytes()
-            _write_if_changed(out / rel, data)
+            _write(stage, rel, data, previous)
             written.append({"file": rel, "split": split, "rows": chunk.num_rows, "sha256": hashlib.sha256(data).hexdigest()})
-    keep = {w["file"] for w in written}
-    for stale in shard_dir.glob("*.parquet"):
-        if f"shards/{stale.name}" not in keep:
-            stale.unlink()
     return written
 
 
-def _write_if_changed(path: Path, data: bytes) -> None:
-    """Atomic write that leaves an identical existing file untouched (same mtime)."""
+def _write(stage: Path, rel: str, data: bytes, previous: Path) -> None:
+    """Write `rel` into the staging folder. A file identical to the one already published in
+    `previous` is hard-linked instead, so its mtime (and anything keyed on it) stays as it was."""
+    target = stage / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = previous / rel
     try:
-        if path.read_bytes() == data:
+        if old.is_file() and old.stat().st_size == len(data) and old.read_bytes() == data:
+            os.link(old, target)
             return
     except OSError:
-        pass
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+        pass  # another file system, or links not allowed: write a copy
+    target.write_bytes(data)
 
 
 def _quarantine_csv(rows: list[dict]) -> bytes:

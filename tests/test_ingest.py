@@ -223,7 +223,7 @@ def test_manifest_groups_and_duplicates_never_straddle_splits(data_manifest, tmp
         res = ingest(spec, out, IngestOptions(val=0.25, test=0.25, seed=seed, workers=1), **QUIET)
         s = res.summary
         assert s["num_listed"] == 63 and s["quarantined"] == 2 and s["num_images"] == 61
-        assert dict(Counter(_quarantine(out)["reason"])) == {"missing_file": 1, "unknown_label": 1}
+        assert dict(Counter(_quarantine(out)["reason"])) == {"missing_file": 1, "missing_label": 1}
         assert s["duplicate_groups"] == 1
         rows = _all_rows(out)
         for key in ("source_group", "image_id", "group"):
@@ -245,7 +245,8 @@ def test_manifest_with_declared_classes_quarantines_the_rest(data_manifest, tmp_
     res = ingest(spec, tmp_path / "o", IngestOptions(classes=["nv", "bcc"], workers=1), **QUIET)
     assert res.summary["classes"] == {"nv": 0, "bcc": 1}
     reasons = Counter(_quarantine(tmp_path / "o")["reason"])
-    assert reasons["unknown_label"] == 1 + 20 + 1  # empty label, 20 akiec images, the akiec duplicate
+    assert reasons["unknown_label"] == 20 + 1  # 20 akiec images, the akiec duplicate
+    assert reasons["missing_label"] == 1  # the empty label
 
 
 def test_bundled_sample_ingests_cleanly(data_sample_ingested: Path, data_sample_btmd: Path) -> None:
