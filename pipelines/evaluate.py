@@ -6,6 +6,7 @@ registered model), so nothing here asks the user for it.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -69,30 +70,54 @@ def evaluate_data(model_ref: str, data: Path, split: str, log=print) -> dict:
     """Evaluate on an ingested folder, or on a raw labelled ImageFolder ingested on the fly.
 
     Classes are matched by name: a raw folder is ingested with the model's class list, so
-    images of any other class are quarantined and counted, never silently scored.
+    images of any other class are quarantined and counted, never silently scored. The raw
+    folder's copy lives in a temporary folder removed afterwards; what it quarantined is
+    listed in the result (``quarantine``: path, reason, detail), so no file goes unaccounted.
     """
+    model, names = load_model(model_ref)
+    if IngestedDataset.is_ingested(data):
+        return _evaluate_ingested(model, names, model_ref, data, split, log)
     import tempfile
 
-    from pipelines.ingest import IngestOptions, ingest
+    import polars as pl
+
+    from pipelines.ingest import IngestError, IngestOptions, ingest
+
+    with tempfile.TemporaryDirectory(prefix="msmae-eval-") as tmp:
+        out = Path(tmp) / "data"
+        try:
+            result = ingest(data, out, IngestOptions(val=0.0, test=0.0, classes=names), progress=False, log=lambda _: None)
+        except IngestError as e:
+            if not (out / "quarantine.csv").is_file():
+                raise
+            reasons = dict(Counter(pl.read_csv(out / "quarantine.csv")["reason"].to_list()))
+            raise IngestError(f"nothing to evaluate in {data}: every file was quarantined {reasons}; "
+                              f"the model's classes are {', '.join(names)}") from None
+        quarantine = pl.read_csv(out / "quarantine.csv", infer_schema=False).to_dicts()
+        log(f"ingested {data}: {result.summary['num_images']} images, {len(quarantine)} quarantined"
+            + (f" {dict(Counter(q['reason'] for q in quarantine))} (listed in the output's 'quarantine')" if quarantine else ""))
+        results = _evaluate_ingested(model, names, model_ref, out, "train", log, shown_as=data)  # everything lands in one split
+    results["quarantine"] = quarantine
+    return results
+
+
+def _evaluate_ingested(
+    model: msmae.MSMAEClassifier, names: list[str], model_ref: str, data: Path, split: str, log, shown_as: Path | None = None,
+) -> dict:
+    """Every requested split checked first (no Ray start for a wrong one), then evaluated and printed."""
     from pipelines.local_ray import ensure_ray
 
-    model, names = load_model(model_ref)
-    if not IngestedDataset.is_ingested(data):
-        tmp = Path(tempfile.mkdtemp(prefix="msmae-eval-"))
-        result = ingest(data, tmp, IngestOptions(val=0.0, test=0.0, classes=names), progress=False, log=lambda _: None)
-        log(f"ingested {data}: {result.summary['num_images']} images, {result.summary['quarantined']} quarantined "
-            f"(see {tmp / 'quarantine.csv'})")
-        data, split = tmp, "train"  # everything lands in one split
     dataset = IngestedDataset.load(data)
     if dataset.class_names != names:
         raise ValueError(f"{data} has classes {dataset.class_names}, the model {names}; re-ingest with --classes {','.join(names)}")
     splits = dataset.non_empty_splits() if split == "all" else [split]
+    for name in splits:
+        if not dataset.split_size(name):
+            raise ValueError(f"split {name!r} of {shown_as or data} is empty; it has {', '.join(dataset.non_empty_splits())}")
     ensure_ray()
     results = {}
     for name in splits:
-        if not dataset.split_size(name):
-            raise ValueError(f"split {name!r} of {data} is empty")
         report, _, _ = evaluate_split(model, data, name)
-        log(format_report(report, names, f"{model_ref} on {data} [{name}]"))
+        log(format_report(report, names, f"{model_ref} on {shown_as or data} [{name}]"))
         results[name] = {"class_names": names, **report.__dict__}
     return results

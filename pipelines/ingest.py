@@ -336,6 +336,9 @@ def _staging(out: Path) -> Iterator[Path]:
     """A fresh folder beside `out` (same file system, so publishing it is a rename), removed unless published."""
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.ingest-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would become the published folder's mode
     try:
         yield stage
     finally:

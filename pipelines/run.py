@@ -2,11 +2,13 @@
 
 Everything a run writes lives in one working folder: the ingested data, Ray Train's
 checkpoints (``storage/``), the MLflow SQLite store and artifacts, and ``last_run.json``
-which ``--resume`` reads to continue the same run from its last checkpoints.
+which ``--resume`` reads to continue the same run from its last checkpoints (and which says
+when the run finished, so resuming a finished run registers nothing a second time).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -15,15 +17,21 @@ from pathlib import Path
 
 import yaml
 
+import msmae
 from pipelines import tracking
-from pipelines.config import RunConfig
+from pipelines.config import ConfigError, RunConfig
 from pipelines.dataset import IngestedDataset
+from pipelines.ingest import IngestError
 from pipelines.local_ray import ensure_ray
 from pipelines.report import evaluate_and_register
 from pipelines.stages import train_stages
 from pipelines.worker import Stage
 
 STATE_NAME = "last_run.json"
+
+
+class ResumeError(RuntimeError):
+    """``--resume`` found nothing to continue (a usage error: start a new run instead)."""
 
 
 @dataclass
@@ -36,34 +44,90 @@ class RunOutcome:
     val: dict | None
     test: dict | None
     seconds: float
+    already_finished: bool = False  # --resume of a run that had finished: nothing was done
 
 
 def prepare_data(source: Path, cfg: RunConfig, workdir: Path, log: Callable[[str], None] = print) -> IngestedDataset:
-    """An ingested folder as is, or a raw ImageFolder ingested into ``workdir/data``."""
+    """An ingested folder as is, or a raw ImageFolder ingested into ``workdir/data``; checked for training."""
     if IngestedDataset.is_ingested(source):
-        return IngestedDataset.load(source)
-    from pipelines.ingest import IngestOptions, ingest
+        dataset = IngestedDataset.load(source)
+    else:
+        from pipelines.ingest import IngestOptions, ingest
 
-    out = workdir / "data"
-    opts = IngestOptions(val=cfg.data.val_fraction, test=cfg.data.test_fraction, seed=cfg.data.seed)
-    summary = ingest(source, out, opts, progress=True, log=log).summary
-    log(f"ingest: {summary['num_images']} images, {summary['quarantined']} quarantined, "
-        f"{summary['duplicate_groups']} duplicate groups -> {out}")
-    return IngestedDataset.load(out)
+        out = workdir / "data"
+        opts = IngestOptions(val=cfg.data.val_fraction, test=cfg.data.test_fraction, seed=cfg.data.seed)
+        summary = ingest(source, out, opts, progress=True, log=log).summary
+        log(f"ingest: {summary['num_images']} images, {summary['quarantined']} quarantined, "
+            f"{summary['duplicate_groups']} duplicate groups -> {out}")
+        dataset = IngestedDataset.load(out)
+    check_trainable(dataset)
+    return dataset
 
 
-def _run_state(workdir: Path, resume: bool, prefix: str = "run") -> dict:
+def selection_metrics() -> tuple[str, ...]:
+    """Validation metrics a model can be chosen on: the report's scalars where higher is better
+    (``pipelines/report.py`` reads the chosen one off ``msmae.ClassificationReport``)."""
+    fields = dataclasses.fields(msmae.ClassificationReport)
+    return tuple(f"val_{f.name}" for f in fields if f.type in (float, "float") and f.name != "loss")
+
+
+def check_selection_metric(cfg: RunConfig) -> None:
+    """checkpoint.metric must be one the run reports, or the final report fails after all the training."""
+    if cfg.checkpoint.metric not in selection_metrics():
+        raise ConfigError(f"checkpoint.metric: {cfg.checkpoint.metric!r} is not a validation metric a run reports; "
+                          f"choose one of {', '.join(selection_metrics())}")
+
+
+def check_trainable(dataset: IngestedDataset) -> None:
+    """What a Ray worker would trip over minutes later (after retries), checked before Ray starts."""
+    if dataset.num_classes < 2:
+        raise IngestError(f"{dataset.path} has {dataset.num_classes} class(es); a classifier needs at least 2")
+    for split in ("train", "val"):
+        if not dataset.split_size(split):
+            raise IngestError(f"{dataset.path}: the {split} split is empty; ingest more images or another --val")
+
+
+def _run_state(workdir: Path, resume: bool, prefix: str, log: Callable[[str], None]) -> dict:
     """The run's name and MLflow id; ``--resume`` reads them back so Ray restores the same run."""
     state_file = workdir / STATE_NAME
     if resume:
         if not state_file.is_file():
-            raise FileNotFoundError(f"--resume: no earlier run in {workdir} (missing {state_file.name})")
-        return json.loads(state_file.read_text())
+            raise ResumeError(f"--resume: no earlier run in {workdir} (no {STATE_NAME}); start one without --resume")
+        return _read_state(state_file)
+    if state_file.is_file():
+        earlier = _read_state(state_file, strict=False)
+        if earlier and not earlier.get("finished"):
+            log(f"note: run {earlier.get('run_name')} in {workdir} did not finish; starting a new run "
+                "(`--resume` continues the last one instead)")
     return {"run_name": time.strftime(f"{prefix}-%Y%m%d-%H%M%S")}
 
 
+def _read_state(state_file: Path, strict: bool = True) -> dict:
+    try:
+        state = json.loads(state_file.read_text())
+        if isinstance(state, dict) and "run_name" in state:
+            return state
+    except (OSError, ValueError):
+        pass
+    if strict:
+        raise ResumeError(f"--resume: {state_file} is damaged; start a new run without --resume")
+    return {}
+
+
 def _save_state(workdir: Path, state: dict) -> None:
-    (workdir / STATE_NAME).write_text(json.dumps(state))
+    from pipelines.outputs import write_atomic
+
+    write_atomic(workdir / STATE_NAME, json.dumps(state).encode())
+
+
+def _already_finished(state: dict, workdir: Path, log: Callable[[str], None]) -> RunOutcome:
+    """``--resume`` of a finished run: say so and do nothing (registering the same weights again would add a version)."""
+    version = state.get("model_version")
+    done = f"registered {state.get('model_name', 'the model')} version {version}" if version else "pre-training only"
+    log(f"run {state['run_name']} in {workdir} already finished ({done}): nothing to resume, nothing registered again; "
+        "start a new run without --resume")
+    return RunOutcome(state["run_name"], state.get("mlflow_run_id", ""), state.get("pretrain_checkpoint"), version,
+                      bool(state.get("champion")), None, None, 0.0, already_finished=True)
 
 
 def run_pipeline(
@@ -78,9 +142,12 @@ def run_pipeline(
     (a supervised ViT trained from scratch).
     """
     start = time.time()
+    check_selection_metric(cfg)
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    state = _run_state(workdir, resume, prefix="-".join(stages))
+    state = _run_state(workdir, resume, "-".join(stages), log)
+    if state.get("finished"):
+        return _already_finished(state, workdir, log)
     dataset = prepare_data(source, cfg, workdir, log)
     ensure_ray()
 
@@ -105,9 +172,13 @@ def run_pipeline(
             mlflow_uri=tracking_uri, mlflow_run_id=run.info.run_id, on_pretrained=pretrained, fail_at_epoch=fail_at_epoch, log=log,
         )
         if result.best_checkpoint is None:
+            state["finished"] = True
+            _save_state(workdir, state)
             log(f"fine-tune it with:\n  msmae finetune {source} --init {result.pretrain_checkpoint} --config <preset> --workdir {workdir}")
             return RunOutcome(state["run_name"], run.info.run_id, result.pretrain_checkpoint, None, False, None, None, time.time() - start)
         final = evaluate_and_register(result.best_checkpoint, result.pretrain_checkpoint, dataset, cfg, log)
+        state.update(finished=True, model_name=cfg.tracking.model_name, model_version=final.version, champion=final.champion)
+        _save_state(workdir, state)
     seconds = time.time() - start
     log(f"registered {cfg.tracking.model_name} version {final.version}" + (" as @champion" if final.champion else " (champion kept)"))
     log(f"done in {seconds:.0f} s. Open the MLflow UI with:\n  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")

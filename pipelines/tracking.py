@@ -6,9 +6,13 @@ calls MLflow, so the tracking back end can be read (or swapped) in one file.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import math
 import os
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -35,6 +39,39 @@ def resolve_tracking_uri(explicit: str | None, workdir: Path) -> str:
     return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
 
 
+class TrackingUnreachable(RuntimeError):
+    """Runs could not be logged to the tracking URI; raised in seconds, before ingest and Ray start-up."""
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the URI, when runs could not be logged there.
+
+    Why: MLflow contacts the server only after ingest and Ray start-up, then retries a dead
+    one for minutes (263 s of silence, then a traceback). An HTTP server must answer (any
+    status: authentication and routing are MLflow's to report); a SQLite store must be a file
+    under a folder. Other schemes (databricks, file) are left to MLflow.
+    """
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise TrackingUnreachable(
+                f"MLflow tracking server {uri} is not reachable ({reason}); start it, or pass another --tracking-uri "
+                "(or unset MLFLOW_TRACKING_URI to log to SQLite in --workdir)"
+            ) from None
+    elif parsed.scheme == "sqlite" and uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        ancestor = next(p for p in (db.parent, *db.parent.parents) if p.exists() or p == p.parent)
+        if db.is_dir() or not ancestor.is_dir():
+            raise TrackingUnreachable(f"tracking URI {uri}: {db if db.is_dir() else ancestor} is not a file under a folder; "
+                                      "choose another --tracking-uri or --workdir")
+
+
 def set_experiment(tracking_uri: str, experiment: str, workdir: Path) -> None:
     """Select (creating if needed) the experiment; with SQLite its artifacts live in ``workdir``."""
     mlflow.set_tracking_uri(tracking_uri)
@@ -46,9 +83,15 @@ def set_experiment(tracking_uri: str, experiment: str, workdir: Path) -> None:
 
 @contextlib.contextmanager
 def active_run(run_id: str | None, run_name: str) -> Iterator[mlflow.ActiveRun]:
-    """Start a new run, or re-open ``run_id`` (``--resume``), as the active run."""
+    """Start a new run, or re-open ``run_id`` (``--resume``), as the active run.
+
+    Ctrl-C ends it as KILLED rather than FAILED: nothing failed, and ``--resume`` re-opens it."""
     with mlflow.start_run(run_id=run_id, run_name=run_name) as run:
-        yield run
+        try:
+            yield run
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
 
 
 def log_run_inputs(config: dict, flat_params: dict, dataset_summary: Path, tags: Mapping[str, str]) -> None:
@@ -76,15 +119,25 @@ def log_figures(figures: Mapping[str, object]) -> None:
 
 
 class EpochLogger:
-    """Per-epoch metrics from rank 0 of a Ray Train worker group into the driver's MLflow run."""
+    """Per-epoch metrics from rank 0 of a Ray Train worker group into the driver's MLflow run.
+
+    One value per epoch and metric, across restarts: a worker group restored from a checkpoint
+    older than the last logged epoch (a driver interrupted mid-epoch, then ``--resume``) trains
+    that epoch again, and MLflow cannot replace a logged value, so the epoch's first values stay
+    and the re-run's are not logged a second time at the same step.
+    """
 
     def __init__(self, tracking_uri: str, run_id: str, stage: str) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_id, self.stage = run_id, stage
+        self.logged = {m.step for m in self.client.get_metric_history(run_id, f"{stage}/epoch")}
 
     def log(self, metrics: Mapping[str, float], epoch: int) -> None:
         from mlflow.entities import Metric
 
+        if epoch in self.logged:
+            return
+        self.logged.add(epoch)
         now = int(time.time() * 1000)
         values = [Metric(f"{self.stage}/{k}", float(v), now, epoch) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
         self.client.log_batch(self.run_id, metrics=values)

@@ -124,53 +124,97 @@ def run_overrides(trial_config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in trial_config.items() if not k.endswith(SAMPLING_ONLY)}
 
 
+TOP_LEVEL = ("objective", "scheduler", "masking", "params")
+SCHEDULER_KEYS = ("grace_period", "reduction_factor")
+MASKING_KEYS = ("visible", "masked_share")
+
+
+def objectives() -> tuple[str, ...]:
+    """What a sweep can maximise: the validation metrics a run selects its model on (the report's
+    higher-is-better scalars; ``pipelines.run.selection_metrics``, restated so reading a space needs no Ray)."""
+    import dataclasses
+
+    import msmae
+
+    fields = dataclasses.fields(msmae.ClassificationReport)
+    return tuple(f"val_{f.name}" for f in fields if f.type in (float, "float") and f.name != "loss")
+
+
 def load_space(path: str | Path) -> SearchSpace:
+    """Read and check a space file: every entry's shape and range, before any trial (or Ray) starts."""
     path = Path(path)
     if not path.is_file():
         raise SpaceError(f"search space {path} does not exist (the everyday one is configs/space-masking.yaml)")
-    tree = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(tree, dict):
-        raise SpaceError(f"{path}: expected a mapping with objective/scheduler/masking/params")
-    unknown = set(tree) - {"objective", "scheduler", "masking", "params"}
-    if unknown:
-        raise SpaceError(f"{path}: unknown top-level keys {sorted(unknown)}")
-    scheduler = tree.get("scheduler") or {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    _mapping(path, "", tree, TOP_LEVEL)
+    objective = tree.get("objective", "val_macro_f1")
+    if objective not in objectives():
+        raise SpaceError(f"{path}: objective: {objective!r} is not a validation metric a run reports; choose one of {', '.join(objectives())}")
+    scheduler = _mapping(path, "scheduler", tree.get("scheduler") or {}, SCHEDULER_KEYS)
+    grace_period = _integer(path, "scheduler.grace_period", scheduler.get("grace_period", 4), minimum=1)
+    reduction_factor = _integer(path, "scheduler.reduction_factor", scheduler.get("reduction_factor", 2), minimum=2)
     masking = []
-    for stage, spec in (tree.get("masking") or {}).items():
-        if stage not in STAGES:
-            raise SpaceError(f"{path}: masking.{stage}: expected one of {STAGES}")
-        visible = _range(path, f"masking.{stage}.visible", (spec or {}).get("visible"), 0.0, 1.0)
-        share = _range(path, f"masking.{stage}.masked_share", (spec or {}).get("masked_share"), 0.0, 1.0)
+    for stage, spec in _mapping(path, "masking", tree.get("masking") or {}, STAGES).items():
+        spec = _mapping(path, f"masking.{stage}", spec, MASKING_KEYS, required=True)
+        visible = _range(path, f"masking.{stage}.visible", spec["visible"], 0.0, 1.0)
+        share = _range(path, f"masking.{stage}.masked_share", spec["masked_share"], 0.0, 1.0)
         if visible[0] <= 0.03 or share[0] <= 0:
             raise SpaceError(f"{path}: masking.{stage}: visible must stay > 0.03 and masked_share > 0 (some patches must be seen and some reconstructed)")
         masking.append(MaskingRange(stage, visible, share))
     params = []
-    for key, spec in (tree.get("params") or {}).items():
+    derived = {k for m in masking for k in ratios_from(0.5, 0.5, m.stage)}
+    for key, spec in _mapping(path, "params", tree.get("params") or {}).items():
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            raise SpaceError(f"{path}: params.{key}: expected one of {{float|log|int: [low, high]}} or {{choice: [...]}}")
+            raise SpaceError(f"{path}: params.{key}: expected one of {{float|log|int: [low, high]}} or {{choice: [...]}}, got {spec!r}")
+        if key in derived:
+            raise SpaceError(f"{path}: params.{key}: already set by masking.{key.split('.')[0]} (visible, masked_share); sweep it in one place")
         kind, values = next(iter(spec.items()))
         if kind == "choice":
             if not isinstance(values, list) or not values:
-                raise SpaceError(f"{path}: params.{key}: choice needs a non-empty list")
+                raise SpaceError(f"{path}: params.{key}: choice needs a non-empty list, got {values!r}")
             params.append(Param(key, kind, tuple(values)))
-        else:
-            params.append(Param(key, kind, _range(path, f"params.{key}", values, -math.inf, math.inf, positive=kind == "log")))
-    return SearchSpace(
-        objective=str(tree.get("objective", "val_macro_f1")),
-        grace_period=int(scheduler.get("grace_period", 4)),
-        reduction_factor=int(scheduler.get("reduction_factor", 2)),
-        masking=tuple(masking),
-        params=tuple(params),
-    )
+            continue
+        low, high = _range(path, f"params.{key}", values, -math.inf, math.inf, positive=kind == "log")
+        if kind == "int" and not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise SpaceError(f"{path}: params.{key}: int needs whole-number bounds, got {values!r}")
+        params.append(Param(key, kind, (int(low), int(high)) if kind == "int" else (low, high)))
+    return SearchSpace(objective, grace_period, reduction_factor, tuple(masking), tuple(params))
+
+
+def _mapping(path: Path, key: str, value: Any, allowed: tuple[str, ...] | None = None, required: bool = False) -> dict:
+    """``value`` as a mapping whose keys are ``allowed`` (all of them when ``required``), or a SpaceError naming ``key``
+    (``""``: the top level)."""
+    if not isinstance(value, dict):
+        shape = f" with keys {', '.join(allowed)}" if allowed else ""
+        raise SpaceError(f"{path}: {key or 'the top level'}: expected a mapping{shape}, got {value!r}")
+    if allowed is not None:
+        unknown = sorted(str(k) for k in set(value) - set(allowed))
+        if unknown and not key:
+            raise SpaceError(f"{path}: unknown top-level keys {unknown}; allowed: {', '.join(allowed)}")
+        if unknown:
+            raise SpaceError(f"{path}: {key}.{unknown[0]}: unknown key; allowed: {', '.join(allowed)}")
+        missing = [k for k in allowed if k not in value] if required else []
+        if missing:
+            raise SpaceError(f"{path}: {key}: missing {', '.join(missing)}")
+    return value
 
 
 def _range(path: Path, key: str, values, low_bound: float, high_bound: float, positive: bool = False) -> tuple[float, float]:
-    if not (isinstance(values, list | tuple) and len(values) == 2 and all(isinstance(v, int | float) for v in values)):
+    if not (isinstance(values, list | tuple) and len(values) == 2 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)):
         raise SpaceError(f"{path}: {key}: expected [low, high], got {values!r}")
     low, high = float(values[0]), float(values[1])
     if not low_bound <= low <= high <= high_bound or (positive and low <= 0):
         raise SpaceError(f"{path}: {key}: need {low_bound} <= low <= high <= {high_bound}{' and low > 0' if positive else ''}, got [{low}, {high}]")
     return low, high
+
+
+def _integer(path: Path, key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpaceError(f"{path}: {key}: expected a whole number >= {minimum}, got {value!r}")
+    return value
 
 
 def check_space(space: SearchSpace, base: RunConfig) -> RunConfig:
@@ -181,8 +225,16 @@ def check_space(space: SearchSpace, base: RunConfig) -> RunConfig:
     ``RunConfig`` itself checks those counts against the model's patch grid.
     """
     for corner in space.corners():
-        try:
-            base.with_values(corner, source="the search space")
-        except ConfigError as e:
-            raise SpaceError(f"the search space reaches a configuration that is rejected: {e}") from e
+        _check_values(base, corner)
+    for param in space.params:  # every choice, not only the first and last
+        if param.kind == "choice":
+            for value in param.values:
+                _check_values(base, {param.key: value})
     return base
+
+
+def _check_values(base: RunConfig, values: dict[str, Any]) -> None:
+    try:
+        base.with_values(values, source="the search space")
+    except ConfigError as e:
+        raise SpaceError(f"the search space reaches a configuration that is rejected: {e}") from e

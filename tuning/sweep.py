@@ -89,14 +89,15 @@ def local_cpus(request: SweepRequest) -> int:
 
 
 def run_sweep(request: SweepRequest, log=print) -> SweepOutcome:
+    """Run (or resume) the sweep; ``outcome.best`` is None when no trial finished (the command then exits 1)."""
     from ray import tune
 
     start = time.time()
+    space = load_space(request.space)  # every check first: nothing is written, ingested or started for a bad request
+    cfg = check_space(space, sweep_base_config(request, space))
     workdir = request.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     state = _sweep_state(workdir, request.resume)
-    space = load_space(request.space)
-    cfg = check_space(space, sweep_base_config(request, space))
     dataset = prepare_data(request.data, cfg, workdir, log)
     ensure_ray(num_cpus=local_cpus(request))
     import ray

@@ -1,0 +1,94 @@
+"""How ``msmae`` fails: one ``error: ...`` line on stderr and an exit code, never a traceback unless ``--debug``.
+
+Exit codes: 0 only when the result is right; 2 for a usage error (an option, configuration or
+search space to fix); 1 for a failure (missing or unreadable input, an unreachable tracking
+server, an MLflow lookup that found nothing, a run or sweep that did not finish); 130 when
+interrupted. Every command runs under ``ErrorHandlingGroup``, so a known exception raised
+anywhere below becomes that one line. ``--debug`` (or ``MSMAE_DEBUG=1``) re-raises it instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+USAGE, FAILURE, INTERRUPTED = 2, 1, 130
+MAX_MESSAGE = 600  # an MLflow error can carry a whole HTML page; one line must stay readable
+
+# (module, class, exit code, prefix), first match wins. A class is looked up only when its module
+# is already imported (nothing can raise a class that was never imported), so this costs no import.
+_KNOWN: tuple[tuple[str, str, int, str], ...] = (
+    ("pipelines.config", "ConfigError", USAGE, ""),
+    ("tuning.space", "SpaceError", USAGE, ""),
+    ("pipelines.ingest", "IngestOptionError", USAGE, ""),
+    ("pipelines.outputs", "OutputPathError", USAGE, ""),
+    ("pipelines.run", "ResumeError", USAGE, ""),
+    ("pipelines.sources", "ManifestError", FAILURE, ""),
+    ("pipelines.ingest", "IngestError", FAILURE, ""),
+    ("pipelines.tracking", "TrackingUnreachable", FAILURE, ""),
+    ("yaml", "YAMLError", USAGE, "not valid YAML: "),
+    ("mlflow.exceptions", "MlflowException", FAILURE, "MLflow: "),
+    ("polars.exceptions", "PolarsError", FAILURE, "cannot read the table: "),
+)
+_FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+_interrupt_hint: str | None = None
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """Print ``error: message`` on stderr; raise what this returns to exit with ``code``."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def on_interrupt(hint: str) -> None:
+    """What Ctrl-C should tell the user from here on (e.g. that ``--resume`` continues the run)."""
+    global _interrupt_hint
+    _interrupt_hint = hint
+
+
+def one_line(text: str) -> str:
+    """Several lines (a ConfigError lists each bad key) joined into one, cut to a readable length."""
+    joined = "; ".join(line.strip() for line in str(text).splitlines() if line.strip()).replace(":;", ":")
+    return joined if len(joined) <= MAX_MESSAGE else joined[: MAX_MESSAGE - 3] + "..."
+
+
+def describe(exc: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code for ``exc``; an unknown exception is named as one (a bug to report)."""
+    for module, name, code, prefix in _KNOWN:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return prefix + one_line(getattr(exc, "message", None) or str(exc)), code
+    if isinstance(exc, _FILE_ERRORS):
+        if exc.filename is not None and exc.strerror:
+            return f"{exc.strerror}: {exc.filename}", FAILURE
+        return one_line(str(exc)), FAILURE
+    return f"unexpected {type(exc).__name__}: {one_line(str(exc))} (re-run with --debug for the traceback)", FAILURE
+
+
+def debugging(ctx: Any) -> bool:
+    return bool(ctx.params.get("debug")) or os.environ.get("MSMAE_DEBUG", "") not in ("", "0")
+
+
+class ErrorHandlingGroup(TyperGroup):
+    """The ``msmae`` command group: every command's exceptions end here as one line and an exit code."""
+
+    def invoke(self, ctx: Any) -> Any:
+        global _interrupt_hint
+        _interrupt_hint = None
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # typer's own exits and usage errors, already worded
+        except KeyboardInterrupt:
+            typer.secho("interrupted" + (f": {_interrupt_hint}" if _interrupt_hint else ""), fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(INTERRUPTED) from None
+        except Exception as exc:
+            if debugging(ctx):
+                raise
+            message, code = describe(exc)
+            raise fail(message, code) from None
