@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -36,7 +37,7 @@ _KNOWN: tuple[tuple[str, str, int, str], ...] = (
 )
 _FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
-_interrupt_hint: str | None = None
+_interrupt_hint: Callable[[], str] | None = None
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -45,8 +46,8 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def on_interrupt(hint: str) -> None:
-    """What Ctrl-C should tell the user from here on (e.g. that ``--resume`` continues the run)."""
+def on_interrupt(hint: Callable[[], str]) -> None:
+    """What Ctrl-C should tell the user from here on (e.g. that ``--resume`` continues the run); asked at the interrupt."""
     global _interrupt_hint
     _interrupt_hint = hint
 
@@ -85,7 +86,7 @@ class ErrorHandlingGroup(TyperGroup):
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # typer's own exits and usage errors, already worded
         except KeyboardInterrupt:
-            typer.secho("interrupted" + (f": {_interrupt_hint}" if _interrupt_hint else ""), fg=typer.colors.YELLOW, err=True)
+            typer.secho("interrupted" + (f": {_interrupt_hint()}" if _interrupt_hint else ""), fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(INTERRUPTED) from None
         except Exception as exc:
             if debugging(ctx):

@@ -126,6 +126,26 @@ def _folder_arg(path: Path, what: str) -> None:
         raise fail(f"{what} {path} is a file; give a folder", USAGE)
 
 
+def _resume_hint(state_file: Path, resume: bool, what: str):
+    """What Ctrl-C should say: ``--resume`` continues the run once it has saved its state (the state
+    file is new or changed since the command started), before that there is nothing to resume."""
+    def stamp() -> tuple[int, int] | None:
+        try:
+            st = state_file.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    before = stamp()
+
+    def hint() -> str:
+        if resume or stamp() != before:
+            return f"{what} with the same command plus --resume (state: {state_file})"
+        return "stopped before anything was saved; nothing to resume, run the same command again"
+
+    return hint
+
+
 def _train(
     stages: tuple[str, ...], source: Path, config: str, set_: list[str] | None, workdir: Path, tracking_uri: str | None,
     workers: int | None, resume: bool, fail_at_epoch: int | None, init: Path | None = None,
@@ -139,10 +159,10 @@ def _train(
     check_output_dir(workdir, "--workdir")
     if init is not None and not is_checkpoint(init):
         raise fail(f"--init {init} is not a checkpoint folder (no {STATE_FILE}); `msmae pretrain` prints one", USAGE)
-    uri = _tracking_uri(tracking_uri, cfg, workdir)
     from pipelines.run import STATE_NAME, run_pipeline
 
-    on_interrupt(f"continue from the last checkpoint with the same command plus --resume (run state: {workdir / STATE_NAME})")
+    on_interrupt(_resume_hint(workdir / STATE_NAME, resume, "continue it from its last checkpoint"))
+    uri = _tracking_uri(tracking_uri, cfg, workdir)
     run_pipeline(
         source, cfg, workdir, uri, resume=resume, fail_at_epoch=fail_at_epoch,
         log=typer.echo, stages=stages, init_checkpoint=str(init.resolve()) if init else None,
@@ -255,15 +275,16 @@ def tune(
 
     check_output_dir(workdir, "--workdir")
     check_space(load_space(space), cfg)  # the sweep checks again with its resources applied; this fails before anything else
-    uri = _tracking_uri(tracking_uri, cfg, workdir)
+    from tuning.sweep import STATE_NAME as SWEEP_STATE
     from tuning.sweep import SweepRequest, run_sweep
 
+    on_interrupt(_resume_hint(workdir / SWEEP_STATE, resume, "continue the sweep (finished trials and the Optuna study are kept)"))
+    uri = _tracking_uri(tracking_uri, cfg, workdir)
     request = SweepRequest(
         data=data, space=space, trials=trials, config=cfg, preset=config, workdir=workdir,
         tracking_uri=uri, max_concurrent=max_concurrent, workers_per_trial=workers_per_trial,
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, seed=seed, resume=resume, fail_trial=fail_trial,
     )
-    on_interrupt("continue the sweep with the same command plus --resume (finished trials and the Optuna study are kept)")
     try:
         outcome = run_sweep(request, log=typer.echo)
     except (FileNotFoundError, FileExistsError) as e:  # --resume without a sweep, or a sweep already there without --resume

@@ -20,6 +20,7 @@ from joblib import cpu_count
 
 from pipelines.config import RunConfig
 from pipelines.local_ray import ensure_ray
+from pipelines.outputs import write_atomic
 from pipelines.report import evaluate_and_register
 from pipelines.run import prepare_data
 from pipelines.tracking import active_run, log_params, resolve_tracking_uri, set_experiment
@@ -107,7 +108,7 @@ def run_sweep(request: SweepRequest, log=print) -> SweepOutcome:
     set_experiment(tracking_uri, cfg.tracking.experiment, workdir)
     with active_run(state.get("parent_run_id"), state["sweep_name"]) as parent:
         state["parent_run_id"] = parent.info.run_id
-        (workdir / STATE_NAME).write_text(json.dumps(state))
+        write_atomic(workdir / STATE_NAME, json.dumps(state).encode())  # --resume reads it: never half written
         if not request.resume:
             log_params({"sweep.trials": request.trials, "sweep.max_concurrent": concurrency, "sweep.space": str(request.space),
                         "sweep.objective": space.objective, "sweep.seed": request.seed, "sweep.preset": request.preset,
