@@ -29,6 +29,7 @@ class ResumedRun:
     uri: str
     mlflow_run_id: str
     resumed: subprocess.CompletedProcess
+    args: list[str]  # the command's arguments after `msmae` (without --resume)
 
 
 def _history(uri, run_id, key):
@@ -71,7 +72,7 @@ def train_resumed_run(train_mlflow_server, data_sample_ingested, ray_local_env, 
     proc.wait(timeout=30)
     state = json.loads((work / "last_run.json").read_text())
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=900, env=ray_local_env)
-    return ResumedRun(uri, state["mlflow_run_id"], resumed)
+    return ResumedRun(uri, state["mlflow_run_id"], resumed, cmd[1:])
 
 
 @pytest.mark.slow
@@ -167,3 +168,23 @@ def test_predict_command_writes_every_image_and_flags_unreadable_ones(train_resu
     assert set(table["predicted_class"]) - {None} <= {"glioma", "meningioma", "notumor", "pituitary"}
     sums = [sum(table[f"prob_{c}"][i] for c in ("glioma", "meningioma", "notumor", "pituitary")) for i in range(151) if i != broken]
     assert all(abs(x - 1) < 1e-4 for x in sums)
+
+
+@pytest.mark.slow
+def test_resuming_the_finished_run_registers_nothing_new_and_each_epoch_has_one_value(train_resumed_run):
+    """Issue 19: `--resume` of a run that finished says so and registers no second version; the epoch the
+    killed driver was in when it died, trained again after the resume, kept one value per step."""
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from msmae_cli import app
+
+    run = train_resumed_run
+    assert run.resumed.returncode == 0, run.resumed.stderr[-3000:]
+    again = CliRunner().invoke(app, [*run.args, "--resume"])  # in-process: it must stop before Ray or MLflow
+    assert again.exit_code == 0, again.output
+    assert "already finished (registered msmae-e2e version 1)" in again.output and "nothing registered again" in again.output
+    assert [v.version for v in MlflowClient(run.uri).search_model_versions(f"name='{MODEL}'")] == ["1"]
+    for key in ("pretrain/epoch", "pretrain/train_loss", "finetune/epoch", "finetune/val_macro_f1"):
+        steps = [s for s, _ in _history(run.uri, run.mlflow_run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key}: {steps}"
