@@ -34,6 +34,9 @@ _KNOWN: tuple[tuple[str, str, int, str], ...] = (
     ("yaml", "YAMLError", USAGE, "not valid YAML: "),
     ("mlflow.exceptions", "MlflowException", FAILURE, "MLflow: "),
     ("polars.exceptions", "PolarsError", FAILURE, "cannot read the table: "),
+    ("ray.train", "TrainingFailedError", FAILURE, "training failed (its checkpoints are kept: --resume continues it): "),
+    ("ray.exceptions", "RayError", FAILURE, "Ray: "),
+    ("builtins", "ValueError", FAILURE, ""),  # this project's own checks word theirs for the user
 )
 _FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 

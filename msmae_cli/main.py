@@ -219,10 +219,7 @@ def evaluate(
     _model_tracking(tracking_uri, model)
     from pipelines.evaluate import evaluate_data
 
-    try:
-        results = evaluate_data(model, data, split, log=typer.echo)
-    except ValueError as e:
-        raise fail(str(e), 1) from e
+    results = evaluate_data(model, data, split, log=typer.echo)
     write_atomic(out, json.dumps(results, indent=2, default=str).encode())
     typer.echo(f"metrics written to {out}")
 

@@ -96,6 +96,7 @@ class IngestOptions:
 
 
 RUN_ONLY_OPTIONS = ("workers", "strict", "force")  # how ingest runs, not what it writes
+INGEST_OUTPUTS = (SUMMARY_FILE, "quarantine.csv", "shards")  # all an output folder holds
 
 
 @dataclass
@@ -320,6 +321,10 @@ def _check_destination(out: Path, source_info: dict, force: bool) -> None:
                 "choose a new or empty folder"
             )
         return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in INGEST_OUTPUTS)
+    if foreign:
+        raise IngestOptionError(f"--out {out} holds files ingest did not write ({', '.join(foreign[:3])}); "
+                                "move them out, or choose another --out (ingest replaces the whole folder)")
     try:
         old = json.loads((out / SUMMARY_FILE).read_text()).get("source")
     except (OSError, ValueError, AttributeError):

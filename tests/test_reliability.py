@@ -158,6 +158,18 @@ def out_untouched(ctx):
     assert tree_snapshot(ctx.tmp / "o") == {"notes.txt": b"mine"}
 
 
+def dataset_with_foreign_file(ctx):
+    src = image_folder(ctx.tmp / "src", {"a": 2, "b": 2})
+    assert_clean(invoke(["ingest", src, "--out", ctx.tmp / "o", *Q]), 0)
+    text(ctx.tmp / "o" / "README", "mine")
+    ctx.before = tree_snapshot(ctx.tmp / "o")
+    return ["ingest", src, "--out", ctx.tmp / "o", "--seed", "3", *Q]  # a re-ingest that would replace the folder
+
+
+def unchanged(ctx):
+    assert tree_snapshot(ctx.tmp / "o") == ctx.before
+
+
 def ingest_with(*options: str):
     def build(ctx):
         return ["ingest", image_folder(ctx.tmp / "src", {"glioma": 2, "meningioma": 2}), "--out", ctx.tmp / "o", *Q, *options]
@@ -255,6 +267,11 @@ def empty_val(ctx):
     return ["run", ctx.tmp / "d", "--workdir", ctx.tmp / "w"]
 
 
+def damaged_dataset(ctx):
+    text(ctx.tmp / "d" / "dataset.json", "{not json")
+    return ["run", ctx.tmp / "d", "--workdir", ctx.tmp / "w"]
+
+
 def finished_run(ctx):
     image_folder(ctx.tmp / "src", {"a": 2, "b": 2})
     text(ctx.tmp / "w" / "last_run.json", json.dumps({"run_name": "run-1", "mlflow_run_id": "abc", "finished": True,
@@ -319,6 +336,7 @@ CASES = [
     Case("ingest-strict-failure-keeps-dataset", strict_into_dataset, 1, ("--strict", "unchanged", "o.rejected-quarantine.csv"),
          strict_into_dataset_check),
     Case("ingest-out-holds-other-files", foreign_folder, 2, ("holds no msmae dataset",), out_untouched),
+    Case("ingest-dataset-folder-with-a-user-file", dataset_with_foreign_file, 2, ("did not write", "README"), unchanged),
     Case("ingest-rows-per-shard-negative", ingest_with("--rows-per-shard", "-1"), 2, ("--rows-per-shard",), nothing_written),
     Case("ingest-rows-per-shard-zero", ingest_with("--rows-per-shard", "0"), 2, ("--rows-per-shard",), nothing_written),
     Case("ingest-out-is-a-file", out_is_file, 2, ("--out", "is a file")),
@@ -357,6 +375,7 @@ CASES = [
          ("http://127.0.0.1:1", "not reachable"), no_workdir),
     Case("run-ingest-error-no-usable-images", junk_only, 1, ("no usable images",), no_training_started),
     Case("run-empty-val-split", empty_val, 1, ("val split is empty",), no_training_started),
+    Case("run-dataset-json-damaged", damaged_dataset, 1, ("dataset.json is not valid JSON", "msmae ingest"), no_training_started),
     Case("run-resume-without-run", run_with("--resume"), 2, ("--resume", "no earlier run")),
     Case("run-resume-finished-registers-nothing", finished_run, 0, ("already finished", "nothing registered again"), nothing_registered),
     # evaluate / predict
@@ -389,6 +408,17 @@ CASES = [
          2, ("finetune.masking.strategy",), no_workdir),
     Case("tune-no-trial-finished-exits-1", all_trials_failed, 1, ("no trial finished", "2 error", "nothing registered")),
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reliability_loggers_outside_the_runner():
+    """Ray (Data, Train, Tune), MLflow and torch attach logging handlers to the sys.stderr of the moment they are
+    first imported. Imported inside CliRunner.invoke (the commands import them lazily), they would keep its
+    captured stream, closed after that invocation, and a later log line would print a logging traceback into
+    another command's output: import what the commands import here, outside any invocation."""
+    import pipelines.predict  # noqa: F401
+    import pipelines.run  # noqa: F401
+    import tuning.sweep  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
