@@ -47,7 +47,7 @@ def _time_steps(run_steps, count: int, device: torch.device) -> float:
 def calibrate(recipe: Recipe, data: DeviceData, device: torch.device | str, warmup: int = 3, steps: int = 5) -> StepTimes:
     """Time ``steps`` steps of each kind after ``warmup`` (throwaway models; nothing is kept)."""
     device = torch.device(device)
-    preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size)
+    preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size, recipe.reg_tokens)
     gen = torch.Generator(device=device).manual_seed(0)
     batches = TrainBatches(data.train, data.train_labels, data.train_aspect, recipe.img_size, recipe.batch_size, gen)
     table = msmae.AttentionTable(len(data.train), preset.grid, device=device)

@@ -71,6 +71,7 @@ class Recipe:
     preset: str = "small"
     img_size: int = 112
     patch_size: int | None = 8
+    reg_tokens: int = 0
     pretrain_epochs: int = 10
     finetune_epochs: int = 10
     batch_size: int = 256
@@ -199,12 +200,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def refresh_maps(model: torch.nn.Module, table: msmae.AttentionTable, data: DeviceData, recipe: Recipe, epoch: int) -> int:
-    """Recompute every training image's map from the model as it is now (whole images); how many."""
+def refresh_maps(
+    model: torch.nn.Module, table: msmae.AttentionTable, data: DeviceData, recipe: Recipe, quality: dict, epoch: int,
+) -> int:
+    """Recompute every training image's map from the model as it is now (whole images); how many.
+    Where the new maps' mass lies (``msmae.map_quality``) goes into ``quality``."""
     index = torch.arange(len(data.train_plain), device=data.train_plain.device)
-    idx, maps = msmae.compute_attention_maps(model, eval_batches(data.train_plain, index, recipe.eval_batch_size))
-    table.update(idx, maps, epoch=epoch)
-    return len(idx)
+    refreshed = msmae.refresh_maps(model, eval_batches(data.train_plain, index, recipe.eval_batch_size))
+    table.update(refreshed.index, refreshed.maps, epoch=epoch)
+    quality.update(msmae.map_quality(refreshed.maps, refreshed.foreground).metrics())
+    return len(refreshed.index)
 
 
 def run_stage(
@@ -217,15 +222,17 @@ def run_stage(
     (fine-tuning) gives the epoch's validation headline; such rows also time the training
     alone (``train_seconds``). Epoch times count from before the map refresh.
     """
-    refresh = partial(refresh_maps, trainer.model, trainer.table, data, recipe)
+    quality: dict[str, float] = {}
+    refresh = partial(refresh_maps, trainer.model, trainer.table, data, recipe, quality)
     stage, epochs = trainer.plan.stage, trainer.schedule.epochs
     result = StageResult()
     start = time.perf_counter()
     for epoch in range(epochs):
         epoch_start = time.perf_counter()
+        quality.clear()
         outcome = trainer.run_epoch(epoch, batches, len(batches), refresh)
         row = {"stage": stage, "epoch": epoch, "epochs": epochs, "phase": outcome.phase, "maps_refreshed": outcome.maps_refreshed > 0,
-               **{f"train_{k}": v for k, v in outcome.totals.means().items()}}  # one host sync per epoch
+               **{f"train_{k}": v for k, v in outcome.totals.means().items()}, **quality}  # one host sync per epoch
         timing = {}
         if validate is not None:
             timing["train_seconds"] = time.perf_counter() - epoch_start
@@ -246,7 +253,7 @@ def pretrain(
 ) -> tuple[msmae.MSMAEPretrainModel, StageResult]:
     """MAE (``kind="mae"``: random masking throughout, no CLS loss) or MSMAE pre-training."""
     torch.manual_seed(seed)
-    preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size)
+    preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size, recipe.reg_tokens)
     model = msmae.build_pretrain_model(preset, data.num_classes).to(device)
     optimizer = msmae.build_optimizer(model, "pretrain", weight_decay=recipe.pretrain_weight_decay)
     batches = TrainBatches(data.train, data.train_labels, data.train_aspect, recipe.img_size, recipe.batch_size, _generator(device, seed * 1000 + 1))
@@ -285,7 +292,7 @@ def finetune(
 ) -> tuple[dict, StageResult]:
     """Fine-tune (from ``encoder_state``, or from scratch when None); select by val macro-F1; test once."""
     torch.manual_seed(seed * 1000 + 3)
-    preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size)
+    preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size, recipe.reg_tokens)
     model = msmae.build_classifier(preset, data.num_classes, drop_path_rate=recipe.drop_path)
     if encoder_state is not None:
         msmae.load_pretrained_encoder(model, encoder_state)

@@ -115,6 +115,7 @@ def train_one_epoch(
         weights = batch_weights(table, batch, plan, num_patches) if drops_tokens else None
         if plan.stage == "pretrain":
             split = draw_masks(plan.phase, plan.ratios, len(images), num_patches, weights, generator, images.device)
+            kept = split.kept
             out = pretrain_step(model, optimizer, images, labels, split, plan.cls_weight, plan.norm_pix_loss, grad_clip=plan.grad_clip)
             losses = {"loss": out.loss, "loss_recon": out.reconstruction, "loss_cls": out.classification}
         else:
@@ -122,8 +123,24 @@ def train_one_epoch(
             if drops_tokens:
                 kept = draw_masks("sam", plan.ratios, len(images), num_patches, weights, generator, images.device).kept
             losses = {"loss": finetune_step(model, optimizer, images, labels, kept, plan.label_smoothing, grad_clip=plan.grad_clip)}
-        totals.add(losses, len(images))
+        totals.add({**losses, **seen_by_encoder(kept, weights, num_patches)}, len(images))
     return totals
+
+
+def seen_by_encoder(kept: torch.Tensor | None, weights: torch.Tensor | None, num_patches: int) -> dict[str, torch.Tensor | float]:
+    """What the encoder saw this step, for the epoch's record of the masking rule at work.
+
+    ``tokens_seen``: patch tokens per image (all L, or the kept ones). ``seen_weight``: the
+    mean draw weight of the kept patches over the mean weight of all patches — 1 for a
+    uniform draw or all tokens, below 1 when the encoder sees the low-attention patches
+    (the paper's rule).
+    """
+    if kept is None:
+        return {"tokens_seen": float(num_patches), "seen_weight": 1.0}
+    if weights is None:
+        return {"tokens_seen": float(kept.shape[1]), "seen_weight": 1.0}
+    seen = weights.gather(1, kept).mean(dim=1) / weights.mean(dim=1).clamp_min(1e-6)
+    return {"tokens_seen": float(kept.shape[1]), "seen_weight": seen.mean().detach()}
 
 
 @dataclass(frozen=True)

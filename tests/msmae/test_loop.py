@@ -51,7 +51,8 @@ def test_an_epoch_trains_every_stage_and_phase_and_sets_the_lr_per_step(device, 
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 4.5)
     means = totals.means()
     expected = {"loss", "loss_recon", "loss_cls"} if stage == "pretrain" else {"loss"}
-    assert set(means) == expected and all(v > 0 for v in means.values())
+    expected |= {"tokens_seen", "seen_weight"}  # what the encoder saw, recorded with the losses
+    assert set(means) == expected and all(v > 0 for k, v in means.items() if k != "seen_weight")  # the table's zeros can be all it saw
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
 
@@ -103,19 +104,23 @@ def test_fine_tuning_strategies_decide_which_tokens_the_encoder_sees(device):
     for batch in batches:
         batch["crop_box"] = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * len(batch["image"]), device=device)
     table = _table(device, n=64)
-    seen = {}
+    seen, recorded = {}, {}
     for strategy in ("attention", "uniform", "all"):
         torch.manual_seed(0)
         model = msmae.build_classifier("tiny", 2).to(device)
         seen[strategy] = _kept_seen(model)
         plan = EpochPlan("finetune", "sam", strategy=strategy)
         gen = torch.Generator(device=device).manual_seed(0)
-        train_one_epoch(model, torch.optim.AdamW(model.parameters()), batches, plan, table, lambda e: 1e-4, 0, 2, gen)
+        totals = train_one_epoch(model, torch.optim.AdamW(model.parameters()), batches, plan, table, lambda e: 1e-4, 0, 2, gen)
+        recorded[strategy] = totals.means()
     attention, uniform = torch.cat(seen["attention"]), torch.cat(seen["uniform"])
     assert attention.shape == uniform.shape == (64, 16)  # 25 % of 64 patches visible either way
     assert not (attention == 0).any()  # the paper's rule: the high-attention patch is always hidden
     assert (uniform == 0).any()  # the released code's rule: patch 0 is as likely to be seen as any other
     assert seen["all"] == [None, None]  # every token
+    # The epoch's record says the same: tokens per image and the draw weight of what was seen.
+    assert [recorded[s]["tokens_seen"] for s in ("attention", "uniform", "all")] == [16, 16, 64]
+    assert recorded["attention"]["seen_weight"] < 0.1 and recorded["uniform"]["seen_weight"] == 1.0
 
 
 def test_uniform_pretraining_needs_no_table_and_all_is_fine_tuning_only(device):
