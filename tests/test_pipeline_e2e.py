@@ -17,6 +17,7 @@ import torch
 TINY_RUN = [
     "pretrain.epochs=3", "pretrain.warmup_epochs=1", "pretrain.masking.sam_start=1", "pretrain.masking.refresh_every=1",
     "finetune.epochs=2", "finetune.warmup_epochs=1", "finetune.masking.refresh_every=1",
+    "pretrain.masking.strategy=attention", "finetune.masking.strategy=attention",  # the paper's rule, whatever the demo uses
     "pretrain.batch_size=64", "finetune.batch_size=64", "checkpoint.max_failures=1",
 ]
 MODEL = "msmae-e2e"
@@ -107,6 +108,13 @@ def test_the_run_logs_attention_refreshes_final_metrics_and_figures(train_resume
     metrics = MlflowClient(run.uri).get_run(run.mlflow_run_id).data.metrics
     assert 0.0 <= metrics["final_val/accuracy"] <= 1.0
     assert 0.0 <= metrics["final_test/accuracy"] <= 1.0  # the sample has a test split, evaluated once
+    # Where the refreshed maps put their mass (tissue or background), measured at every refresh.
+    lift = _history(run.uri, run.mlflow_run_id, "pretrain/map_foreground_lift")
+    assert {s for s, _ in lift} == {1, 2, 3} and all(v > 0 for _, v in lift)
+    # The paper's rule from epoch 1 (sam_start=1): the encoder sees 16 of 64 patches, the low-attention ones.
+    tokens = dict(_history(run.uri, run.mlflow_run_id, "pretrain/train_tokens_seen"))
+    weight = dict(_history(run.uri, run.mlflow_run_id, "pretrain/train_seen_weight"))
+    assert set(tokens.values()) == {16.0} and weight[0] == 1.0 and all(weight[e] < 0.99 for e in (1, 2, 3)), weight
     artifacts = {a.path for a in MlflowClient(run.uri).list_artifacts(run.mlflow_run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/roc_curves.png", "plots/attention_overlays.png", "plots/reconstructions.png"} <= artifacts
 

@@ -31,6 +31,8 @@ masking:
 params:
   pretrain.cls_weight: {log: [0.02, 0.5]}
   finetune.blr: {log: [3.0e-4, 3.0e-3]}
+  pretrain.masking.strategy: {choice: [attention, uniform]}
+  finetune.masking.strategy: {choice: [attention, uniform, all]}
 """
 
 
@@ -101,6 +103,20 @@ def test_a_sweep_survives_a_failing_trial_and_a_killed_driver_then_registers_its
     for trial in study.trials:  # the masking constraint held in every sampled trial
         for stage, low in (("pretrain", 0.2), ("finetune", 0.2)):
             assert trial.params[f"{stage}.masking.visible"] >= low
+
+    # Each trial trained by the masking rule it drew: the encoder saw what that rule shows it.
+    checked = set()
+    for run in children:
+        for stage in ("pretrain", "finetune"):
+            strategy = run.data.params[f"{stage}.masking.strategy"]
+            tokens = [m.value for m in client.get_metric_history(run.info.run_id, f"{stage}/train_tokens_seen")]
+            weight = [m.value for m in client.get_metric_history(run.info.run_id, f"{stage}/train_seen_weight")]
+            if not tokens:  # the injected failure trained nothing
+                continue
+            checked.add((stage, strategy))
+            assert all(t == 64 for t in tokens) if strategy == "all" else all(t < 64 for t in tokens), (stage, strategy, tokens)
+            assert all(w < 0.99 for w in weight) if strategy == "attention" else all(w == 1.0 for w in weight), (stage, strategy, weight)
+    assert len({s for stage, s in checked if stage == "finetune"}) >= 2, f"the sweep tried one fine-tuning rule only: {checked}"
 
     parent = client.get_run(sweep["parent_run_id"])
     assert parent.data.metrics["sweep_trials_failed"] == 1
