@@ -120,10 +120,15 @@ class ScalingConfig(_Section):
         return self
 
 
+# Validation metrics a model can be chosen on: the higher-is-better scalars of msmae.ClassificationReport.
+SelectionMetric = Literal["val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_macro_auc"]
+SELECTION_METRICS: tuple[str, ...] = SelectionMetric.__args__
+
+
 class CheckpointConfig(_Section):
     every: int = Field(1, ge=1, description="checkpoint every N epochs")
     keep: int = Field(2, ge=1, description="checkpoints kept (the best by the validation metric stays)")
-    metric: str = "val_macro_f1"
+    metric: SelectionMetric = Field("val_macro_f1", description="validation metric that chooses the model (and the best checkpoints)")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
 
 

@@ -83,7 +83,9 @@ def test_a_killed_worker_and_a_killed_driver_both_resume_and_every_epoch_is_logg
     assert f"registered {MODEL} version 1 as @champion" in run.resumed.stdout
     epochs = [s for s, _ in _history(run.uri, run.mlflow_run_id, "pretrain/epoch")]
     assert sorted(set(epochs)) == [0, 1, 2, 3]
-    assert epochs.count(0) == 1, "the resumed run trained epoch 0 again instead of restoring its checkpoint"
+    # The resumed process starts after the last checkpoint (epoch 2's): it never trains epoch 0 again.
+    # (MLflow keeps one value per step whatever happens, so the console is where a re-run would show.)
+    assert "[pretrain] epoch 1/4" not in run.resumed.stdout + run.resumed.stderr, "the resumed run trained epoch 0 again"
     assert [s for s, _ in _history(run.uri, run.mlflow_run_id, "finetune/epoch")] == [0, 1]
     console = run.resumed.stdout + run.resumed.stderr
     # Rank 0's progress line reaches the driver's console once (Ray Train's print patch would double it).

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import ConfigError, RunConfig
+from pipelines.config import SELECTION_METRICS, ConfigError, RunConfig
 
 DISTRIBUTIONS = ("float", "log", "int", "choice")
 STAGES = ("pretrain", "finetune")
@@ -130,14 +130,8 @@ MASKING_KEYS = ("visible", "masked_share")
 
 
 def objectives() -> tuple[str, ...]:
-    """What a sweep can maximise: the validation metrics a run selects its model on (the report's
-    higher-is-better scalars; ``pipelines.run.selection_metrics``, restated so reading a space needs no Ray)."""
-    import dataclasses
-
-    import msmae
-
-    fields = dataclasses.fields(msmae.ClassificationReport)
-    return tuple(f"val_{f.name}" for f in fields if f.type in (float, "float") and f.name != "loss")
+    """What a sweep can maximise: the validation metrics a run selects its model on."""
+    return SELECTION_METRICS
 
 
 def load_space(path: str | Path) -> SearchSpace:
