@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_METHODS = ["supervised", "mae", "msmae", "msmae_ft_all", "msmae_uncropped"]
+DEFAULT_METHODS = ["supervised", "mae", "msmae", "msmae_ft_all", "msmae_released"]
 HEADLINE = [("test", "accuracy", "test acc"), ("test", "balanced_accuracy", "test bal. acc"),
             ("test", "macro_f1", "test macro-F1"), ("val", "macro_f1", "val macro-F1 (selected)")]
 

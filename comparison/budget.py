@@ -98,13 +98,14 @@ def estimate_run(method: Method, recipe: Recipe, counts: dict[str, int], t: Step
         if method.pretrain == "msmae":
             sam_epochs = max(0, e1 - recipe.sam_start)
             refreshes = len(msmae.MaskingSchedule(recipe.sam_start, recipe.refresh_every).refresh_epochs(e1))
+            refreshes *= method.pretrain_strategy == "attention"  # the uniform rule needs no maps
         else:
             sam_epochs, refreshes = 0, 0
         seconds += steps * ((e1 - sam_epochs) * t.pretrain_random + sam_epochs * t.pretrain_sam) + refreshes * refresh
     e2 = recipe.supervised_epochs() if method.pretrain == "none" else recipe.finetune_epochs
     step = t.finetune_sam if method.finetune_sam else t.finetune_all
     seconds += e2 * (steps * step + counts["val"] * t.eval_image)
-    if method.finetune_sam:
+    if method.finetune == "attention":
         seconds += len(msmae.MaskingSchedule(0, recipe.finetune_refresh_every).refresh_epochs(e2)) * refresh
     return seconds
 
@@ -116,7 +117,7 @@ def plan_runs(methods: list[Method], seeds: list[int]) -> list[tuple[int, Method
     for seed in seeds:
         seen: set[tuple] = set()
         for m in methods:
-            key = (m.pretrain, m.align_maps)
+            key = m.pretrain_key
             order.append((seed, m, m.pretrain != "none" and key in seen))
             seen.add(key)
     return order

@@ -33,29 +33,48 @@ from comparison.augment import TrainBatches, eval_batches, resize_whole
 from comparison.bundle import Bundle, decode_all
 from msmae import defaults
 from msmae.engine import MaskRatios, evaluate
+from msmae.loop import MaskingStrategy
 
 PretrainKind = Literal["none", "mae", "msmae"]
 
 
 @dataclass(frozen=True)
 class Method:
-    """What a compared method changes; everything else is the shared ``Recipe``."""
+    """What a compared method changes; everything else is the shared ``Recipe``.
+
+    ``finetune`` is the fine-tuning masking strategy (``msmae.loop.MaskingStrategy``: the
+    paper's attention rule, the released code's uniform draw, or all tokens);
+    ``pretrain_strategy`` the same choice for MSMAE pre-training's SAM phase.
+    """
 
     name: str
     pretrain: PretrainKind
-    finetune_sam: bool
+    finetune: MaskingStrategy
+    pretrain_strategy: MaskingStrategy = "attention"
     align_maps: bool = True
     description: str = ""
+
+    @property
+    def finetune_sam(self) -> bool:
+        """Does fine-tuning drop tokens (by attention or at random)?"""
+        return self.finetune != "all"
+
+    @property
+    def pretrain_key(self) -> tuple:
+        """What determines the pre-training (methods that share it can share one run of it)."""
+        return (self.pretrain, self.pretrain_strategy, self.align_maps)
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("supervised", "none", False, description="ViT from random init, fine-tuning recipe, all tokens"),
-        Method("mae", "mae", False, description="MAE pre-training (random 75 %, no CLS loss) + all-token fine-tuning"),
-        Method("msmae", "msmae", True, description="MSMAE pre-training + SAM fine-tuning"),
-        Method("msmae_ft_all", "msmae", False, description="MSMAE pre-training + all-token fine-tuning"),
-        Method("msmae_uncropped", "msmae", True, align_maps=False, description="MSMAE with uncropped maps (reference code)"),
+        Method("supervised", "none", "all", description="ViT from random init, fine-tuning recipe, all tokens"),
+        Method("mae", "mae", "all", description="MAE pre-training (random 75 %, no CLS loss) + all-token fine-tuning"),
+        Method("msmae", "msmae", "attention", description="MSMAE as the paper describes it: attention rule in both stages"),
+        Method("msmae_ft_all", "msmae", "all", description="MSMAE pre-training (attention rule) + all-token fine-tuning"),
+        Method("msmae_released", "msmae", "uniform", pretrain_strategy="uniform",
+               description="the released code's rule: uniform weights in both stages (random 45/30/25 %, random 25 % of tokens)"),
+        Method("msmae_uncropped", "msmae", "attention", align_maps=False, description="MSMAE with maps used as stored, ignoring crop and flip"),
     ]
 }
 
@@ -95,6 +114,7 @@ class Recipe:
     sam_start: int = 3
     refresh_every: int = 2
     finetune_refresh_every: int = 2
+    finetune_all_tokens_from: float | None = None  # fraction of fine-tuning after which every token is used
 
     @classmethod
     def for_epochs(cls, pretrain_epochs: int, finetune_epochs: int, **overrides) -> "Recipe":
@@ -248,26 +268,26 @@ def run_stage(
 
 
 def pretrain(
-    kind: PretrainKind, align_maps: bool, recipe: Recipe, data: DeviceData, seed: int, device: torch.device,
-    progress: Progress | None = None,
+    method: Method, recipe: Recipe, data: DeviceData, seed: int, device: torch.device, progress: Progress | None = None,
 ) -> tuple[msmae.MSMAEPretrainModel, StageResult]:
-    """MAE (``kind="mae"``: random masking throughout, no CLS loss) or MSMAE pre-training."""
+    """MAE (``method.pretrain="mae"``: random masking throughout, no CLS loss) or MSMAE pre-training
+    (random masking until ``sam_start``, then SAM by ``method.pretrain_strategy``)."""
     torch.manual_seed(seed)
     preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size, recipe.reg_tokens)
     model = msmae.build_pretrain_model(preset, data.num_classes).to(device)
     optimizer = msmae.build_optimizer(model, "pretrain", weight_decay=recipe.pretrain_weight_decay)
     batches = TrainBatches(data.train, data.train_labels, data.train_aspect, recipe.img_size, recipe.batch_size, _generator(device, seed * 1000 + 1))
     mask_generator = _generator(device, seed * 1000 + 2)
-    sam = kind == "msmae"
+    sam = method.pretrain == "msmae"
     schedule = msmae.StageSchedule(
         recipe.pretrain_epochs, msmae.scaled_lr(recipe.pretrain_blr, recipe.batch_size), recipe.pretrain_min_lr,
         recipe.pretrain_warmup, msmae.MaskingSchedule(recipe.sam_start, recipe.refresh_every) if sam else None,
     )
-    table = msmae.AttentionTable(len(data.train), preset.grid, device=device) if sam else None
     plan = msmae.EpochPlan(
-        "pretrain", "random", recipe.ratios, align_maps=align_maps,
+        "pretrain", "random", recipe.ratios, strategy=method.pretrain_strategy, align_maps=method.align_maps,
         cls_weight=recipe.cls_weight if sam else 0.0, norm_pix_loss=recipe.norm_pix_loss,
     )
+    table = msmae.AttentionTable(len(data.train), preset.grid, device=device) if sam and plan.uses_maps else None
     trainer = msmae.StageTrainer(model, optimizer, plan, schedule, table, mask_generator)
     return model, run_stage(trainer, batches, data, recipe, device, progress)
 
@@ -301,12 +321,16 @@ def finetune(
     batches = TrainBatches(data.train, data.train_labels, data.train_aspect, recipe.img_size, recipe.batch_size, _generator(device, seed * 1000 + 4))
     mask_generator = _generator(device, seed * 1000 + 5)
     sam = method.finetune_sam
+    stop = None if recipe.finetune_all_tokens_from is None else round(recipe.finetune_all_tokens_from * epochs)
     schedule = msmae.StageSchedule(
         epochs, msmae.scaled_lr(recipe.finetune_blr, recipe.batch_size), recipe.finetune_min_lr, warmup,
-        msmae.MaskingSchedule(0, recipe.finetune_refresh_every) if sam else None,
+        msmae.MaskingSchedule(0, recipe.finetune_refresh_every, stop) if sam else None,
     )
-    table = msmae.AttentionTable(len(data.train), preset.grid, device=device) if sam else None
-    plan = msmae.EpochPlan("finetune", schedule.phase(0), recipe.ratios, align_maps=method.align_maps, label_smoothing=recipe.label_smoothing)
+    plan = msmae.EpochPlan(
+        "finetune", schedule.phase(0), recipe.ratios, strategy=method.finetune, align_maps=method.align_maps,
+        label_smoothing=recipe.label_smoothing,
+    )
+    table = msmae.AttentionTable(len(data.train), preset.grid, device=device) if plan.uses_maps else None
     trainer = msmae.StageTrainer(model, optimizer, plan, schedule, table, mask_generator)
     best = _Selection()
 
@@ -359,12 +383,12 @@ def run_method(
     pre = StageResult()
     encoder_state, shared = None, False
     if method.pretrain != "none":
-        key = (method.pretrain, method.align_maps, seed, recipe)
+        key = (*method.pretrain_key, seed, recipe)
         if cache is not None and key in cache.entries:
             encoder_state, pre = cache.entries[key]
             shared = True
         else:
-            model, pre = pretrain(method.pretrain, method.align_maps, recipe, data, seed, device, progress)
+            model, pre = pretrain(method, recipe, data, seed, device, progress)
             encoder_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             del model
             if cache is not None:
