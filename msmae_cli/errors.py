@@ -31,6 +31,7 @@ _KNOWN: tuple[tuple[str, str, int, str], ...] = (
     ("pipelines.sources", "ManifestError", FAILURE, ""),
     ("pipelines.ingest", "IngestError", FAILURE, ""),
     ("pipelines.tracking", "TrackingUnreachable", FAILURE, ""),
+    ("pipelines.local_ray", "LocalResourcesError", USAGE, ""),
     ("yaml", "YAMLError", USAGE, "not valid YAML: "),
     ("mlflow.exceptions", "MlflowException", FAILURE, "MLflow: "),
     ("polars.exceptions", "PolarsError", FAILURE, "cannot read the table: "),

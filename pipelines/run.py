@@ -132,7 +132,7 @@ def run_pipeline(
     if state.get("finished"):
         return _already_finished(state, workdir, log)
     dataset = prepare_data(source, cfg, workdir, log)
-    ensure_ray()
+    ensure_ray(scaling=cfg.scaling)
 
     tracking.set_experiment(tracking_uri, cfg.tracking.experiment, workdir)
     with tracking.active_run(state.get("mlflow_run_id"), state["run_name"]) as run:

@@ -563,3 +563,18 @@ def test_predict_and_evaluate_give_every_file_a_row_or_a_quarantine_line(ray_loc
     assert metrics["train"]["num_samples"] == 4
     assert Counter(q["reason"] for q in metrics["quarantine"]) == {"not_an_image": 1, "unknown_label": 1}
     assert list(scratch.iterdir()) == []  # the raw folder's temporary copy is gone
+
+
+def test_local_ray_is_sized_for_the_workers_and_refuses_gpu_workers_without_a_gpu():
+    """A local run asking for more workers than logical CPUs, or for GPU workers on a CPU machine,
+    would wait for resources forever: the first gets the CPUs it needs, the second one error line."""
+    import torch
+
+    from pipelines import local_ray
+    from pipelines.config import load_config
+
+    assert local_ray.local_cpus_for(load_config("demo", ["scaling.workers=8"]).scaling) == 9
+    if torch.cuda.device_count():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(local_ray.LocalResourcesError, match="scaling.use_gpu"):
+        local_ray.local_cpus_for(load_config("demo", ["scaling.use_gpu=true"]).scaling)
