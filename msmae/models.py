@@ -90,24 +90,25 @@ def sincos_pos_embed(grid: tuple[int, int], dim: int, prefix_tokens: int = 1) ->
     return torch.cat([torch.zeros(prefix_tokens, dim), patches], dim=0).unsqueeze(0)
 
 
-def build_vit(preset: ViTPreset, num_classes: int, global_pool: str, drop_path_rate: float = 0.0) -> VisionTransformer:
-    """A timm ViT of the preset's size with a sin-cos initialised position embedding."""
-    vit = VisionTransformer(
-        img_size=preset.img_size,
-        patch_size=preset.patch_size,
-        embed_dim=preset.embed_dim,
-        depth=preset.depth,
-        num_heads=preset.num_heads,
-        mlp_ratio=preset.mlp_ratio,
-        qkv_bias=True,
-        num_classes=num_classes,
-        global_pool=global_pool,
-        drop_path_rate=drop_path_rate,
-        norm_layer=_norm_layer,
-        reg_tokens=preset.reg_tokens,
+def vit_kwargs(preset: ViTPreset, num_classes: int, global_pool: str, drop_path_rate: float) -> dict:
+    """timm ``VisionTransformer`` arguments for a preset (registers included: timm's pooling skips them)."""
+    return dict(
+        img_size=preset.img_size, patch_size=preset.patch_size, embed_dim=preset.embed_dim, depth=preset.depth,
+        num_heads=preset.num_heads, mlp_ratio=preset.mlp_ratio, qkv_bias=True, num_classes=num_classes,
+        global_pool=global_pool, drop_path_rate=drop_path_rate, norm_layer=_norm_layer, reg_tokens=preset.reg_tokens,
     )
+
+
+def init_sincos(vit: VisionTransformer, preset: ViTPreset) -> None:
+    """Overwrite the position embedding with the fixed 2-D sin-cos one (zero rows for the prefix tokens)."""
     with torch.no_grad():
         vit.pos_embed.copy_(sincos_pos_embed(preset.grid, preset.embed_dim, preset.num_prefix_tokens))
+
+
+def build_vit(preset: ViTPreset, num_classes: int, global_pool: str, drop_path_rate: float = 0.0) -> VisionTransformer:
+    """A timm ViT of the preset's size with a sin-cos initialised position embedding."""
+    vit = VisionTransformer(**vit_kwargs(preset, num_classes, global_pool, drop_path_rate))
+    init_sincos(vit, preset)
     return vit
 
 
@@ -222,23 +223,10 @@ class MSMAEClassifier(VisionTransformer):
     """
 
     def __init__(self, preset: ViTPreset, num_classes: int, drop_path_rate: float = defaults.DROP_PATH) -> None:
-        super().__init__(
-            img_size=preset.img_size,
-            patch_size=preset.patch_size,
-            embed_dim=preset.embed_dim,
-            depth=preset.depth,
-            num_heads=preset.num_heads,
-            mlp_ratio=preset.mlp_ratio,
-            qkv_bias=True,
-            num_classes=num_classes,
-            global_pool="avg",  # timm then uses fc_norm after pooling, no final norm
-            drop_path_rate=drop_path_rate,
-            norm_layer=_norm_layer,
-            reg_tokens=preset.reg_tokens,  # timm's avg pool skips CLS and registers
-        )
+        # global_pool="avg": timm then uses fc_norm after pooling, no final norm
+        super().__init__(**vit_kwargs(preset, num_classes, "avg", drop_path_rate))
         self.preset = preset
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed(preset.grid, preset.embed_dim, preset.num_prefix_tokens))
+        init_sincos(self, preset)
 
     def forward(self, images: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_head(encode(self, images, kept))

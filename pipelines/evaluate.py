@@ -87,7 +87,7 @@ def evaluate_data(model_ref: str, data: Path, split: str, log=print) -> dict:
         out = Path(tmp) / "data"
         try:
             result = ingest(data, out, IngestOptions(val=0.0, test=0.0, classes=names), progress=False, log=lambda _: None)
-        except IngestError as e:
+        except IngestError:
             if not (out / "quarantine.csv").is_file():
                 raise
             reasons = dict(Counter(pl.read_csv(out / "quarantine.csv")["reason"].to_list()))

@@ -19,6 +19,21 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_BTMD = REPO / "data" / "sample" / "btmd"
 
 
+@pytest.fixture(autouse=True)
+def mlflow_uri_isolated(monkeypatch: pytest.MonkeyPatch):
+    """Each test starts with MLflow pointing nowhere in particular, and leaves it so.
+
+    ``mlflow.set_tracking_uri`` (and ``--tracking-uri`` of a command run in-process) also sets
+    ``$MLFLOW_TRACKING_URI``, which every later command would follow — to a server a finished
+    test has already stopped."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored (or removed again) at teardown
+    yield
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._tracking_service import utils
+
+        utils._tracking_uri = None
+
+
 @pytest.fixture(scope="session")
 def data_sample_btmd() -> Path:
     """The bundled BTMD sample (data/sample/btmd); read-only, never write into it."""

@@ -42,10 +42,10 @@ MODEL_NAME = "msmae-two-node"
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 # The end-to-end tests' tiny run cut to one epoch per stage, at 32 px (4 x 4 tokens, a quarter
 # of the demo's compute; SAM still keeps 4 tokens): this test is about placement, not learning.
-# The released code's rule in pre-training (uniform draw) and all-token fine-tuning: the rules the
-# single-node run does not use, on real workers across two nodes.
-TWO_NODE_RUN = [*TINY_RUN, "pretrain.epochs=1", "finetune.epochs=1", "data.img_size=32", "pretrain.masking.sam_start=0",
-                "pretrain.masking.strategy=uniform", "finetune.masking.strategy=all"]
+# The released code's rule (uniform draw) in both stages, fine-tuning switching to every token for
+# its second epoch: the rules the single-node run does not use, on real workers across two nodes.
+TWO_NODE_RUN = [*TINY_RUN, "pretrain.epochs=1", "finetune.epochs=2", "data.img_size=32", "pretrain.masking.sam_start=0",
+                "pretrain.masking.strategy=uniform", "finetune.masking.strategy=uniform", "finetune.masking.all_tokens_from=0.5"]
 
 
 def _free_port() -> int:
@@ -245,12 +245,12 @@ def test_msmae_run_submitted_as_a_ray_job_trains_on_both_nodes(cluster_two_nodes
     for key in ("pretrain/worker_nodes", "finetune/worker_nodes"):
         history = client.get_metric_history(version.run_id, key)
         assert history and all(m.value == 2 for m in history), (key, history)
-    # 32 px, 8 px patches: 16 patches. Uniform SAM shows the encoder 4 of them, drawn at random;
-    # all-token fine-tuning shows all 16.
-    seen = {key: [m.value for m in client.get_metric_history(version.run_id, key)] for key in (
+    # 32 px, 8 px patches: 16 patches. The uniform draw shows the encoder 4 of them at random (draw
+    # weight 1: no preference); fine-tuning's second epoch, after the switch, shows all 16.
+    seen = {key: [m.value for m in sorted(client.get_metric_history(version.run_id, key), key=lambda m: m.step)] for key in (
         "pretrain/train_tokens_seen", "pretrain/train_seen_weight", "finetune/train_tokens_seen", "finetune/train_seen_weight")}
     assert seen == {"pretrain/train_tokens_seen": [4.0], "pretrain/train_seen_weight": [1.0],
-                    "finetune/train_tokens_seen": [16.0], "finetune/train_seen_weight": [1.0]}, seen
+                    "finetune/train_tokens_seen": [4.0, 16.0], "finetune/train_seen_weight": [1.0, 1.0]}, seen
     run = client.get_run(version.run_id)
     assert run.data.params["scaling.worker_resources.train_slot"] == "1.0"
     assert (shared / "work" / "storage").is_dir()  # checkpoints went to the shared path

@@ -117,6 +117,10 @@ def test_the_run_logs_attention_refreshes_final_metrics_and_figures(train_resume
     tokens = dict(_history(run.uri, run.mlflow_run_id, "pretrain/train_tokens_seen"))
     weight = dict(_history(run.uri, run.mlflow_run_id, "pretrain/train_seen_weight"))
     assert set(tokens.values()) == {16.0} and weight[0] == 1.0 and all(weight[e] < 0.99 for e in (1, 2, 3)), weight
+    # Fine-tuning by the same rule: 16 of 64 tokens, the low-attention ones, in both epochs.
+    ft_tokens = dict(_history(run.uri, run.mlflow_run_id, "finetune/train_tokens_seen"))
+    ft_weight = dict(_history(run.uri, run.mlflow_run_id, "finetune/train_seen_weight"))
+    assert ft_tokens == {0: 16.0, 1: 16.0} and all(w < 0.99 for w in ft_weight.values()), ft_weight
     artifacts = {a.path for a in MlflowClient(run.uri).list_artifacts(run.mlflow_run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/roc_curves.png", "plots/attention_overlays.png", "plots/reconstructions.png"} <= artifacts
 

@@ -12,7 +12,6 @@ tests below the table; none trains a model.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -419,20 +418,6 @@ def reliability_loggers_outside_the_runner():
     import pipelines.predict  # noqa: F401
     import pipelines.run  # noqa: F401
     import tuning.sweep  # noqa: F401
-
-
-@pytest.fixture(autouse=True)
-def reliability_mlflow_uri_restored():
-    """``evaluate --tracking-uri`` in-process sets MLflow's URI for the whole process (and $MLFLOW_TRACKING_URI,
-    which the next command would follow): put both back after each test."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    before, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    mlflow.set_tracking_uri(before)
-    if env is not None:
-        os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 @pytest.fixture(scope="module")

@@ -68,5 +68,11 @@ def test_a_space_reaching_a_rejected_configuration_is_refused_before_any_trial(t
 def test_ratios_too_small_to_mask_one_patch_are_refused(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text("masking:\n  finetune: {visible: [0.2, 0.99], masked_share: [0.05, 0.9]}\n")
+    dropping = load_config("demo", ["finetune.masking.strategy=attention"])  # the demo fine-tunes on every token
+    with pytest.raises(SpaceError, match="masks no patch"):
+        check_space(load_space(path), dropping)
+    # A space that can draw a dropping rule is held to its ratios even where the base config uses all tokens.
+    path.write_text("masking:\n  finetune: {visible: [0.2, 0.99], masked_share: [0.05, 0.9]}\n"
+                    "params:\n  finetune.masking.strategy: {choice: [all, uniform]}\n")
     with pytest.raises(SpaceError, match="masks no patch"):
         check_space(load_space(path), load_config("demo"))

@@ -25,6 +25,7 @@ Format::
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,15 +104,20 @@ class SearchSpace:
         return functools.partial(_suggest_all, self)
 
     def corners(self) -> list[dict[str, Any]]:
-        """Overrides at the extremes of every range (low ends, high ends), for up-front validation."""
+        """Overrides at the extremes of every range (low ends, high ends), each with every combination
+        of the choices, for up-front validation: whether a ratio matters can depend on a choice (the
+        fine-tuning ratios only when fine-tuning drops tokens)."""
+        choices = [p for p in self.params if p.kind == "choice"]
         out = []
         for pick in (0, -1):
             overrides: dict[str, Any] = {}
             for m in self.masking:
                 overrides.update(ratios_from(m.visible[pick], m.masked_share[-1 - pick], m.stage))
             for p in self.params:
-                overrides[p.key] = p.values[pick]
-            out.append(overrides)
+                if p.kind != "choice":
+                    overrides[p.key] = p.values[pick]
+            for combination in itertools.product(*(p.values for p in choices)):
+                out.append({**overrides, **{p.key: v for p, v in zip(choices, combination)}})
         return out
 
 
