@@ -141,7 +141,7 @@ def _decode_dicom(raw: bytes, mode: str) -> tuple[Image.Image, str, str] | Rejec
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:
-        return Rejected(DICOM_UNAVAILABLE, "DICOM needs pydicom: pip install 'msmae-ray[dicom]'")
+        return Rejected(DICOM_UNAVAILABLE, "DICOM needs pydicom (a dependency of msmae-ray): pip install pydicom")
     try:
         ds = pydicom.dcmread(io.BytesIO(raw))
         arr = ds.pixel_array
