@@ -321,10 +321,9 @@ def finetune(
     batches = TrainBatches(data.train, data.train_labels, data.train_aspect, recipe.img_size, recipe.batch_size, _generator(device, seed * 1000 + 4))
     mask_generator = _generator(device, seed * 1000 + 5)
     sam = method.finetune_sam
-    stop = None if recipe.finetune_all_tokens_from is None else round(recipe.finetune_all_tokens_from * epochs)
+    masking = msmae.MaskingSchedule.until_fraction(0, recipe.finetune_refresh_every, recipe.finetune_all_tokens_from, epochs)
     schedule = msmae.StageSchedule(
-        epochs, msmae.scaled_lr(recipe.finetune_blr, recipe.batch_size), recipe.finetune_min_lr, warmup,
-        msmae.MaskingSchedule(0, recipe.finetune_refresh_every, stop) if sam else None,
+        epochs, msmae.scaled_lr(recipe.finetune_blr, recipe.batch_size), recipe.finetune_min_lr, warmup, masking if sam else None,
     )
     plan = msmae.EpochPlan(
         "finetune", schedule.phase(0), recipe.ratios, strategy=method.finetune, align_maps=method.align_maps,

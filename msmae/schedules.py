@@ -54,6 +54,12 @@ class MaskingSchedule:
         if self.sam_stop is not None and self.sam_stop < self.sam_start:
             raise ValueError(f"sam_stop={self.sam_stop} is before sam_start={self.sam_start}")
 
+    @classmethod
+    def until_fraction(cls, sam_start: int, refresh_every: int, all_tokens_from: float | None, epochs: int) -> "MaskingSchedule":
+        """A schedule whose SAM phase ends at ``all_tokens_from`` of ``epochs`` (None: it never ends)."""
+        stop = None if all_tokens_from is None else max(sam_start, round(all_tokens_from * epochs))
+        return cls(sam_start, refresh_every, stop)
+
     def phase(self, epoch: int) -> MaskingPhase:
         in_sam = epoch >= self.sam_start and (self.sam_stop is None or epoch < self.sam_stop)
         return "sam" if in_sam else "random"

@@ -158,12 +158,13 @@ class RunConfig(_Section):
             raise ValueError("pretrain.masking.strategy: 'all' is for fine-tuning; pre-training must hide patches to reconstruct them")
         if self.pretrain.masking.all_tokens_from is not None:
             raise ValueError("pretrain.masking.all_tokens_from: fine-tuning only (pre-training always hides patches)")
-        stages = [("pretrain.masking", self.pretrain.masking), ("pretrain.random_mask_ratio", MaskingConfig(mask_ratio=self.pretrain.random_mask_ratio, throw_ratio=0.0))]
-        if self.finetune.masking.strategy != "all":
-            stages.append(("finetune.masking", self.finetune.masking))
-        for key, masking in stages:
+        p, f = self.pretrain, self.finetune
+        draws = [("pretrain.masking", p.masking.mask_ratio, p.masking.throw_ratio), ("pretrain.random_mask_ratio", p.random_mask_ratio, 0.0)]
+        if f.masking.strategy != "all":
+            draws.append(("finetune.masking", f.masking.mask_ratio, f.masking.throw_ratio))
+        for key, mask_ratio, throw_ratio in draws:
             try:
-                msmae.mask_counts(preset.num_patches, masking.mask_ratio, masking.throw_ratio)
+                msmae.mask_counts(preset.num_patches, mask_ratio, throw_ratio)
             except ValueError as e:
                 raise ValueError(f"{key}: {e} (model {self.model.preset} at {preset.img_size} px has {preset.num_patches} patches)") from None
         return self

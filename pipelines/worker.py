@@ -147,8 +147,7 @@ def stage_schedule(spec: StageSpec, global_batch: int) -> msmae.StageSchedule:
     """Per-step lr (linear scaling by the global batch) and when SAM runs; all-token fine-tuning never does."""
     stage_cfg = spec.config.pretrain if spec.stage == "pretrain" else spec.config.finetune
     m = stage_cfg.masking
-    sam_stop = None if m.all_tokens_from is None else max(m.sam_start, round(m.all_tokens_from * stage_cfg.epochs))
-    masking = msmae.MaskingSchedule(m.sam_start, m.refresh_every, sam_stop) if m.strategy != "all" else None
+    masking = msmae.MaskingSchedule.until_fraction(m.sam_start, m.refresh_every, m.all_tokens_from, stage_cfg.epochs) if m.strategy != "all" else None
     return msmae.StageSchedule(stage_cfg.epochs, msmae.scaled_lr(stage_cfg.blr, global_batch), stage_cfg.min_lr, stage_cfg.warmup_epochs, masking)
 
 

@@ -135,11 +135,6 @@ SCHEDULER_KEYS = ("grace_period", "reduction_factor")
 MASKING_KEYS = ("visible", "masked_share")
 
 
-def objectives() -> tuple[str, ...]:
-    """What a sweep can maximise: the validation metrics a run selects its model on."""
-    return SELECTION_METRICS
-
-
 def load_space(path: str | Path) -> SearchSpace:
     """Read and check a space file: every entry's shape and range, before any trial (or Ray) starts."""
     path = Path(path)
@@ -151,8 +146,8 @@ def load_space(path: str | Path) -> SearchSpace:
         raise SpaceError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     _mapping(path, "", tree, TOP_LEVEL)
     objective = tree.get("objective", "val_macro_f1")
-    if objective not in objectives():
-        raise SpaceError(f"{path}: objective: {objective!r} is not a validation metric a run reports; choose one of {', '.join(objectives())}")
+    if objective not in SELECTION_METRICS:  # what a run selects its model on, so what a sweep can maximise
+        raise SpaceError(f"{path}: objective: {objective!r} is not a validation metric a run reports; choose one of {', '.join(SELECTION_METRICS)}")
     scheduler = _mapping(path, "scheduler", tree.get("scheduler") or {}, SCHEDULER_KEYS)
     grace_period = _integer(path, "scheduler.grace_period", scheduler.get("grace_period", 4), minimum=1)
     reduction_factor = _integer(path, "scheduler.reduction_factor", scheduler.get("reduction_factor", 2), minimum=2)

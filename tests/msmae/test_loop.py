@@ -136,5 +136,6 @@ def test_sam_can_stop_before_the_end_of_fine_tuning():
     schedule = msmae.MaskingSchedule(sam_start=0, refresh_every=2, sam_stop=3)
     assert [schedule.phase(e) for e in range(5)] == ["sam", "sam", "sam", "random", "random"]
     assert schedule.refresh_epochs(5) == [0, 2]
+    assert msmae.MaskingSchedule.until_fraction(0, 2, 0.6, 5) == schedule  # 60 % of 5 epochs
     with pytest.raises(ValueError, match="before sam_start"):
         msmae.MaskingSchedule(sam_start=2, refresh_every=1, sam_stop=1)
