@@ -51,7 +51,17 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=512)
     p.add_argument("--pretrain-blr", type=float, default=1e-3, help="lr = blr * batch / 256 (default 1e-3, the paper's)")
     p.add_argument("--finetune-blr", type=float, default=1e-3)
-    p.add_argument("--sam-start", type=int, help="pre-training epochs of random masking before SAM (default 30 %%)")
+    p.add_argument("--layer-decay", type=float, default=0.75,
+                   help="fine-tuning layer-wise lr decay of pre-trained methods (default 0.75, the paper's; 1.0: none). "
+                        "The supervised ViT never gets one")
+    p.add_argument("--sam-start", type=int, help="pre-training epochs of random masking before SAM (default --sam-start-fraction)")
+    p.add_argument("--sam-start-fraction", type=float, default=0.3,
+                   help="SAM starts after this share of pre-training (default 0.3; the paper 40/300 = 0.13)")
+    p.add_argument("--sam-gate", type=float,
+                   help="and only once the CLS head's validation balanced accuracy reaches this (checked every epoch; "
+                        "SAM starts at half of pre-training at the latest)")
+    p.add_argument("--class-balance", action="store_true",
+                   help="weight cross-entropy by inverse class frequency in both stages (for imbalanced data, e.g. HAM10000)")
     p.add_argument("--refresh-every", type=int, help="pre-training epochs between map refreshes (default 20 %%)")
     p.add_argument("--finetune-refresh-every", type=int, help="fine-tuning epochs between map refreshes (default 20 %%)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -76,9 +86,10 @@ def build_recipe(args: argparse.Namespace, pretrain_epochs: int, finetune_epochs
         "sam_start": args.sam_start, "refresh_every": args.refresh_every, "finetune_refresh_every": args.finetune_refresh_every,
     }.items() if v is not None}
     return Recipe.for_epochs(
-        pretrain_epochs, finetune_epochs, preset=args.preset, img_size=args.img_size, patch_size=args.patch_size,
-        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, pretrain_blr=args.pretrain_blr,
-        finetune_blr=args.finetune_blr, **overrides,
+        pretrain_epochs, finetune_epochs, sam_start_fraction=args.sam_start_fraction, preset=args.preset, img_size=args.img_size,
+        patch_size=args.patch_size, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, pretrain_blr=args.pretrain_blr,
+        finetune_blr=args.finetune_blr, layer_decay=args.layer_decay, sam_gate=args.sam_gate, class_balance=args.class_balance,
+        **overrides,
     )
 
 
@@ -181,6 +192,8 @@ def run_main(argv: list[str]) -> None:
 
 def _print_epoch(tag: str, row: dict, clock: Clock) -> None:
     val = f"  val acc {row['val_accuracy']:.3f} f1 {row['val_macro_f1']:.3f}" if "val_macro_f1" in row else ""
+    if "val_cls_balanced_accuracy" in row:  # MSMAE pre-training: the CLS head whose maps SAM follows
+        val = f"  CLS head val bal. acc {row['val_cls_balanced_accuracy']:.3f}"
     stage_eta = row["seconds"] * (row["epochs"] - row["epoch"] - 1)
     total = f", all runs ~{max(clock.eta(), stage_eta):.0f}s" if clock.run_estimate else ""
     print(f"{tag} {row['stage']} {row['epoch'] + 1}/{row['epochs']} {row['phase']}  loss {row['train_loss']:.4f}{val}  "
@@ -212,7 +225,9 @@ def summarise(records: list[dict]) -> dict[tuple, dict[str, dict]]:
     """setting → method → {seeds, metric lists, wall seconds}, in first-seen order."""
     out: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in records:
-        row = out[setting_of(r)].setdefault(r["method"], {"seeds": [], "wall": [], "selected": [], **{f"{s}_{m}": [] for s, m, _ in HEADLINE}})
+        row = out[setting_of(r)].setdefault(r["method"], {"seeds": [], "wall": [], "selected": [], "sam": [], **{f"{s}_{m}": [] for s, m, _ in HEADLINE}})
+        if r.get("sam_started_epoch") is not None:
+            row["sam"].append(r["sam_started_epoch"] + 1)
         row["seeds"].append(r["seed"])
         row["wall"].append(r["wall_seconds"])
         row["selected"].append(r["selected_epoch"] + 1)
@@ -255,12 +270,19 @@ def markdown_tables(records: list[dict]) -> str:
             "Mean ± sd over seeds; model selected by validation macro-F1, evaluated once on test; "
             "wall s per run (a reused MSMAE pre-training counts its measured time)."
         )
-        head = "| method | seeds | " + " | ".join(h for _, _, h in HEADLINE) + " | selected epoch | wall s |"
-        lines = [head, "|" + "---|" * 2 + "---:|" * (len(HEADLINE) + 2)]
+        gated = next((r["recipe"] for r in records if setting_of(r) == setting and r.get("sam_started_epoch") is not None), None)
+        if gated is not None:
+            blocks[-1] += (f" MSMAE pre-training: SAM from epoch {gated['sam_start'] + 1}"
+                           + (f" once the CLS head's val balanced accuracy reaches {gated['sam_gate']} (epoch {gated['sam_latest'] + 1} at the latest)"
+                              if gated.get("sam_gate") is not None else "")
+                           + f"; fine-tuning layer decay {gated['layer_decay']} (supervised: none)"
+                           + ("; class-balanced loss" if gated.get("class_balance") else "") + ".")
+        head = "| method | seeds | " + " | ".join(h for _, _, h in HEADLINE) + " | selected epoch | SAM from epoch | wall s |"
+        lines = [head, "|" + "---|" * 2 + "---:|" * (len(HEADLINE) + 3)]
         for method, row in methods.items():
             cells = [_mean_sd(row[f"{s}_{m}"]) for s, m, _ in HEADLINE]
             lines.append(f"| {method} | {len(row['seeds'])} | " + " | ".join(cells)
-                         + f" | {_mean_sd(row['selected'], 1)} | {_mean_sd(row['wall'], 1)} |")
+                         + f" | {_mean_sd(row['selected'], 1)} | {_mean_sd(row['sam'], 1)} | {_mean_sd(row['wall'], 1)} |")
         blocks.append("\n".join(lines))
         blocks.append(verdict(methods))
     return "\n\n".join(blocks)

@@ -7,12 +7,13 @@ the same epoch skeleton the Ray workers run, with the same optimisers
 (``msmae.build_optimizer``), learning-rate schedule, masking schedule and attention-table
 refreshes as ``pipelines/worker.py``.
 
-Methods (``METHODS``):
-    supervised        fine-tuning recipe from random init on all tokens, no pre-training
-    mae               MAE pre-training (random 75 % masking, no CLS loss) + all-token fine-tuning
-    msmae             MSMAE pre-training (random warm-up, then SAM) + SAM fine-tuning
-    msmae_ft_all      MSMAE pre-training + all-token fine-tuning
-    msmae_uncropped   MSMAE with maps used as stored, ignoring crop and flip, in both stages
+Methods (``METHODS``), each on its own recipe where its authors' differs (``Method.adapt``):
+    supervised        ViT from random init on all tokens, no pre-training, no layer decay
+    mae               MAE pre-training on MAE's own defaults (random 75 %, no CLS loss, blr 1.5e-4,
+                      norm_pix_loss, 5 % warm-up) + all-token fine-tuning
+    msmae             MSMAE pre-training (random warm-up, then SAM by attention) + SAM fine-tuning
+    msmae_ft_all      MSMAE pre-training (attention rule) + all-token fine-tuning
+    msmae_released    the released code's rule: uniform weights in both stages
 
 Protocol: validate on whole images after every fine-tuning epoch, keep the state with the
 best validation macro-F1, evaluate it once on the test split.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Literal
 
@@ -32,7 +33,7 @@ import msmae
 from comparison.augment import TrainBatches, eval_batches, resize_whole
 from comparison.bundle import Bundle, decode_all
 from msmae import defaults
-from msmae.engine import MaskRatios, evaluate
+from msmae.engine import MaskRatios, evaluate, report_from_probs
 from msmae.loop import MaskingStrategy
 
 PretrainKind = Literal["none", "mae", "msmae"]
@@ -53,6 +54,11 @@ class Method:
     pretrain_strategy: MaskingStrategy = "attention"
     align_maps: bool = True
     description: str = ""
+    adapt: Callable[["Recipe"], "Recipe"] | None = None  # the method's own recipe, from the shared one
+
+    def recipe_for(self, recipe: "Recipe") -> "Recipe":
+        """The recipe this method trains with: the shared one, changed where its authors' differs."""
+        return recipe if self.adapt is None else self.adapt(recipe)
 
     @property
     def finetune_sam(self) -> bool:
@@ -65,16 +71,34 @@ class Method:
         return (self.pretrain, self.pretrain_strategy, self.align_maps)
 
 
+# MAE's official pre-training defaults (facebookresearch/mae, PRETRAIN.md): blr 1.5e-4, per-patch
+# normalised pixel targets, 40 warm-up epochs of 800 (5 %); masking 75 % is already the recipe's.
+MAE_PRETRAIN_BLR = 1.5e-4
+MAE_WARMUP_FRACTION = 0.05
+
+
+def mae_official(recipe: "Recipe") -> "Recipe":
+    warmup = float(max(1, round(MAE_WARMUP_FRACTION * recipe.pretrain_epochs)))
+    return replace(recipe, pretrain_blr=MAE_PRETRAIN_BLR, norm_pix_loss=True, pretrain_warmup=warmup)
+
+
+def no_layer_decay(recipe: "Recipe") -> "Recipe":
+    """Layer-wise lr decay keeps pre-trained lower blocks close to where pre-training left them;
+    from random weights there is nothing to keep, and it would train blocks 0-5 at 2-13 % of the lr."""
+    return replace(recipe, layer_decay=1.0)
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("supervised", "none", "all", description="ViT from random init, fine-tuning recipe, all tokens"),
-        Method("mae", "mae", "all", description="MAE pre-training (random 75 %, no CLS loss) + all-token fine-tuning"),
+        Method("supervised", "none", "all", adapt=no_layer_decay,
+               description="ViT from random init, all tokens, no layer decay"),
+        Method("mae", "mae", "all", adapt=mae_official,
+               description="MAE pre-training on MAE's defaults (random 75 %, no CLS loss, blr 1.5e-4, norm_pix_loss) + all-token fine-tuning"),
         Method("msmae", "msmae", "attention", description="MSMAE as the paper describes it: attention rule in both stages"),
         Method("msmae_ft_all", "msmae", "all", description="MSMAE pre-training (attention rule) + all-token fine-tuning"),
         Method("msmae_released", "msmae", "uniform", pretrain_strategy="uniform",
                description="the released code's rule: uniform weights in both stages (random 45/30/25 %, random 25 % of tokens)"),
-        Method("msmae_uncropped", "msmae", "attention", align_maps=False, description="MSMAE with maps used as stored, ignoring crop and flip"),
     ]
 }
 
@@ -112,28 +136,50 @@ class Recipe:
     cls_weight: float = defaults.CLS_WEIGHT
     norm_pix_loss: bool = defaults.NORM_PIX_LOSS
     sam_start: int = 3
+    # SAM waits, from sam_start on, until the CLS head's validation balanced accuracy reaches
+    # sam_gate (its maps follow a head that separates the classes), and starts at sam_latest at
+    # the latest. None: SAM starts at sam_start whatever the head has learnt.
+    sam_gate: float | None = None
+    sam_latest: int | None = None
     refresh_every: int = 2
     finetune_refresh_every: int = 2
     finetune_all_tokens_from: float | None = None  # fraction of fine-tuning after which every token is used
+    class_balance: bool = False  # weight cross-entropy by inverse class frequency (msmae.balanced_class_weights)
+
+    def __post_init__(self) -> None:
+        if self.sam_gate is not None and not 0.0 < self.sam_gate <= 1.0:
+            raise ValueError(f"sam_gate is a balanced accuracy in (0, 1], got {self.sam_gate}")
+        if self.sam_latest is not None and self.sam_latest < self.sam_start:
+            raise ValueError(f"sam_latest={self.sam_latest} is before sam_start={self.sam_start}")
 
     @classmethod
-    def for_epochs(cls, pretrain_epochs: int, finetune_epochs: int, **overrides) -> "Recipe":
+    def for_epochs(
+        cls, pretrain_epochs: int, finetune_epochs: int, sam_start_fraction: float = 0.3, sam_latest_fraction: float = 0.5,
+        **overrides,
+    ) -> "Recipe":
         """A recipe whose warm-ups, SAM start and refresh intervals scale with the epochs.
 
         Warm-up: 10 % of each stage (the paper: 40 of 300 pre-training, 5 of 100 fine-tuning).
-        SAM starts after 30 % of pre-training (a CLS head must exist before its maps mean
-        anything); maps are refreshed every 20 % of a stage (the paper: fine-tuning every 20 of 100).
+        SAM starts after ``sam_start_fraction`` of pre-training (the paper: 40 of 300, 13 %;
+        on short schedules a CLS head must exist before its maps mean anything, hence 30 %
+        by default or a ``sam_gate``), at ``sam_latest_fraction`` at the latest when gated;
+        maps are refreshed every 20 % of a stage (the paper: fine-tuning every 20 of 100).
         """
+        sam_start = max(1, round(sam_start_fraction * pretrain_epochs))
         scaled = {
             "pretrain_epochs": pretrain_epochs,
             "finetune_epochs": finetune_epochs,
             "pretrain_warmup": float(max(1, round(0.1 * pretrain_epochs))),
             "finetune_warmup": float(max(1, round(0.1 * finetune_epochs))),
-            "sam_start": max(1, round(0.3 * pretrain_epochs)),
+            "sam_start": sam_start,
+            "sam_latest": max(sam_start, round(sam_latest_fraction * pretrain_epochs)),
             "refresh_every": max(1, round(0.2 * pretrain_epochs)),
             "finetune_refresh_every": max(1, round(0.2 * finetune_epochs)),
         }
-        return cls(**{**scaled, **overrides})
+        merged = {**scaled, **overrides}
+        if merged["sam_latest"] is not None and merged["sam_latest"] < merged["sam_start"]:
+            merged["sam_latest"] = merged["sam_start"]  # an explicit later sam_start moves the deadline with it
+        return cls(**merged)
 
     @property
     def ratios(self) -> MaskRatios:
@@ -271,7 +317,10 @@ def pretrain(
     method: Method, recipe: Recipe, data: DeviceData, seed: int, device: torch.device, progress: Progress | None = None,
 ) -> tuple[msmae.MSMAEPretrainModel, StageResult]:
     """MAE (``method.pretrain="mae"``: random masking throughout, no CLS loss) or MSMAE pre-training
-    (random masking until ``sam_start``, then SAM by ``method.pretrain_strategy``)."""
+    (random masking until SAM starts, then SAM by ``method.pretrain_strategy``).
+
+    MSMAE epochs record the CLS head's validation balanced accuracy on whole images; with
+    ``recipe.sam_gate`` SAM starts once it reaches the gate (``SamGate``)."""
     torch.manual_seed(seed)
     preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size, recipe.reg_tokens)
     model = msmae.build_pretrain_model(preset, data.num_classes).to(device)
@@ -279,17 +328,67 @@ def pretrain(
     batches = TrainBatches(data.train, data.train_labels, data.train_aspect, recipe.img_size, recipe.batch_size, _generator(device, seed * 1000 + 1))
     mask_generator = _generator(device, seed * 1000 + 2)
     sam = method.pretrain == "msmae"
+    gate = SamGate(recipe) if sam else None
     schedule = msmae.StageSchedule(
         recipe.pretrain_epochs, msmae.scaled_lr(recipe.pretrain_blr, recipe.batch_size), recipe.pretrain_min_lr,
-        recipe.pretrain_warmup, msmae.MaskingSchedule(recipe.sam_start, recipe.refresh_every) if sam else None,
+        recipe.pretrain_warmup, msmae.MaskingSchedule(gate.first_start, recipe.refresh_every) if sam else None,
     )
     plan = msmae.EpochPlan(
         "pretrain", "random", recipe.ratios, strategy=method.pretrain_strategy, align_maps=method.align_maps,
         cls_weight=recipe.cls_weight if sam else 0.0, norm_pix_loss=recipe.norm_pix_loss,
+        class_weights=class_weights(recipe, data) if sam else None,
     )
     table = msmae.AttentionTable(len(data.train), preset.grid, device=device) if sam and plan.uses_maps else None
     trainer = msmae.StageTrainer(model, optimizer, plan, schedule, table, mask_generator)
-    return model, run_stage(trainer, batches, data, recipe, device, progress)
+    validate = partial(gate.check, trainer, data) if sam else None
+    return model, run_stage(trainer, batches, data, recipe, device, progress, validate)
+
+
+def class_weights(recipe: Recipe, data: DeviceData) -> torch.Tensor | None:
+    """Inverse-frequency cross-entropy weights from the training labels, when the recipe asks for them."""
+    if not recipe.class_balance:
+        return None
+    return msmae.balanced_class_weights(torch.bincount(data.train_labels.cpu(), minlength=data.num_classes))
+
+
+@torch.no_grad()
+def cls_head_balanced_accuracy(model: msmae.MSMAEPretrainModel, data: DeviceData, batch_size: int) -> float:
+    """Validation balanced accuracy of the pre-training model's CLS head on whole images."""
+    was_training = model.training
+    model.eval()
+    try:
+        logits = [model.classify(images).float() for images, _ in eval_batches(data.val, data.val_labels, batch_size)]
+    finally:
+        model.train(was_training)
+    probs = torch.cat(logits).softmax(-1)
+    return report_from_probs(probs.cpu(), data.val_labels.cpu(), data.num_classes).balanced_accuracy
+
+
+@dataclass
+class SamGate:
+    """When MSMAE pre-training switches from random masking to SAM.
+
+    Without a gate: at ``recipe.sam_start``. With ``recipe.sam_gate``: at the first epoch from
+    ``sam_start`` on that follows an epoch whose CLS head reached the gate on validation, and at
+    ``recipe.sam_latest`` at the latest, so a head that never gets there still leaves SAM time.
+    """
+
+    recipe: Recipe
+
+    @property
+    def first_start(self) -> int:
+        """The start the schedule is built with: moved earlier by ``check`` when the head passes."""
+        if self.recipe.sam_gate is None:
+            return self.recipe.sam_start
+        return self.recipe.sam_latest if self.recipe.sam_latest is not None else self.recipe.pretrain_epochs
+
+    def check(self, trainer: msmae.StageTrainer, data: DeviceData, epoch: int) -> dict[str, float]:
+        accuracy = cls_head_balanced_accuracy(trainer.model, data, self.recipe.eval_batch_size)
+        masking = trainer.schedule.masking
+        waiting = self.recipe.sam_gate is not None and masking.sam_start > epoch + 1
+        if waiting and epoch + 1 >= self.recipe.sam_start and accuracy >= self.recipe.sam_gate:
+            trainer.schedule = replace(trainer.schedule, masking=replace(masking, sam_start=epoch + 1))
+        return {"cls_balanced_accuracy": accuracy}
 
 
 @dataclass
@@ -327,7 +426,7 @@ def finetune(
     )
     plan = msmae.EpochPlan(
         "finetune", schedule.phase(0), recipe.ratios, strategy=method.finetune, align_maps=method.align_maps,
-        label_smoothing=recipe.label_smoothing,
+        label_smoothing=recipe.label_smoothing, class_weights=class_weights(recipe, data),
     )
     table = msmae.AttentionTable(len(data.train), preset.grid, device=device) if plan.uses_maps else None
     trainer = msmae.StageTrainer(model, optimizer, plan, schedule, table, mask_generator)
@@ -377,6 +476,7 @@ def run_method(
 ) -> dict:
     """Pre-train (if the method does), fine-tune, select on val, test once: one JSON-able record."""
     method = METHODS[method] if isinstance(method, str) else method
+    recipe = method.recipe_for(recipe)
     device = torch.device(device)
     wall_start = time.perf_counter()
     pre = StageResult()
@@ -408,6 +508,8 @@ def run_method(
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "recipe": asdict(recipe),
         "pretrain_epochs": recipe.pretrain_epochs if method.pretrain != "none" else 0,
+        # the first SAM epoch of pre-training (None: MAE, no pre-training, or SAM never started)
+        "sam_started_epoch": next((r["epoch"] for r in pre.curve if r["phase"] == "sam"), None),
         "finetune_epochs": ft_epochs,
         "image_passes": (recipe.pretrain_epochs if method.pretrain != "none" else 0) + ft_epochs,
         **selection,

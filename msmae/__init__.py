@@ -32,6 +32,7 @@ from msmae.engine import (
     refresh_maps,
 )
 from msmae.geometry import crop_flip_maps
+from msmae.losses import balanced_class_weights
 from msmae.map_quality import MapQuality, foreground_patches, map_quality
 from msmae.loop import EpochOutcome, EpochPlan, EpochTotals, StageSchedule, StageTrainer, train_one_epoch
 from msmae.masking import MaskSplit, mask_counts, random_masking, sam_masking
@@ -70,6 +71,7 @@ __all__ = [
     "StageTrainer",
     "ViTPreset",
     "attention_maps",
+    "balanced_class_weights",
     "build_classifier",
     "build_optimizer",
     "build_pretrain_model",

@@ -82,13 +82,14 @@ def pretrain_step(
     norm_pix_loss: bool = defaults.NORM_PIX_LOSS,
     amp: bool = True,
     grad_clip: float | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> PretrainStepOutput:
     """Forward on the kept tokens, loss on the masked ones, one optimiser step."""
     model.train()
     with autocast(images.device, amp):
         pred, logits = model(images, split)
     patch_size = _unwrap(model).preset.patch_size
-    loss, recon, cls = pretrain_loss(pred, logits, images, labels, split.masked, patch_size, cls_weight, norm_pix_loss)
+    loss, recon, cls = pretrain_loss(pred, logits, images, labels, split.masked, patch_size, cls_weight, norm_pix_loss, class_weights)
     _backward_step(loss, model, optimizer, grad_clip)
     return PretrainStepOutput(loss.detach(), recon.detach(), cls.detach())
 
@@ -102,12 +103,14 @@ def finetune_step(
     label_smoothing: float = defaults.LABEL_SMOOTHING,
     amp: bool = True,
     grad_clip: float | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A training step on the visible tokens only (``kept=None``: all tokens); returns the loss."""
+    """A training step on the visible tokens only (``kept=None``: all tokens); returns the loss.
+    ``class_weights`` (``[C]``) weight the cross-entropy by class (``msmae.balanced_class_weights``)."""
     model.train()
     with autocast(images.device, amp):
         logits = model(images, kept)
-    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing)
     _backward_step(loss, model, optimizer, grad_clip)
     return loss.detach()
 

@@ -49,6 +49,8 @@ class EpochPlan:
     norm_pix_loss: bool = defaults.NORM_PIX_LOSS
     label_smoothing: float = defaults.LABEL_SMOOTHING
     grad_clip: float | None = None
+    # per-class cross-entropy weights [C] (msmae.balanced_class_weights) for imbalanced data; None: unweighted
+    class_weights: torch.Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES[self.stage]:
@@ -116,15 +118,21 @@ def train_one_epoch(
         if plan.stage == "pretrain":
             split = draw_masks(plan.phase, plan.ratios, len(images), num_patches, weights, generator, images.device)
             kept = split.kept
-            out = pretrain_step(model, optimizer, images, labels, split, plan.cls_weight, plan.norm_pix_loss, grad_clip=plan.grad_clip)
+            out = pretrain_step(model, optimizer, images, labels, split, plan.cls_weight, plan.norm_pix_loss, grad_clip=plan.grad_clip,
+                                class_weights=_on(plan.class_weights, images.device))
             losses = {"loss": out.loss, "loss_recon": out.reconstruction, "loss_cls": out.classification}
         else:
             kept = None
             if drops_tokens:
                 kept = draw_masks("sam", plan.ratios, len(images), num_patches, weights, generator, images.device).kept
-            losses = {"loss": finetune_step(model, optimizer, images, labels, kept, plan.label_smoothing, grad_clip=plan.grad_clip)}
+            losses = {"loss": finetune_step(model, optimizer, images, labels, kept, plan.label_smoothing, grad_clip=plan.grad_clip,
+                                            class_weights=_on(plan.class_weights, images.device))}
         totals.add({**losses, **seen_by_encoder(kept, weights, num_patches)}, len(images))
     return totals
+
+
+def _on(weights: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if weights is None else weights.to(device, non_blocking=True)
 
 
 def seen_by_encoder(kept: torch.Tensor | None, weights: torch.Tensor | None, num_patches: int) -> dict[str, torch.Tensor | float]:

@@ -55,12 +55,31 @@ def pretrain_loss(
     patch_size: int,
     cls_weight: float = defaults.CLS_WEIGHT,
     norm_pix_loss: bool = defaults.NORM_PIX_LOSS,
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(total, reconstruction, classification)``; total = MSE + λ · CE.
 
     Cross-entropy takes raw logits: the reference code applied softmax first and so
-    squashed the classifier's gradient (defect 1).
+    squashed the classifier's gradient (defect 1). ``class_weights`` (``[C]``) weight each
+    image's cross-entropy by its class (``balanced_class_weights``).
     """
     recon = reconstruction_loss(pred, images, masked, patch_size, norm_pix_loss)
-    cls = F.cross_entropy(logits.float(), labels)
+    cls = F.cross_entropy(logits.float(), labels, weight=class_weights)
     return recon + cls_weight * cls, recon, cls
+
+
+def balanced_class_weights(counts: torch.Tensor | list[int]) -> torch.Tensor:
+    """Per-class cross-entropy weights ``n / (C · n_c)`` for training-set class counts ``n_c``.
+
+    On imbalanced data (HAM10000: 67 % one class) an unweighted loss lets a model sit at the
+    majority class; these weights make every class count as much as the others in the loss,
+    and are all 1 on a balanced set. A class with no training image gets weight 0 (there is
+    nothing to weight), rather than an infinite one.
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float32)
+    if counts.ndim != 1 or not len(counts) or (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError(f"class counts must be a non-empty list of non-negative numbers with a positive total, got {counts.tolist()}")
+    present = counts > 0
+    weights = torch.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights

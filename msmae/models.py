@@ -214,6 +214,11 @@ class MSMAEPretrainModel(nn.Module):
         logits = self.encoder.forward_head(latent)  # CLS token -> classifier
         return self.forward_decoder(latent, split.kept, split.masked), logits
 
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """CLS-head logits on whole images: how well the head whose attention SAM will follow
+        separates the classes (a gate for starting SAM), not a classifier to deploy."""
+        return self.encoder.forward_head(encode(self.encoder, images))
+
 
 class MSMAEClassifier(VisionTransformer):
     """The fine-tuning model: timm ViT with mean-pool -> LayerNorm -> linear head.

@@ -21,7 +21,7 @@ from torchvision.transforms import RandomResizedCrop
 from comparison.augment import CROP_RATIO, CROP_SCALE, TrainBatches, resized_crop, sample_crop_boxes
 from comparison.budget import StepTimes, estimate_run, estimate_total, fit_epochs, plan_runs
 from comparison.bundle import SPLITS, decode_all, load_bundle, make_bundle, save_bundle
-from comparison.runner import METHODS, PretrainCache, Recipe, load_device_data, pretrain, run_method
+from comparison.runner import METHODS, PretrainCache, Recipe, class_weights, load_device_data, pretrain, run_method
 from msmae.geometry import crop_flip_maps
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -222,8 +222,50 @@ def test_every_method_trains_selects_and_tests(tiny_data, device):
     assert [row["phase"] for row in records["msmae"]["finetune_curve"]] == ["sam"]
     assert [row["phase"] for row in records["msmae_ft_all"]["finetune_curve"]] == ["random"]
     assert records["msmae_ft_all"]["pretrain_shared"] and not records["msmae"]["pretrain_shared"]
-    assert not records["msmae_uncropped"]["pretrain_shared"]  # its maps are used differently: its own pre-training
+    assert not records["msmae_released"]["pretrain_shared"]  # uniform weights in pre-training: its own pre-training
+    # each method on its own recipe: MAE on MAE's defaults, the supervised ViT without layer decay
+    assert records["mae"]["recipe"]["pretrain_blr"] == 1.5e-4 and records["mae"]["recipe"]["norm_pix_loss"]
+    assert records["msmae"]["recipe"]["pretrain_blr"] == recipe.pretrain_blr and not records["msmae"]["recipe"]["norm_pix_loss"]
+    assert records["supervised"]["recipe"]["layer_decay"] == 1.0 != recipe.layer_decay == records["msmae"]["recipe"]["layer_decay"]
+    assert records["msmae"]["sam_started_epoch"] == 1 and records["mae"]["sam_started_epoch"] is None
+    # every MSMAE pre-training epoch says how well the CLS head (whose maps SAM follows) classifies
+    assert all(0.0 <= row["val_cls_balanced_accuracy"] <= 1.0 for row in records["msmae"]["pretrain_curve"])
+    assert all("val_cls_balanced_accuracy" not in row for row in records["mae"]["pretrain_curve"])
     assert len(rows) == sum(len(r["pretrain_curve"]) * (not r["pretrain_shared"]) + len(r["finetune_curve"]) for r in records.values())
+
+
+def test_sam_waits_for_the_cls_head_then_starts_at_the_latest_epoch(tiny_data):
+    """A gate no head can reach (1.0 on noise) holds SAM back until sam_latest; a gate any head
+    passes (tiny) lets it start at sam_start."""
+    data = load_device_data(load_bundle(tiny_data), 32, "cpu")
+    recipe = Recipe.for_epochs(4, 1, preset="tiny", img_size=32, patch_size=8, batch_size=16, eval_batch_size=32,
+                               sam_start=1, sam_latest=3, refresh_every=1)
+
+    def phases(gate: float) -> list[str]:
+        _, result = pretrain(METHODS["msmae"], replace(recipe, sam_gate=gate), data, 0, torch.device("cpu"))
+        return [row["phase"] for row in result.curve]
+
+    assert phases(1.0) == ["random", "random", "random", "sam"]
+    assert phases(1e-6) == ["random", "sam", "sam", "sam"]
+    with pytest.raises(ValueError, match="sam_gate"):
+        replace(recipe, sam_gate=1.5)
+
+
+def test_class_balance_weights_the_loss_by_inverse_frequency(tiny_data):
+    full = load_device_data(load_bundle(tiny_data), 32, "cpu")
+    keep = torch.cat([torch.nonzero(full.train_labels != 2).flatten(), torch.nonzero(full.train_labels == 2).flatten()[:4]])
+    data = replace(full, train=full.train[keep], train_plain=full.train_plain[keep], train_labels=full.train_labels[keep],
+                   train_aspect=full.train_aspect[keep])  # 16 / 16 / 4 images
+    recipe = _tiny_recipe()
+    assert class_weights(recipe, data) is None
+    weights = class_weights(replace(recipe, class_balance=True), data)
+    counts = torch.bincount(data.train_labels, minlength=data.num_classes).float()
+    assert torch.allclose(weights * counts, torch.full_like(counts, counts.sum() / data.num_classes))
+    balanced = run_method("supervised", replace(recipe, class_balance=True), data, 0, "cpu")
+    plain = run_method("supervised", recipe, data, 0, "cpu")
+    assert balanced["recipe"]["class_balance"] and not plain["recipe"]["class_balance"]
+    # same seed, same data and order: only the loss weights differ, and they change training
+    assert balanced["finetune_curve"][0]["train_loss"] != pytest.approx(plain["finetune_curve"][0]["train_loss"], rel=1e-6)
 
 
 def test_a_seed_repeats_on_cpu(tiny_data):

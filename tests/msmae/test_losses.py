@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from msmae.losses import patchify, pretrain_loss, reconstruction_loss, unpatchify
+from msmae.losses import balanced_class_weights, patchify, pretrain_loss, reconstruction_loss, unpatchify
 from msmae.masking import sam_masking
 
 
@@ -62,3 +63,24 @@ def test_classification_term_is_plain_cross_entropy_on_logits(generator):
     # Softmax applied twice (the reference's defect) would give a different, flatter value.
     assert not torch.allclose(cls, F.cross_entropy(logits.softmax(-1), labels))
     torch.testing.assert_close(total, recon + 0.1 * cls)
+
+
+def test_balanced_class_weights_make_every_class_count_equally():
+    weights = balanced_class_weights([60, 30, 10, 0])
+    counts = torch.tensor([60.0, 30.0, 10.0, 0.0])
+    # each present class's summed weight is total / classes present; an absent class weighs 0, not inf
+    torch.testing.assert_close(weights * counts, torch.tensor([100 / 3, 100 / 3, 100 / 3, 0.0]))
+    torch.testing.assert_close(balanced_class_weights([5, 5, 5]), torch.ones(3))
+    with pytest.raises(ValueError, match="class counts"):
+        balanced_class_weights([0, 0])
+
+
+def test_class_weights_reweight_the_cls_term(generator):
+    images = torch.randn(2, 3, 64, 64)
+    split = sam_masking(torch.rand(2, 64), 0.45, 0.3, generator)
+    pred = torch.zeros(2, split.masked.shape[1], 192)
+    logits, labels = torch.tensor([[4.0, 0.0], [0.5, 0.2]]), torch.tensor([0, 1])
+    weights = torch.tensor([1.0, 3.0])
+    _, _, cls = pretrain_loss(pred, logits, images, labels, split.masked, 8, class_weights=weights)
+    per_image = F.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(cls, (per_image * weights[labels]).sum() / weights[labels].sum())
