@@ -228,21 +228,23 @@ def evaluate(
 def predict(
     model: Annotated[str, typer.Option("--model", help="models:/NAME@champion, runs:/ID/model, or a checkpoint folder.")],
     input_dir: Annotated[Path, typer.Option("--input", help="Folder of images (searched recursively; every file gets a row).")],
-    out: Annotated[Path, typer.Option(help="Parquet file to write (folders are made).")] = Path("predictions.parquet"),
+    out: Annotated[Path, typer.Option(help="Folder to write the Parquet shards into (made; an earlier predictions folder is replaced whole).")] = Path("predictions"),
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ URIs.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
+    actors: Annotated[int | None, typer.Option(min=1, help="Scoring actors (default: one per GPU of the cluster, else one per 4 CPUs).")] = None,
+    gpus_per_actor: Annotated[float | None, typer.Option(min=0.0, help="GPUs per scoring actor (default: 1 on a GPU cluster, else 0).")] = None,
 ) -> None:
     """Predict every file of a folder (at the model's own size) with Ray Data batch inference; write path, class, probabilities."""
-    from pipelines.outputs import check_output_file
-
     _folder_arg(input_dir, "--input")
-    check_output_file(out, "--out")
-    _model_tracking(tracking_uri, model)
-    from pipelines.predict import predict_folder
+    from pipelines.predict import PredictSettings, check_predictions_out, predict_folder
 
-    summary = predict_folder(model, input_dir, out)
+    check_predictions_out(out)
+    _model_tracking(tracking_uri, model)
+    summary = predict_folder(model, input_dir, out, PredictSettings(batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor))
     reasons = f" {summary['reasons']}" if summary["reasons"] else ""
     typer.echo(f"{summary['images']} files: {summary['images'] - summary['unreadable']} predicted, "
-               f"{summary['unreadable']} not images{reasons} (rows with ok=false) -> {summary['out']}")
+               f"{summary['unreadable']} not images{reasons} (rows with ok=false) -> {summary['out']} "
+               f"({summary['shards']} Parquet shards, {summary['pool']['max_actors']} scoring actors)")
 
 
 @app.command()

@@ -1,115 +1,243 @@
-"""``msmae predict``: batch inference over a folder of images with Ray Data, written to Parquet.
+"""``msmae predict``: Ray Data batch inference over a folder tree, written by Ray Data as Parquet shards.
+
+The pipeline, every stage streaming (nothing is collected on the driver):
+
+    FolderListing (read tasks: the tree walked where the CPUs are)
+      → load_for_predict (CPU tasks: decode as ingest does, resize, uint8 pixels)
+      → Predictor (an actor pool: one model per actor, on a GPU each when the cluster has them)
+      → write_parquet (shards into a staging folder, renamed into place when complete)
 
 Every file under the folder yields exactly one row, whatever it is: an image gets its class
-and probabilities; anything else (not an image, a broken or looping symlink, a decompression
-bomb, a truncated file) gets ``ok = false`` with the same ``reason`` ingest would quarantine it
-for, and a ``detail``. Images are decoded and normalised exactly as ingest does it (16-bit
-contrast, alpha on black, DICOM windowing), so the model sees what it was trained on.
+and probabilities; anything else (not an image, a broken or looping symlink, a FIFO, a
+decompression bomb, a file over the size limit, a truncated file, any exception while decoding
+or scoring it) gets ``ok = false`` with the ``reason`` ingest would quarantine it for (or
+``inference_error``) and a ``detail``, and null probabilities. One bad file never fails the job.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import ray
 import torch
 
-from pipelines import images
-from pipelines.sources import scan_tree
-from pipelines.transforms import normalise, resize_whole
+from pipelines.outputs import OutputPathError, check_output_dir
+from pipelines.transforms import load_for_predict, normalise_batch, text_column
+
+INFERENCE_ERROR = "inference_error"  # the file decoded, but scoring it raised (the detail says what)
+MARKER = "_msmae_predict.json"  # a finished predictions folder: its summary; pyarrow and Ray skip "_" files
+DEFAULT_MAX_FILE_BYTES = 1 << 30
+DECODE_TASK_MEMORY = 256 << 20  # bytes a decode task reserves besides its batch's pixels
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """How the job is spread over the cluster. ``None``: sized to the cluster when the job starts.
+
+    ``actors``: scoring actors (fixed pool). Default: an autoscaling pool of 1 up to one per GPU
+    (``gpus_per_actor`` each) on a GPU cluster, else one per 4 logical CPUs (the rest decode).
+    ``gpus_per_actor``: default 1 when the cluster has GPUs, else 0 (CPU scoring).
+    """
+
+    batch_size: int = 64
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1.0
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    rows_per_file: int = 10_000  # Parquet shard size (rows); fewer, larger files than one per block
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "actors", "rows_per_file", "max_file_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"predict {name.replace('_', '-')} must be >= 1, got {value}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ValueError(f"predict gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The actor pool a job got: (min, max) actors and each actor's resources."""
+
+    min_actors: int
+    max_actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+
+
+def pool_for_cluster(settings: PredictSettings, resources: dict[str, float] | None = None) -> Pool:
+    """The scoring pool for the cluster's resources (``ray.cluster_resources()`` by default)."""
+    resources = ray.cluster_resources() if resources is None else resources
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
+    per_gpu = settings.gpus_per_actor if settings.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if settings.actors is not None:
+        return Pool(settings.actors, settings.actors, per_gpu, settings.cpus_per_actor)
+    most = int(gpus // per_gpu) if per_gpu > 0 else int(cpus // 4)
+    return Pool(1, max(1, most), per_gpu, settings.cpus_per_actor)
 
 
 class Predictor:
-    """A Ray Data callable class: the model is loaded once per actor, not per batch."""
+    """A Ray Data callable class, one per actor: the model loaded once, then one batch at a time.
 
-    def __init__(self, model_ref: str, tracking_uri: str) -> None:
+    ``score`` is the per-batch model call (normalised pixels → probabilities); hooks that change
+    what a batch yields (temperature scaling, heatmaps) belong there or in ``__call__``.
+    """
+
+    def __init__(self, model_ref: str, tracking_uri: str | None) -> None:
         import mlflow
 
         from pipelines.evaluate import load_model
 
-        mlflow.set_tracking_uri(tracking_uri)  # this actor is another process than the driver
-        self.model, self.class_names = load_model(model_ref)
-        self.img_size = self.model.preset.img_size  # the size it was trained at, carried by the model
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)  # this actor is another process than the driver
+        model, self.class_names = load_model(model_ref)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray hides GPUs it did not assign
+        self.model = model.to(self.device).eval()
 
-    def load(self, path: str) -> tuple[np.ndarray | None, str | None, str | None]:
-        """(normalised pixels, None, None), or (None, reason, detail) for a file that is not a usable image."""
-        image = images.load_image(path, "RGB")
-        if isinstance(image, images.Rejected):
-            return None, image.reason, image.detail
-        try:
-            return normalise(resize_whole(image, self.img_size)), None, None
-        except (OSError, ValueError, MemoryError) as e:
-            return None, images.CORRUPT, f"{type(e).__name__}: {e}"
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def score(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``[B, C]`` of normalised images ``[B, 3, S, S]`` on the model's device."""
         import msmae
 
-        loaded = [self.load(str(p)) for p in batch["path"]]
-        ok = np.array([pixels is not None for pixels, _, _ in loaded])
-        probs = np.full((len(loaded), len(self.class_names)), np.nan, dtype=np.float32)
-        if ok.any():
-            pixels = torch.from_numpy(np.stack([p for p, _, _ in loaded if p is not None]))
-            probs[ok] = msmae.predict_probs(self.model, pixels).numpy()
-        names = np.asarray(self.class_names, dtype=object)
-        predicted = np.where(ok, names[np.nan_to_num(probs, nan=0.0).argmax(1)], None)
-        return {
-            "path": batch["path"], "predicted_class": predicted, "ok": ok, "probabilities": probs,
-            "reason": np.array([r for _, r, _ in loaded], dtype=object), "detail": np.array([d for _, _, d in loaded], dtype=object),
-        }
+        return msmae.predict_probs(self.model, pixels)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ok = np.asarray(batch["ok"], dtype=bool).copy()
+        reason, detail = text_column(batch["reason"]), text_column(batch["detail"])
+        probs = np.full((len(ok), len(self.class_names)), np.nan, dtype=np.float32)
+        rows = np.flatnonzero(ok)
+        if len(rows):
+            pixels = torch.from_numpy(normalise_batch(np.asarray(batch["pixels"])[rows]))
+            try:
+                probs[rows] = self._probs(pixels)
+            except Exception:  # noqa: BLE001 - find the image(s) at fault: each alone, the others still scored
+                for k, row in enumerate(rows):
+                    try:
+                        probs[row] = self._probs(pixels[k:k + 1])[0]
+                    except Exception as e:  # noqa: BLE001 - that image's row says why
+                        ok[row], reason[row], detail[row] = False, INFERENCE_ERROR, f"{type(e).__name__}: {e}"
+        return result_table(batch["path"], ok, reason, detail, probs, self.class_names)
+
+    def _probs(self, pixels: torch.Tensor) -> np.ndarray:
+        return self.score(pixels.to(self.device, non_blocking=True)).float().cpu().numpy()
 
 
-def predict_folder(model_ref: str, input_dir: Path, out: Path, batch_size: int = 64) -> dict:
-    """Predict every file under ``input_dir`` (recursively, folder links followed); one row per file.
+def result_table(path, ok: np.ndarray, reason, detail, probs: np.ndarray, class_names: list[str]) -> pa.Table:
+    """The row contract: path, predicted_class, ok, reason, detail, prob_<class> (null where ok is false)."""
+    names = np.asarray(class_names, dtype=object)
+    predicted = np.where(ok, names[np.nan_to_num(probs, nan=0.0).argmax(1)], None)
+    return pa.table({
+        "path": pa.array(list(path), pa.string()),
+        "predicted_class": pa.array(list(predicted), pa.string()),
+        "ok": pa.array(ok, pa.bool_()),
+        "reason": pa.array(list(reason), pa.string()),
+        "detail": pa.array(list(detail), pa.string()),
+        **{f"prob_{name}": pa.array(probs[:, c].astype(np.float64), pa.float64(), mask=~ok) for c, name in enumerate(class_names)},
+    })
 
-    The model is loaded and the folder listed before Ray starts, so a wrong ``--model`` or an
-    empty folder fails in seconds; the Parquet file is written whole or not at all.
+
+def check_predictions_out(out: Path, option: str = "--out") -> None:
+    """Before any work: ``out`` is a new folder, an empty one, or an earlier predictions folder (replaced whole at the end)."""
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"{option} {out} is a file; predict writes a folder of Parquet shards, give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise OutputPathError(f"{option} {out} is a folder holding other files; give a new folder (predict writes Parquet shards there)")
+    check_output_dir(out, option)
+
+
+def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: PredictSettings = PredictSettings()) -> dict:
+    """Predict every file under ``input_dir`` (recursively, folder links followed) into Parquet shards in ``out``.
+
+    The model is loaded and the folder's top level listed before Ray starts, so a wrong
+    ``--model`` or an empty folder fails in seconds. Shards are written into a staging folder
+    beside ``out`` and renamed into place when the job is complete: ``out`` holds a whole
+    result or what it held before. Returns the summary (counted from the shards, streamed).
     """
-    import mlflow
-
     from pipelines.evaluate import load_model
+    from pipelines.listing import FolderListing
     from pipelines.local_ray import ensure_ray
-    from pipelines.outputs import write_atomic
 
     if not input_dir.is_dir():
         raise FileNotFoundError(f"--input {input_dir} is not a folder")
-    entries = scan_tree(input_dir)
-    if not entries:
+    listing = FolderListing(input_dir)
+    if not listing.names:
         raise FileNotFoundError(f"--input {input_dir} holds no files")
-    _, class_names = load_model(model_ref)
-    rows = [
-        {"path": str(input_dir / e.rel), "predicted_class": None, "ok": False, "reason": e.problem, "detail": e.detail, "probabilities": None}
-        for e in entries if e.problem
-    ]
-    readable = [str(input_dir / e.rel) for e in entries if not e.problem]
-    if readable:
-        ensure_ray()
-        ds = ray.data.from_items([{"path": p} for p in readable])
-        ds = ds.map_batches(Predictor, fn_constructor_args=(model_ref, mlflow.get_tracking_uri()), batch_size=batch_size,
-                            concurrency=1, batch_format="numpy")
-        rows += ds.take_all()
-    rows.sort(key=lambda r: r["path"])
-    write_atomic(out, _parquet_bytes(rows, class_names))
-    reasons = Counter(r["reason"] for r in rows if not r["ok"])
-    return {"images": len(rows), "unreadable": sum(reasons.values()), "reasons": dict(reasons), "out": str(out)}
+    check_predictions_out(out)
+    model, class_names = load_model(model_ref)
+    img_size = model.preset.img_size  # the size it was trained at, carried by the model
+    del model
+    tracking_uri = _tracking_uri(model_ref)
+    ensure_ray()
+    pool = pool_for_cluster(settings)
+    ds = ray.data.read_datasource(listing).map_batches(
+        load_for_predict, fn_kwargs={"size": img_size, "max_file_bytes": settings.max_file_bytes},
+        batch_size=settings.batch_size, batch_format="numpy", udf_modifying_row_count=False,
+        # What a decode task holds: one source image at a time plus the batch's pixels. Declaring it also
+        # keeps decoding its own operator: Ray fuses a task map into the actor map after it when their
+        # remote arguments match, and each scoring actor would then decode its batches one after the
+        # other instead of CPU tasks decoding in parallel beside it.
+        memory=DECODE_TASK_MEMORY + settings.batch_size * img_size * img_size * 3,
+    ).map_batches(
+        Predictor, fn_constructor_args=(model_ref, tracking_uri), batch_size=settings.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        num_gpus=pool.gpus_per_actor, num_cpus=pool.cpus_per_actor, udf_modifying_row_count=False,
+    )
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        ds.write_parquet(str(staging), min_rows_per_file=settings.rows_per_file)
+        summary = _count(staging)
+        if not summary["images"]:
+            raise FileNotFoundError(f"--input {input_dir} holds no files (only empty folders)")
+        summary.update(out=str(out), model=model_ref, input=str(input_dir), class_names=class_names, pool=asdict(pool),
+                       shards=sum(1 for p in staging.iterdir() if p.suffix == ".parquet"))
+        (staging / MARKER).write_text(json.dumps(summary, indent=2))
+        _swap_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
 
 
-def _parquet_bytes(rows: list[dict], class_names: list[str]) -> bytes:
-    """path, predicted_class, ok, reason, detail, prob_<class>... (probabilities null where ok is false)."""
-    def prob(row: dict, c: int) -> float | None:
-        return float(row["probabilities"][c]) if row["ok"] else None
+def _tracking_uri(model_ref: str) -> str | None:
+    """The driver's MLflow tracking URI, for actors to load a ``models:/`` or ``runs:/`` model from."""
+    if not model_ref.startswith(("models:/", "runs:/")):
+        return None
+    import mlflow
 
-    table = pa.table({
-        "path": pa.array([r["path"] for r in rows], pa.string()),
-        "predicted_class": pa.array([r["predicted_class"] for r in rows], pa.string()),
-        "ok": pa.array([bool(r["ok"]) for r in rows], pa.bool_()),
-        "reason": pa.array([r["reason"] for r in rows], pa.string()),
-        "detail": pa.array([r["detail"] for r in rows], pa.string()),
-        **{f"prob_{name}": pa.array([prob(r, c) for r in rows], pa.float64()) for c, name in enumerate(class_names)},
-    })
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
+    return mlflow.get_tracking_uri()
+
+
+def _count(folder: Path) -> dict:
+    """Rows, predicted, and failures per reason, read from the shards' ok/reason columns one batch at a time."""
+    import pyarrow.dataset as pads
+
+    reasons: Counter[str] = Counter()
+    rows = 0
+    if folder.is_dir():
+        for batch in pads.dataset(str(folder), format="parquet").to_batches(columns=["ok", "reason"]):
+            rows += batch.num_rows
+            failed = batch.filter(pc.invert(batch.column("ok")))
+            reasons.update(failed.column("reason").to_pylist())
+    return {"images": rows, "unreadable": sum(reasons.values()), "reasons": dict(reasons)}
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished staging folder to ``out``; an earlier predictions folder there is replaced whole."""
+    aside = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, aside)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        if aside.exists():
+            os.replace(aside, out)
+        raise
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(aside)

@@ -72,7 +72,7 @@ class TreeEntry:
     detail: str | None = None
 
 
-def scan_tree(root: Path) -> list[TreeEntry]:
+def scan_tree(root: Path, *, outer: tuple[tuple[int, int], ...] = ()) -> list[TreeEntry]:
     """Everything under `root` that could be an image, sorted by relative path.
 
     Sorted so the listing, and everything derived from it, is identical across runs and
@@ -81,11 +81,13 @@ def scan_tree(root: Path) -> list[TreeEntry]:
     own ancestors is listed once as a `symlink_loop` instead of being walked forever.
     Nothing is skipped silently: broken and looping links, unreadable folders and
     special files come back with a problem, and hidden files are listed like any other
-    (a stray `.DS_Store` is quarantined as not an image).
+    (a stray `.DS_Store` is quarantined as not an image). ``outer``: the (device, inode) of
+    folders above `root` when it is one part of a larger walk (``pipelines.listing``), so a
+    link back to any of them is a loop too.
     """
     root_stat = os.stat(root)
     found: list[TreeEntry] = []
-    stack: list[tuple[str, str, tuple[tuple[int, int], ...]]] = [(str(root), "", ((root_stat.st_dev, root_stat.st_ino),))]
+    stack: list[tuple[str, str, tuple[tuple[int, int], ...]]] = [(str(root), "", (*outer, (root_stat.st_dev, root_stat.st_ino)))]
     while stack:
         folder, prefix, ancestors = stack.pop()
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import secrets
 
 import numpy as np
@@ -116,3 +117,53 @@ def resize_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
     for k in range(n):
         normalise(resize_whole(decode(batch["image"][k]), size), out=images[k])
     return {"image": images, "label": batch["label"].astype(np.int64), "index": batch["index"].astype(np.int64)}
+
+
+def normalise_batch(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W, 3] → float32 [B, 3, H, W], ImageNet mean/std: ``normalise`` over a batch, the same arithmetic."""
+    out = np.multiply(pixels.transpose(0, 3, 1, 2), _SCALE, dtype=np.float32)
+    out += _SHIFT
+    return out
+
+
+def text_column(values) -> np.ndarray:
+    """A nullable string column as an object array of str / None (Ray's numpy batches give NaN for a null string)."""
+    return np.array([v if isinstance(v, str) else None for v in values], dtype=object)
+
+
+def load_for_predict(batch: dict[str, np.ndarray], size: int, max_file_bytes: int) -> dict[str, np.ndarray]:
+    """Listing rows (path, problem, detail) → path, pixels uint8 [B, S, S, 3], ok, reason, detail.
+
+    Each file is decoded as ingest decodes it (``images.load_image``: 16-bit contrast, alpha on
+    black, DICOM windowing) and resized whole, bicubic, as evaluation does. Anything that goes
+    wrong with one file, of any kind, is that file's row (``ok`` false, a reason, a detail, zero
+    pixels), never the batch's failure: a decompression bomb is ``too_large``, a file over
+    ``max_file_bytes`` is ``too_large`` without being read. Pixels stay uint8 (a quarter of the
+    float32 bytes through the object store); the scoring actor normalises them.
+    """
+    from pipelines import images
+
+    paths = batch["path"]
+    n = len(paths)
+    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    ok = np.zeros(n, dtype=bool)
+    reason, detail = text_column(batch["problem"]), text_column(batch["detail"])
+    for k in range(n):
+        if reason[k] is not None:
+            continue  # the listing already knows why (broken link, FIFO, loop, unreadable folder)
+        try:
+            nbytes = os.stat(paths[k]).st_size
+            if nbytes > max_file_bytes:
+                reason[k], detail[k] = images.TOO_LARGE, f"file is {nbytes} bytes, above predict's limit of {max_file_bytes}"
+                continue
+            image = images.load_image(paths[k], "RGB")
+            if isinstance(image, images.Rejected):
+                reason[k], detail[k] = image.reason, image.detail
+                continue
+            pixels[k] = np.asarray(resize_whole(image, size))
+            ok[k] = True
+        except MemoryError as e:
+            reason[k], detail[k] = images.TOO_LARGE, f"MemoryError: {e}"
+        except Exception as e:  # noqa: BLE001 - one file's failure, whatever it is, is that file's row
+            reason[k], detail[k] = images.CORRUPT, f"{type(e).__name__}: {e}"
+    return {"path": paths, "pixels": pixels, "ok": ok, "reason": reason, "detail": detail}

@@ -302,6 +302,8 @@ def random_model(ctx) -> str:
 def predict_with(input_dir: str, out: str = "p.parquet"):
     def build(ctx):
         (ctx.tmp / "empty").mkdir()
+        text(ctx.tmp / "full" / "notes.txt", "someone else's folder")
+        text(ctx.tmp / "f", "a file")
         return ["predict", "--model", "no/such/model", "--input", ctx.tmp / input_dir, "--out", ctx.tmp / out]
     return build
 
@@ -394,7 +396,9 @@ CASES = [
     Case("evaluate-ingest-error-no-class-of-the-model", evaluate_with(random_model), 1, ("nothing to evaluate", "tumour")),
     Case("predict-input-missing", predict_with("nope"), 2, ("--input", "does not exist")),
     Case("predict-input-empty", predict_with("empty"), 1, ("holds no files",)),
-    Case("predict-out-is-a-folder", predict_with("empty", out="empty"), 2, ("--out", "is a folder")),
+    # --out is a folder of Parquet shards: a file, or a folder holding anything but earlier predictions, is refused
+    Case("predict-out-is-a-foreign-folder", predict_with("empty", out="full"), 2, ("--out", "is a folder holding other files")),
+    Case("predict-out-is-a-file", predict_with("empty", out="f"), 2, ("--out", "is a file")),
     # tune: the space checked before anything
     Case("tune-space-yaml-syntax", tune_space("masking: {pretrain: [\n"), 2, ("space.yaml", "not valid YAML"), no_workdir),
     Case("tune-space-objective-unknown", tune_space("objective: val_bogus\n" + MASKING), 2, ("objective", "val_bogus"), no_workdir),
