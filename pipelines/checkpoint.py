@@ -4,7 +4,10 @@ A checkpoint folder holds ``state.pt`` (model and optimiser state, the attention
 epoch, best score, and the model's *preset* — architecture and image size — so that
 anything loading it rebuilds the right model at the right size without being told) and
 ``meta.json`` (stage, that epoch's metrics, class names, the resolved config) for people
-and tools that should not need torch to read it.
+and tools that should not need torch to read it. The chosen fine-tuning checkpoint also gets
+``inference.json`` at the end of a run: the temperature fitted on validation and the
+preprocessing (ingest's channel mode and downscale), which ``msmae evaluate`` / ``predict``
+apply when given the checkpoint folder instead of the registered model.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import msmae
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+INFERENCE_FILE = "inference.json"
 
 
 def is_checkpoint(directory: str | Path) -> bool:
@@ -74,3 +78,25 @@ def load_pretrain_model(directory: str | Path) -> msmae.MSMAEPretrainModel:
 def load_encoder_into(classifier: msmae.MSMAEClassifier, directory: str | Path) -> None:
     """Initialise a classifier's encoder from a pre-training checkpoint (fine-tuning's start)."""
     msmae.load_pretrained_encoder(classifier, read_state(directory)["model"])
+
+
+def write_inference(directory: str | Path, *, temperature: float, preprocessing: dict, calibration: dict) -> Path:
+    """Store what inference needs beside the weights: the fitted temperature and the preprocessing."""
+    path = Path(directory) / INFERENCE_FILE
+    path.write_text(json.dumps({"temperature": temperature, "preprocessing": preprocessing, "calibration": calibration}, indent=2))
+    return path
+
+
+def read_inference(directory: str | Path) -> dict[str, Any]:
+    """``inference.json`` of a checkpoint; ``{}`` for one a run never finished (temperature 1, default preprocessing)."""
+    path = Path(directory) / INFERENCE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it to use the checkpoint uncalibrated") from None
+    temperature = data.get("temperature")
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{path}: 'temperature' must be a positive number, got {temperature!r}")
+    return data

@@ -7,45 +7,89 @@ registered model), so nothing here asks the user for it.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import msmae
-from pipelines import checkpoint
+from pipelines import calibration, checkpoint
 from pipelines.data import eval_stream
 from pipelines.dataset import IngestedDataset
+from pipelines.preprocessing import Preprocessing
+
+
+@dataclass
+class LoadedModel:
+    """A classifier with what inference needs beside its weights."""
+
+    model: msmae.MSMAEClassifier
+    class_names: list[str]
+    temperature: float  # 1.0: uncalibrated (a checkpoint from a run that did not finish)
+    preprocessing: Preprocessing
+
+
+def load(ref: str) -> LoadedModel:
+    """A classifier from an MLflow model URI (``models:/NAME@champion``, ``runs:/…``) or a checkpoint folder,
+    with its temperature and preprocessing (from the registered model, or the checkpoint's ``inference.json``)."""
+    if ref.startswith(("models:/", "runs:/")):
+        from pipelines import tracking
+
+        info = tracking.model_info(ref)
+        meta = info.metadata or {}
+        names = list(meta.get("class_names") or [])
+        if not names:
+            raise ValueError(f"{ref} carries no class_names metadata; was it registered by msmae?")
+        if "pytorch" in (info.flavors or {}):  # registered before the pyfunc: no temperature, default preprocessing
+            model = tracking.load_pytorch(ref).eval()
+            return LoadedModel(model, names, 1.0, Preprocessing(img_size=model.preset.img_size))
+        scorer = tracking.load_pyfunc(ref).unwrap_python_model().scorer
+        return LoadedModel(scorer.model, scorer.class_names, scorer.temperature, scorer.preprocessing)
+    if not checkpoint.is_checkpoint(ref):
+        raise FileNotFoundError(f"{ref} is neither an MLflow model URI (models:/NAME@alias) nor a checkpoint folder with {checkpoint.STATE_FILE}")
+    model, names = checkpoint.load_classifier(ref)
+    inference = checkpoint.read_inference(ref)
+    preprocessing = Preprocessing.from_dict({"img_size": model.preset.img_size, **inference.get("preprocessing", {})})
+    return LoadedModel(model, names, float(inference.get("temperature", 1.0)), preprocessing)
 
 
 def load_model(ref: str) -> tuple[msmae.MSMAEClassifier, list[str]]:
-    """A classifier from an MLflow model URI (``models:/NAME@champion``, ``runs:/…``) or a checkpoint folder."""
-    if ref.startswith(("models:/", "runs:/")):
-        import mlflow
-
-        info = mlflow.models.get_model_info(ref)
-        names = list((info.metadata or {}).get("class_names") or [])
-        model = mlflow.pytorch.load_model(ref, map_location="cpu")
-        if not names:
-            raise ValueError(f"{ref} carries no class_names metadata; was it registered by msmae?")
-        return model.eval(), names
-    if not checkpoint.is_checkpoint(ref):
-        raise FileNotFoundError(f"{ref} is neither an MLflow model URI (models:/NAME@alias) nor a checkpoint folder with {checkpoint.STATE_FILE}")
-    return checkpoint.load_classifier(ref)
+    """The classifier and its class names only (see ``load`` for temperature and preprocessing)."""
+    loaded = load(ref)
+    return loaded.model, loaded.class_names
 
 
 def evaluate_split(
-    model: msmae.MSMAEClassifier, data_dir: Path, split: str, batch_size: int = 64
+    model: msmae.MSMAEClassifier, data_dir: Path, split: str, batch_size: int = 64, temperature: float = 1.0,
 ) -> tuple[msmae.ClassificationReport, torch.Tensor, torch.Tensor]:
     """Evaluate on every image of ``split`` at the model's own size (streamed by Ray Data, resize only, all tokens).
 
-    Returns the report and the probabilities and labels behind it (for plots)."""
+    Returns the report (with its ECE before and after ``temperature``) and the temperature-scaled
+    probabilities and labels behind it (for plots)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     batches = (
         (b["image"], b["label"])
         for b in eval_stream(data_dir, split, model.preset.img_size).iter_torch_batches(batch_size=batch_size, device=device)
     )
-    return msmae.evaluate(model, batches, model.num_classes)
+    _, raw, labels = msmae.evaluate(model, batches, model.num_classes)
+    return calibrated_report(raw, labels, model.num_classes, temperature)
+
+
+def calibrated_report(raw: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float,
+                      ) -> tuple[msmae.ClassificationReport, torch.Tensor, torch.Tensor]:
+    """The report of the temperature-scaled probabilities, with ``ece`` (after), ``ece_uncalibrated`` and ``temperature``
+    in its extras; the predicted classes, hence accuracy and the confusion matrix, do not change."""
+    from msmae.engine import report_from_probs
+
+    probs = torch.from_numpy(calibration.apply_temperature(raw.numpy(), temperature)).float()
+    report = report_from_probs(probs, labels, num_classes)
+    report.extra.update(
+        ece=calibration.expected_calibration_error(probs.numpy(), labels.numpy()),
+        ece_uncalibrated=calibration.expected_calibration_error(raw.numpy(), labels.numpy()),
+        temperature=float(temperature),
+    )
+    return report, probs, labels
 
 
 def format_report(report: msmae.ClassificationReport, class_names: list[str], title: str) -> str:
@@ -57,6 +101,8 @@ def format_report(report: msmae.ClassificationReport, class_names: list[str], ti
         f"  balanced accuracy  {report.balanced_accuracy:.4f}",
         f"  macro-F1           {report.macro_f1:.4f}",
         f"  macro ROC AUC      {report.macro_auc:.4f}",
+        *([f"  ECE                {report.extra['ece']:.4f} (uncalibrated {report.extra['ece_uncalibrated']:.4f}, "
+           f"temperature {report.extra['temperature']:.3f})"] if "ece" in report.extra else []),
         "  per class          " + "  ".join(f"{n}: AUC {a:.3f}" for n, a in zip(class_names, report.per_class_auc)),
         "  confusion (rows = true, columns = predicted; " + ", ".join(class_names) + ")",
     ]
@@ -74,9 +120,10 @@ def evaluate_data(model_ref: str, data: Path, split: str, log=print) -> dict:
     folder's copy lives in a temporary folder removed afterwards; what it quarantined is
     listed in the result (``quarantine``: path, reason, detail), so no file goes unaccounted.
     """
-    model, names = load_model(model_ref)
+    loaded = load(model_ref)
+    names = loaded.class_names
     if IngestedDataset.is_ingested(data):
-        return _evaluate_ingested(model, names, model_ref, data, split, log)
+        return _evaluate_ingested(loaded, model_ref, data, split, log)
     import tempfile
 
     import polars as pl
@@ -86,7 +133,9 @@ def evaluate_data(model_ref: str, data: Path, split: str, log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="msmae-eval-") as tmp:
         out = Path(tmp) / "data"
         try:
-            result = ingest(data, out, IngestOptions(val=0.0, test=0.0, classes=names), progress=False, log=lambda _: None)
+            prep = loaded.preprocessing  # decoded as the model's training data was (mode, downscale)
+            result = ingest(data, out, IngestOptions(mode=prep.mode, max_side=prep.max_side, val=0.0, test=0.0, classes=names),
+                            progress=False, log=lambda _: None)
         except IngestError:
             if not (out / "quarantine.csv").is_file():
                 raise
@@ -96,17 +145,16 @@ def evaluate_data(model_ref: str, data: Path, split: str, log=print) -> dict:
         quarantine = pl.read_csv(out / "quarantine.csv", infer_schema=False).to_dicts()
         log(f"ingested {data}: {result.summary['num_images']} images, {len(quarantine)} quarantined"
             + (f" {dict(Counter(q['reason'] for q in quarantine))} (listed in the output's 'quarantine')" if quarantine else ""))
-        results = _evaluate_ingested(model, names, model_ref, out, "train", log, shown_as=data)  # everything lands in one split
+        results = _evaluate_ingested(loaded, model_ref, out, "train", log, shown_as=data)  # everything lands in one split
     results["quarantine"] = quarantine
     return results
 
 
-def _evaluate_ingested(
-    model: msmae.MSMAEClassifier, names: list[str], model_ref: str, data: Path, split: str, log, shown_as: Path | None = None,
-) -> dict:
-    """Every requested split checked first (no Ray start for a wrong one), then evaluated and printed."""
+def _evaluate_ingested(loaded: LoadedModel, model_ref: str, data: Path, split: str, log, shown_as: Path | None = None) -> dict:
+    """Every requested split checked first (no Ray start for a wrong one), then evaluated at the model's temperature and printed."""
     from pipelines.local_ray import ensure_ray
 
+    names = loaded.class_names
     dataset = IngestedDataset.load(data)
     if dataset.class_names != names:
         raise ValueError(f"{data} has classes {dataset.class_names}, the model {names}; re-ingest with --classes {','.join(names)}")
@@ -117,7 +165,7 @@ def _evaluate_ingested(
     ensure_ray()
     results = {}
     for name in splits:
-        report, _, _ = evaluate_split(model, data, name)
+        report, _, _ = evaluate_split(loaded.model, data, name, temperature=loaded.temperature)
         log(format_report(report, names, f"{model_ref} on {shown_as or data} [{name}]"))
         results[name] = {"class_names": names, **report.__dict__}
     return results

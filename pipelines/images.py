@@ -31,11 +31,10 @@ MIN_SIDE = "min_side"  # decodes, but its shorter side is below --min-side (a 1x
 DEFAULT_MIN_SIDE = 8
 
 SUPPORTED_MODES = ("RGB", "L")
-# Formats whose bytes we store unchanged when no resize is needed: every Ray Data / PIL
-# worker decodes them, and `Image.open(b).convert(mode)` reproduces the normalised pixels
-# exactly (RGB <-> L conversion is deterministic), so re-encoding would only lose quality.
+# Formats whose bytes we store unchanged when no resize is needed (and the mode allows it,
+# ``_decodes_same``): every Ray Data / PIL worker decodes them to the normalised pixels, so
+# re-encoding would only lose quality.
 _PASS_THROUGH_FORMATS = {"JPEG", "PNG"}
-_PASS_THROUGH_MODES = {"RGB", "L"}
 
 
 @dataclass(frozen=True)
@@ -79,11 +78,19 @@ def process_file(path: str, mode: str = "RGB", max_side: int | None = None, min_
     resized = downscale(normalised, max_side)
     if min(resized.size) < min_side:
         return Rejected(MIN_SIDE, f"image is {resized.width}x{resized.height} px; its shorter side is below --min-side {min_side}")
-    if resized is normalised and fmt in _PASS_THROUGH_FORMATS and src_mode in _PASS_THROUGH_MODES:
+    if resized is normalised and fmt in _PASS_THROUGH_FORMATS and _decodes_same(src_mode, mode):
         data = raw
     else:
         data = encode_png(resized)
     return Accepted(pixel_hash(normalised), data, resized.width, resized.height, fmt, src_mode)
+
+
+def _decodes_same(src_mode: str, mode: str) -> bool:
+    """May the source bytes be stored unchanged? Readers decode stored bytes with ``.convert("RGB")``
+    (``pipelines.transforms.decode``), so the stored file must give the normalised image under that
+    conversion: true for RGB->RGB, L->L and L->RGB (a grey image replicated either way), false for
+    RGB->L (the reader would see colour where ingest, and inference, see grey)."""
+    return src_mode == mode or (src_mode == "L" and mode == "RGB")
 
 
 def load_image(path: str | Path, mode: str = "RGB") -> Image.Image | Rejected:
@@ -92,8 +99,40 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image | Rejected:
     raw = _read_bytes(path)
     if isinstance(raw, Rejected):
         return raw
-    decoded = _decode(raw, Path(path).suffix, mode)
+    return decode_bytes(raw, Path(path).suffix, mode)
+
+
+def decode_bytes(raw: bytes, suffix: str = "", mode: str = "RGB") -> Image.Image | Rejected:
+    """Encoded image bytes (PNG, JPEG, TIFF, DICOM, ...) decoded and normalised as ingest does it.
+
+    ``suffix`` is the file's extension when known (``.dcm``); DICOM is also recognised by its
+    ``DICM`` preamble, so bytes sent to the served model need no name."""
+    if not raw:
+        return Rejected(ZERO_BYTE, "image is empty (0 bytes)")
+    decoded = _decode(raw, suffix, mode)
     return decoded if isinstance(decoded, Rejected) else decoded[0]
+
+
+def from_array(array: np.ndarray, mode: str = "RGB") -> Image.Image | Rejected:
+    """A pixel array (H×W grey, H×W×3 RGB, H×W×4 RGBA; uint8, 16-bit or float) normalised as ingest
+    normalises a decoded file: integer data wider than 8 bits and float data are stretched over
+    their own range (as 16-bit PNGs are), alpha is composited on black."""
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)) or min(arr.shape[:2]) < 1:
+        return Rejected(UNSUPPORTED_MODE, f"array of shape {arr.shape}: expected H x W, H x W x 3 or H x W x 4")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.number):
+            return Rejected(UNSUPPORTED_MODE, f"array of dtype {arr.dtype}: expected numbers")
+        arr = _to_uint8(arr.astype(np.float64))  # stretched over its own range, as a 16-bit PNG is
+    img = Image.fromarray(np.ascontiguousarray(arr))  # uint8: H x W -> L, x3 -> RGB, x4 -> RGBA
+    try:
+        return to_mode(img, mode)
+    except _UnsupportedMode as e:
+        return Rejected(UNSUPPORTED_MODE, str(e))
 
 
 def _read_bytes(path: str | Path) -> bytes | Rejected:

@@ -137,3 +137,26 @@ def _role_image(split: msmae.MaskSplit, preset: msmae.ViTPreset) -> np.ndarray:
     roles.scatter_(1, split.masked.cpu(), 1)
     roles.scatter_(1, split.thrown.cpu(), 2)
     return roles.reshape(-1, *preset.grid).numpy()
+
+
+def reliability_figure(curves: dict[str, object], title: str = "") -> plt.Figure:
+    """Reliability diagram: accuracy against confidence per bin for each named ``calibration.Reliability``
+    (e.g. before and after temperature scaling), the diagonal a calibrated model would sit on, and
+    how many images each bin holds (ECE weighs bins by it)."""
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.2, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="calibrated")
+    for k, (name, r) in enumerate(curves.items()):
+        centres = (r.edges[:-1] + r.edges[1:]) / 2
+        filled = r.counts > 0
+        ax.plot(r.confidence[filled], r.accuracy[filled], "o-", ms=4, label=f"{name} (ECE {r.ece:.3f})")
+        width = (r.edges[1] - r.edges[0]) / (len(curves) + 0.5)
+        hist.bar(centres - (r.edges[1] - r.edges[0]) / 2 + width * (k + 0.75), r.counts, width=width, label=name)
+    ax.set_ylabel("accuracy in bin")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title or "reliability (top label, 15 bins)", fontsize=9)
+    hist.set_xlabel("confidence (top probability)")
+    hist.set_ylabel("images")
+    fig.tight_layout()
+    return fig

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -21,10 +22,17 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import msmae
+from pipelines.model_card import NOT_FOR_DIAGNOSIS
+from pipelines.preprocessing import Preprocessing
 
 CHAMPION = "champion"
-# Requirements recorded with the model; giving them avoids MLflow's slow inference (~20 s).
-MODEL_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "timm==1.0.31", "msmae-ray==0.1.0"]
+REPO = Path(__file__).resolve().parents[1]
+# What the registered model needs to load and run in a fresh environment (its code travels in
+# code_paths, so msmae-ray itself is not one); giving them avoids MLflow's slow inference (~20 s).
+SERVING_REQUIREMENTS = [
+    f"torch=={torch.__version__.split('+')[0]}", "torchvision==0.29.1", "timm==1.0.31", f"mlflow=={mlflow.__version__}",
+    "pillow>=11", "numpy", "pandas", "pydicom==3.0.2",
+]
 
 
 def resolve_tracking_uri(explicit: str | None, workdir: Path) -> str:
@@ -102,11 +110,22 @@ def log_run_inputs(config: dict, flat_params: dict, dataset_summary: Path, tags:
     mlflow.set_tags(dict(tags))
 
 
-def log_report(scalars: Mapping[str, float], report_json: dict | None = None, artifact: str | None = None) -> None:
-    """A final report's metrics (``final_val/accuracy`` …) and, optionally, the whole report as JSON."""
-    mlflow.log_metrics(dict(scalars))
+def log_report(scalars: Mapping[str, float], report_json: dict | None = None, artifact: str | None = None, step: int | None = None) -> None:
+    """A final report's metrics (``final_val/accuracy`` …) and, optionally, the whole report as JSON.
+
+    ``step``: the chosen epoch, so that registering the model at that step links these metrics to it."""
+    mlflow.log_metrics(dict(scalars), step=step)
     if report_json is not None and artifact:
         mlflow.log_dict(report_json, artifact)
+
+
+def log_text(text: str, artifact: str) -> None:
+    mlflow.log_text(text, artifact)
+
+
+def active_run_id() -> str:
+    run = mlflow.active_run()
+    return run.info.run_id if run else ""
 
 
 def log_figures(figures: Mapping[str, object]) -> None:
@@ -150,46 +169,127 @@ def log_params(params: dict) -> None:
         mlflow.log_params(dict(items[start:start + 100]))
 
 
-def register_model(
-    model: msmae.MSMAEClassifier,
-    model_name: str,
-    class_names: list[str],
-    metric_name: str,
-    metric_value: float,
-    dataset_fingerprint: str,
-    example: torch.Tensor,
-    extra_tags: dict[str, str] | None = None,
-) -> tuple[str, bool]:
-    """Log the classifier to the active run, register it, and move ``champion`` if it wins.
+@dataclass(frozen=True)
+class ModelToRegister:
+    """Everything the registry gets about one model, gathered by ``pipelines.report``."""
+
+    model: msmae.MSMAEClassifier
+    class_names: list[str]
+    temperature: float
+    preprocessing: Preprocessing
+    selection_metric: str  # e.g. val_macro_f1, compared against the champion's
+    selection_value: float
+    dataset_fingerprint: str
+    step: int  # the fine-tuning epoch chosen: the run's metrics at this step are linked to the model
+    version_description: str  # the model card (markdown)
+    model_description: str  # the registered model's description (what every version is)
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+def register_model(spec: ModelToRegister, model_name: str) -> tuple[str, bool]:
+    """Log the classifier as a self-contained pyfunc, register it with its model card, move ``champion`` if it wins.
 
     Returns ``(version, became_champion)``. The comparison is only against a champion
     evaluated on the same validation split (same dataset fingerprint); a champion from
-    another dataset is replaced.
+    another dataset is replaced. ``step`` links the run's metrics at the chosen epoch (and
+    anything else logged at that step number, e.g. ``pretrain/*`` of the same epoch index)
+    to the logged model, which is MLflow 3's model-metric linkage.
     """
-    from mlflow.models import infer_signature
+    import tempfile
 
-    model = model.cpu().eval()
-    with torch.no_grad():
-        probs = model(example).softmax(-1)
-    signature = infer_signature(example.numpy(), probs.numpy())
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        serialization_format="pickle",  # the module itself comes back (attention maps, hooks)
-        signature=signature,
-        pip_requirements=MODEL_REQUIREMENTS,
-        metadata={"class_names": class_names, "preset": msmae.models.preset_dict(model.preset)},
-        registered_model_name=model_name,
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    from pipelines import serving
+
+    model = spec.model.cpu().eval()
+    example = pd.DataFrame({"image": [serving.example_image()]})
+    scorer = serving.Scorer(model, spec.class_names, spec.temperature, spec.preprocessing)
+    output = scorer.table(scorer.score(serving._sources(example)))
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)]),
+        outputs=Schema([ColSpec("double", f"prob_{n}") for n in spec.class_names]
+                       + [ColSpec("string", "predicted_class", required=False), ColSpec("boolean", "ok"),
+                          ColSpec("string", "reason", required=False), ColSpec("string", "detail", required=False),
+                          ColSpec(Array(Array("double")), "heatmap", required=False)]),  # with params heatmaps=True
+        params=ParamSchema([ParamSpec("heatmaps", "boolean", False)]),
     )
+    if list(output.columns) != [c.name for c in signature.outputs.inputs][:-1]:  # the signature says what predict returns
+        raise AssertionError(f"pyfunc output columns {list(output.columns)} differ from its signature")
+    with tempfile.TemporaryDirectory(prefix="msmae-model-") as tmp:
+        weights = Path(tmp) / "classifier.pt"
+        serving.weights_file(weights, model, spec.class_names, spec.temperature, spec.preprocessing)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=serving.MSMAEPyfunc(),
+            artifacts={serving.WEIGHTS_ARTIFACT: str(weights)},
+            code_paths=[str(REPO / "msmae"), str(REPO / "pipelines")],  # loads without this project installed
+            signature=signature,
+            input_example=example,
+            pip_requirements=SERVING_REQUIREMENTS,
+            metadata={"class_names": spec.class_names, "preset": msmae.models.preset_dict(model.preset),
+                      "temperature": spec.temperature, "preprocessing": spec.preprocessing.to_dict(),
+                      "selected_epoch": spec.step, "intended_use": NOT_FOR_DIAGNOSIS},
+            registered_model_name=model_name,
+            step=spec.step,
+        )
     version = str(info.registered_model_version)
     client = MlflowClient()
-    tags = {metric_name: f"{metric_value:.6f}", "dataset_fingerprint": dataset_fingerprint, "class_names": ",".join(class_names), **(extra_tags or {})}
+    client.update_registered_model(model_name, description=_fit(spec.model_description))
+    client.update_model_version(model_name, version, description=_fit(spec.version_description))
+    tags = {
+        spec.selection_metric: f"{spec.selection_value:.6f}", "dataset_fingerprint": spec.dataset_fingerprint,
+        "class_names": ",".join(spec.class_names), "temperature": f"{spec.temperature:.6f}", "selected_epoch": str(spec.step),
+        "git_commit": git_commit(), "intended_use": "research only, not for diagnostic use", **spec.tags,
+    }
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
-    beats = _beats_champion(client, model_name, metric_name, metric_value, dataset_fingerprint)
+    beats = _beats_champion(client, model_name, spec.selection_metric, spec.selection_value, spec.dataset_fingerprint)
     if beats:
         client.set_registered_model_alias(model_name, CHAMPION, version)
     return version, beats
+
+
+_DESCRIPTION_LIMIT = 5000  # MLflow's SQL registry stores at most 5,000 characters per description
+
+
+def _fit(text: str) -> str:
+    if len(text) <= _DESCRIPTION_LIMIT:
+        return text
+    note = "\n\n(truncated: the full model card is the run artifact model_card.md)"
+    return text[:_DESCRIPTION_LIMIT - len(note)] + note
+
+
+def git_commit() -> str:
+    """The commit the code was at (``+dirty`` with uncommitted changes), or ``unknown`` outside git."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def log_dataset_input(dataset, context: str = "training") -> None:
+    """The ingested dataset as an MLflow input of the active run: its index (source, class, split, size;
+    no pixels), digest from ingest's fingerprint, so runs on the same data show the same dataset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = ["index", "source", "label_name", "split", "width", "height"]
+    tables = [pq.read_table(f, columns=columns) for split in dataset.non_empty_splits() for f in dataset.shard_files(split)]
+    if not tables:
+        return
+    origin = dataset.summary.get("source") or {}
+    name = Path(str(origin.get("root") or origin.get("manifest") or dataset.path)).name
+    data = mlflow.data.from_pandas(pa.concat_tables(tables).to_pandas(), source=str(dataset.path), targets="label_name",
+                                   name=name, digest=(dataset.fingerprint or "unknown")[:32])  # MLflow keeps 36 characters
+    mlflow.log_input(data, context=context, tags={"fingerprint": dataset.fingerprint})
 
 
 def _beats_champion(client: MlflowClient, name: str, metric_name: str, value: float, fingerprint: str) -> bool:
@@ -203,6 +303,15 @@ def _beats_champion(client: MlflowClient, name: str, metric_name: str, value: fl
     return math.isnan(current) or value > current
 
 
-def load_champion(model_uri: str) -> msmae.MSMAEClassifier:
-    """``models:/NAME@champion`` (or any model URI) back as the msmae classifier module."""
+def load_pyfunc(model_uri: str):
+    """``models:/NAME@champion`` (or any model URI) as MLflow loads it (a ``PyFuncModel``)."""
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def model_info(model_uri: str):
+    return mlflow.models.get_model_info(model_uri)
+
+
+def load_pytorch(model_uri: str) -> msmae.MSMAEClassifier:
+    """A model registered before the pyfunc (pytorch flavour, pickled module)."""
     return mlflow.pytorch.load_model(model_uri, map_location="cpu")
