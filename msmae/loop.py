@@ -9,7 +9,7 @@ means the distributed pipeline and a plain script train exactly the same way.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -68,6 +68,7 @@ class EpochTotals:
 
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     seen: int = 0
+    data_wait_seconds: float = 0.0  # host time spent waiting for the next batch (the input pipeline's share)
 
     def add(self, losses: Mapping[str, torch.Tensor], n: int) -> None:
         for name, value in losses.items():
@@ -111,7 +112,7 @@ def train_one_epoch(
         raise ValueError("the SAM phase needs an attention table")
     num_patches = _unwrap(model).preset.num_patches
     totals = EpochTotals()
-    for step, batch in enumerate(batches):
+    for step, batch in enumerate(_timed(batches, totals)):
         set_lr(optimizer, lr_at(epoch + step / steps_per_epoch))
         images, labels = batch["image"], batch["label"]
         weights = batch_weights(table, batch, plan, num_patches) if drops_tokens else None
@@ -133,6 +134,20 @@ def train_one_epoch(
 
 def _on(weights: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if weights is None else weights.to(device, non_blocking=True)
+
+
+def _timed(batches: Iterable[Mapping[str, torch.Tensor]], totals: EpochTotals) -> Iterator[Mapping[str, torch.Tensor]]:
+    """The batches, with the time each ``next`` took (the step waiting for its batch) added to ``totals``."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            totals.data_wait_seconds += time.perf_counter() - start
+            return
+        totals.data_wait_seconds += time.perf_counter() - start
+        yield batch
 
 
 def seen_by_encoder(kept: torch.Tensor | None, weights: torch.Tensor | None, num_patches: int) -> dict[str, torch.Tensor | float]:
@@ -184,6 +199,11 @@ class EpochOutcome:
     maps_refreshed: int
     totals: EpochTotals
     train_seconds: float
+
+    @property
+    def data_wait_fraction(self) -> float:
+        """Share of the epoch's training time spent waiting for batches (0: the input pipeline keeps up)."""
+        return self.totals.data_wait_seconds / max(self.train_seconds, 1e-9)
 
 
 @dataclass
