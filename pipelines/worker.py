@@ -219,13 +219,16 @@ def train_loop(loop_config: dict) -> None:
         batches = train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=True)
         outcome = trainer.run_epoch(epoch, batches, steps_per_epoch, refresh)
         report = validate(eval_model, val_shard, per_worker_batch, device, spec.num_classes)
-        images_per_s = sum(_gather(outcome.totals.seen)) / max(outcome.train_seconds, 1e-9)
+        seen_and_wait = _gather((outcome.totals.seen, outcome.data_wait_fraction))
+        images_per_s = sum(seen for seen, _ in seen_and_wait) / max(outcome.train_seconds, 1e-9)
         metrics = {
             "epoch": epoch,
             **{f"train_{k}": v for k, v in outcome.totals.means().items()},
             **{f"val_{k}": v for k, v in report.scalars().items()},
             "lr": optimizer.param_groups[-1]["lr"],
             "images_per_s": images_per_s,
+            # time the steps waited for their batches / training time, averaged over the workers
+            "data_wait_fraction": sum(wait for _, wait in seen_and_wait) / len(seen_and_wait),
             "epoch_seconds": time.perf_counter() - epoch_start,
             "maps_refreshed": outcome.maps_refreshed,
             "attention_table_replicas_equal": refresh_metrics.get("attention_table_replicas_equal", float("nan")),
@@ -256,7 +259,7 @@ def _print_progress(stage: str, epoch: int, epochs: int, m: dict) -> None:
     eta = m["epoch_seconds"] * (epochs - epoch - 1)
     print(
         f"[{stage}] epoch {epoch + 1}/{epochs}  loss {m['train_loss']:.4f}  val acc {m['val_accuracy']:.3f} "
-        f"f1 {m['val_macro_f1']:.3f}  {m['images_per_s']:.0f} img/s  ETA {eta:.0f}s",
+        f"f1 {m['val_macro_f1']:.3f}  {m['images_per_s']:.0f} img/s  data wait {m['data_wait_fraction']:.0%}  ETA {eta:.0f}s",
         # Ray Train patches print() in its workers to copy each line to both stdout and stderr,
         # and the driver shows both: the real stdout gets the line once.
         file=sys.__stdout__, flush=True,
