@@ -233,14 +233,18 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
     actors: Annotated[int | None, typer.Option(min=1, help="Scoring actors (default: one per GPU of the cluster, else one per 4 CPUs).")] = None,
     gpus_per_actor: Annotated[float | None, typer.Option(min=0.0, help="GPUs per scoring actor (default: 1 on a GPU cluster, else 0).")] = None,
+    heatmaps: Annotated[Path | None, typer.Option(help="Folder for per-image patch-occlusion maps of each prediction (<path>.png, <path>.npy).")] = None,
 ) -> None:
-    """Predict every file of a folder (at the model's own size) with Ray Data batch inference; write path, class, probabilities."""
+    """Predict every file of a folder (at the model's own size) with Ray Data batch inference; write path, class, calibrated probabilities."""
     _folder_arg(input_dir, "--input")
     from pipelines.predict import PredictSettings, check_predictions_out, predict_folder
 
     check_predictions_out(out)
     _model_tracking(tracking_uri, model)
-    summary = predict_folder(model, input_dir, out, PredictSettings(batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor))
+    if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
+        raise fail(f"--heatmaps {heatmaps} is a file; give a folder", USAGE)
+    summary = predict_folder(model, input_dir, out, PredictSettings(batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor),
+                             heatmaps=heatmaps)
     reasons = f" {summary['reasons']}" if summary["reasons"] else ""
     typer.echo(f"{summary['images']} files: {summary['images'] - summary['unreadable']} predicted, "
                f"{summary['unreadable']} not images{reasons} (rows with ok=false) -> {summary['out']} "

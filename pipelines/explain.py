@@ -39,8 +39,12 @@ import msmae
 def class_probability(model: msmae.MSMAEClassifier, pixels: torch.Tensor, temperature: float = 1.0,
                       kept: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, C]`` probabilities of the model at ``temperature`` on all tokens, or on ``kept`` ``[B, n]`` patches only."""
+    from msmae.engine import autocast
+
     model.eval()
-    return (model(pixels.float(), kept).float() / temperature).softmax(-1)
+    with autocast(pixels.device):  # bf16 on a CUDA GPU, as msmae.predict_probs; plain fp32 on CPU
+        logits = model(pixels.float(), kept)
+    return (logits.float() / temperature).softmax(-1)
 
 
 @torch.no_grad()

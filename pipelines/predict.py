@@ -92,22 +92,25 @@ class Predictor:
     what a batch yields (temperature scaling, heatmaps) belong there or in ``__call__``.
     """
 
-    def __init__(self, model_ref: str, tracking_uri: str | None) -> None:
+    def __init__(self, model_ref: str, tracking_uri: str | None, heatmaps: tuple[str, str] | None = None) -> None:
         import mlflow
 
-        from pipelines.evaluate import load_model
+        from pipelines.evaluate import load
 
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)  # this actor is another process than the driver
-        model, self.class_names = load_model(model_ref)
+        loaded = load(model_ref)
+        self.class_names, self.temperature = loaded.class_names, loaded.temperature  # fitted on validation (issue 17)
+        self.heatmaps = heatmaps  # (input folder, heatmaps folder) for --heatmaps
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray hides GPUs it did not assign
-        self.model = model.to(self.device).eval()
+        self.model = loaded.model.to(self.device).eval()
 
     def score(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Class probabilities ``[B, C]`` of normalised images ``[B, 3, S, S]`` on the model's device."""
-        import msmae
+        """Calibrated class probabilities ``[B, C]`` of normalised images ``[B, 3, S, S]`` on the model's device
+        (the registered model's own function: ``msmae predict`` and the served model give the same numbers)."""
+        from pipelines.explain import class_probability
 
-        return msmae.predict_probs(self.model, pixels)
+        return class_probability(self.model, pixels, self.temperature)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = np.asarray(batch["ok"], dtype=bool).copy()
@@ -124,7 +127,29 @@ class Predictor:
                         probs[row] = self._probs(pixels[k:k + 1])[0]
                     except Exception as e:  # noqa: BLE001 - that image's row says why
                         ok[row], reason[row], detail[row] = False, INFERENCE_ERROR, f"{type(e).__name__}: {e}"
+            if self.heatmaps:
+                still = ok[rows]
+                self._write_heatmaps(batch, rows[still], pixels[torch.from_numpy(still)], probs)
         return result_table(batch["path"], ok, reason, detail, probs, self.class_names)
+
+    def _write_heatmaps(self, batch: dict[str, np.ndarray], rows: np.ndarray, pixels: torch.Tensor, probs: np.ndarray) -> None:
+        """``--heatmaps DIR``: per image, ``DIR/<path under --input>.png`` (the occlusion map over the image)
+        and ``.npy`` (the map, patch rows x columns), from ``pipelines.explain``."""
+        from pipelines import explain
+
+        if not len(rows):
+            return
+        drops, target = explain.occlusion_maps(self.model, pixels.to(self.device), self.temperature)
+        grids = explain.as_grid(drops.cpu(), self.model.preset)
+        root, out = Path(self.heatmaps[0]), Path(self.heatmaps[1])
+        for k, row in enumerate(rows):
+            path = Path(os.path.abspath(str(batch["path"][row])))
+            dest = out / (path.relative_to(root) if path.is_relative_to(root) else path.name)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            np.save(f"{dest}.npy", grids[k])
+            name = self.class_names[int(target[k])]
+            explain.save_heatmap(Path(f"{dest}.png"), np.asarray(batch["pixels"][row]), grids[k],
+                                 f"{path.name}: {name} {probs[row, int(target[k])]:.2f}")
 
     def _probs(self, pixels: torch.Tensor) -> np.ndarray:
         return self.score(pixels.to(self.device, non_blocking=True)).float().cpu().numpy()
@@ -153,13 +178,16 @@ def check_predictions_out(out: Path, option: str = "--out") -> None:
     check_output_dir(out, option)
 
 
-def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: PredictSettings = PredictSettings()) -> dict:
+def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: PredictSettings = PredictSettings(),
+                   heatmaps: Path | None = None) -> dict:
     """Predict every file under ``input_dir`` (recursively, folder links followed) into Parquet shards in ``out``.
 
     The model is loaded and the folder's top level listed before Ray starts, so a wrong
     ``--model`` or an empty folder fails in seconds. Shards are written into a staging folder
     beside ``out`` and renamed into place when the job is complete: ``out`` holds a whole
     result or what it held before. Returns the summary (counted from the shards, streamed).
+    ``heatmaps``: a folder that gets each image's patch-occlusion map (``Predictor._write_heatmaps``);
+    on a multi-node cluster it must be storage every node writes to.
     """
     from pipelines.evaluate import load_model
     from pipelines.listing import FolderListing
@@ -186,7 +214,8 @@ def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: Predict
         # other instead of CPU tasks decoding in parallel beside it.
         memory=DECODE_TASK_MEMORY + settings.batch_size * img_size * img_size * 3,
     ).map_batches(
-        Predictor, fn_constructor_args=(model_ref, tracking_uri), batch_size=settings.batch_size, batch_format="numpy",
+        Predictor, fn_constructor_args=(model_ref, tracking_uri, (os.path.abspath(input_dir), os.path.abspath(heatmaps)) if heatmaps else None),
+        batch_size=settings.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         num_gpus=pool.gpus_per_actor, num_cpus=pool.cpus_per_actor, udf_modifying_row_count=False,
     )
