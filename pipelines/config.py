@@ -74,6 +74,11 @@ class OptimConfig(_Section):
     min_lr: float = Field(0.0, ge=0)
     warmup_epochs: float = Field(ge=0)
     weight_decay: float = Field(defaults.WEIGHT_DECAY, ge=0)
+    class_weights: Literal["none", "balanced"] = Field(
+        "none",
+        description="cross-entropy weights per class: none, or balanced (n / (classes * n_class) from the training split) "
+        "for imbalanced data such as HAM10000; in pre-training it weights the CLS term",
+    )
 
 
 class PretrainConfig(OptimConfig):

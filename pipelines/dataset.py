@@ -68,6 +68,11 @@ class IngestedDataset:
         counts = self.summary["counts"].get(split, {})
         return int(counts.get("total", sum(counts.values())))
 
+    def class_counts(self, split: str) -> list[int]:
+        """Images of each class in ``split``, in class-id order (0 for a class it lacks)."""
+        counts = self.summary["counts"].get(split, {})
+        return [int(counts.get(name, 0)) for name in self.class_names]
+
     def non_empty_splits(self) -> list[str]:
         return [s for s in SPLITS if self.split_size(s)]
 

@@ -38,6 +38,7 @@ class StageSpec:
     config: RunConfig
     class_names: list[str]
     num_train: int
+    class_counts: tuple[int, ...] = ()  # training images per class, in class order (for balanced class weights)
     init_checkpoint: str | None = None  # pre-training checkpoint dir for fine-tuning
     mlflow_uri: str | None = None
     mlflow_run_id: str | None = None
@@ -126,13 +127,23 @@ def epoch_plan(spec: StageSpec) -> msmae.EpochPlan:
         ratios = msmae.MaskRatios(p.masking.mask_ratio, p.masking.throw_ratio, p.random_mask_ratio)
         return msmae.EpochPlan(
             "pretrain", "random", ratios, strategy=p.masking.strategy, align_maps=p.masking.align_maps,
-            cls_weight=p.cls_weight, norm_pix_loss=p.norm_pix_loss,
+            cls_weight=p.cls_weight, norm_pix_loss=p.norm_pix_loss, class_weights=class_weights(spec, p.class_weights),
         )
     f = spec.config.finetune
     ratios = msmae.MaskRatios(f.masking.mask_ratio, f.masking.throw_ratio)
     return msmae.EpochPlan(
         "finetune", "random", ratios, strategy=f.masking.strategy, align_maps=f.masking.align_maps, label_smoothing=f.label_smoothing,
+        class_weights=class_weights(spec, f.class_weights),
     )
+
+
+def class_weights(spec: StageSpec, rule: str) -> torch.Tensor | None:
+    """The stage's cross-entropy class weights (``rule`` "balanced": inverse training frequency)."""
+    if rule == "none":
+        return None
+    if len(spec.class_counts) != spec.num_classes:
+        raise ValueError(f"class_weights={rule!r} needs the training split's class counts; the stage was given {spec.class_counts}")
+    return msmae.balanced_class_weights(list(spec.class_counts))
 
 
 def build_optimizer(spec: StageSpec, model: torch.nn.Module) -> torch.optim.Optimizer:

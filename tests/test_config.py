@@ -109,3 +109,23 @@ def test_masking_strategies_per_stage_and_registers_reach_the_model():
     with pytest.raises(ConfigError, match="pretrain.masking.all_tokens_from"):
         load_config("demo", ["pretrain.masking.all_tokens_from=0.5"])
     assert load_config("demo", ["finetune.masking.all_tokens_from=0.75"]).finetune.masking.all_tokens_from == 0.75
+
+
+def test_balanced_class_weights_reach_the_training_rule_of_both_stages(data_sample_ingested):
+    """finetune/pretrain.class_weights=balanced: the worker's epoch plan weights each class by
+    n / (classes * n_class) of the ingested training split; none leaves the loss unweighted."""
+    from pipelines.dataset import IngestedDataset
+    from pipelines.worker import StageSpec, epoch_plan
+
+    dataset = IngestedDataset.load(data_sample_ingested)
+    counts = dataset.class_counts("train")
+    assert sum(counts) == dataset.split_size("train") and len(counts) == dataset.num_classes
+    config = load_config("demo", ["finetune.class_weights=balanced", "pretrain.class_weights=balanced"])
+    for stage in ("pretrain", "finetune"):
+        spec = StageSpec(stage, config, dataset.class_names, sum(counts), class_counts=tuple(counts))
+        weights = epoch_plan(spec).class_weights
+        assert weights.tolist() == pytest.approx([sum(counts) / (len(counts) * n) for n in counts])
+    plain = StageSpec("finetune", load_config("demo"), dataset.class_names, sum(counts), class_counts=tuple(counts))
+    assert epoch_plan(plain).class_weights is None
+    with pytest.raises(ConfigError, match="finetune.class_weights"):
+        load_config("demo", ["finetune.class_weights=inverse"])
