@@ -70,6 +70,11 @@ def run_parser() -> argparse.ArgumentParser:
                    help="time a few steps of each kind first and scale both stages' epochs down (never up) until "
                         "every planned run fits --time-budget")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--pretrained-dir", type=Path,
+                   help="save every pre-training here and reuse the ones found (a later command with the same arguments)")
+    p.add_argument("--stage", choices=["all", "pretrain"], default="all",
+                   help="pretrain: only run the methods' pre-trainings into --pretrained-dir (for 10-minute command caps); "
+                        "then run the same command without --stage")
     return p
 
 
@@ -130,6 +135,8 @@ def run_main(argv: list[str]) -> None:
         sys.exit(f"unknown methods {unknown}; choose from {list(METHODS)}")
     if args.fit_epochs and args.time_budget is None:
         sys.exit("--fit-epochs needs --time-budget")
+    if args.stage == "pretrain" and (args.pretrained_dir is None or args.fit_epochs):
+        sys.exit("--stage pretrain needs --pretrained-dir (where the next command finds them) and fixed epochs (no --fit-epochs)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -150,6 +157,10 @@ def run_main(argv: list[str]) -> None:
         recipe, total = fit_epochs(recipe, methods, args.seeds, counts, times, left, rescale=lambda e1, e2: build_recipe(args, e1, e2))
         print(f"fitted epochs to {left:.0f}s left: pretrain {recipe.pretrain_epochs}, finetune {recipe.finetune_epochs} "
               f"(supervised {recipe.supervised_epochs()}), estimated {total:.0f}s", flush=True)
+    cache = PretrainCache(directory=args.pretrained_dir)
+    if args.stage == "pretrain":
+        pretrain_only(methods, recipe, data, args.seeds, device, cache, bundle.name, clock)
+        return
     runs = plan_runs(methods, args.seeds)
     estimates = [estimate_run(m, recipe, counts, times, shared) if times else 0.0 for _, m, shared in runs]
     if times:
@@ -159,7 +170,6 @@ def run_main(argv: list[str]) -> None:
     session = {"session": uuid.uuid4().hex[:12], "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "bundle": str(args.bundle), "torch": torch.__version__, "msmae": msmae.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    cache = PretrainCache()
     measured: dict[str, list[float]] = defaultdict(list)
     records, skipped = [], []
     for k, ((seed, method, shared), estimate) in enumerate(zip(runs, estimates, strict=True)):
@@ -188,6 +198,23 @@ def run_main(argv: list[str]) -> None:
     if skipped:
         print(f"\nnot run (time budget): {skipped}")
     print(f"\n{len(records)} runs in {clock.elapsed():.0f}s; appended to {args.out}")
+
+
+def pretrain_only(methods, recipe, data, seeds: list[int], device, cache, name: str, clock: Clock) -> None:
+    """Every distinct pre-training of ``methods`` × ``seeds`` into the cache's directory (found there already: skipped)."""
+    from comparison.runner import pretrained_encoder
+
+    done = set()
+    for seed in seeds:
+        for method in methods:
+            if method.pretrain == "none" or (method.pretrain_key, seed) in done:
+                continue
+            done.add((method.pretrain_key, seed))
+            tag = f"[{name} {method.name} s{seed} pretrain]"
+            _, result, found = pretrained_encoder(method, recipe, data, seed, device,
+                                                  lambda row, tag=tag: _print_epoch(tag, row, clock), cache)
+            print(f"{tag} {'found' if found else 'saved'} in {cache.directory} ({result.seconds:.0f}s of pre-training)", flush=True)
+    print(f"{len(done)} pre-trainings in {cache.directory}; {clock.elapsed():.0f}s", flush=True)
 
 
 def _print_epoch(tag: str, row: dict, clock: Clock) -> None:

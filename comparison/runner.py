@@ -21,10 +21,12 @@ best validation macro-F1, evaluate it once on the test split.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -456,13 +458,59 @@ def _headline(report: msmae.ClassificationReport) -> dict[str, float]:
 
 @dataclass
 class PretrainCache:
-    """Pre-trained encoders kept for reuse within one process, keyed by what determines them.
+    """Pre-trained encoders kept for reuse, keyed by what determines them.
 
     ``msmae`` and ``msmae_ft_all`` pre-train identically (same seed, same recipe): the second
-    reuses the first's encoder, so their fine-tuning results differ only by fine-tuning.
+    reuses the first's encoder, so their fine-tuning results differ only by fine-tuning. With a
+    ``directory`` every pre-training is also saved there and found by a later process: a GPU
+    box whose commands are capped at 10 minutes pre-trains in one call and fine-tunes in the
+    next (``compare.py --stage pretrain``, then the same command without it).
     """
 
     entries: dict[tuple, tuple[dict, StageResult]] = field(default_factory=dict)
+    directory: Path | None = None
+
+    def path(self, key: tuple) -> Path:
+        return self.directory / f"pretrain-{hashlib.sha1(repr(key).encode()).hexdigest()[:16]}.pt"
+
+    def get(self, key: tuple) -> tuple[dict, StageResult] | None:
+        if key not in self.entries and self.directory is not None and self.path(key).is_file():
+            saved = torch.load(self.path(key), map_location="cpu", weights_only=False)
+            if saved["key"] != repr(key):
+                raise ValueError(f"{self.path(key)} holds another pre-training ({saved['key'][:120]}...); remove it")
+            self.entries[key] = (saved["encoder_state"], StageResult(saved["curve"], saved["seconds"]))
+        return self.entries.get(key)
+
+    def put(self, key: tuple, encoder_state: dict, result: StageResult) -> None:
+        self.entries[key] = (encoder_state, result)
+        if self.directory is not None:  # written whole or not at all: a killed call leaves no half file
+            self.directory.mkdir(parents=True, exist_ok=True)
+            payload = {"key": repr(key), "encoder_state": {k: v.cpu() for k, v in encoder_state.items()},
+                       "curve": result.curve, "seconds": result.seconds}
+            partial_path = self.path(key).with_suffix(".partial")
+            torch.save(payload, partial_path)
+            partial_path.replace(self.path(key))
+
+
+def pretrain_key(method: Method, recipe: Recipe, data: DeviceData, seed: int) -> tuple:
+    """What a pre-training depends on: the method's pre-training rule, its recipe, the data, the seed."""
+    return (*method.pretrain_key, seed, method.recipe_for(recipe), data.name, tuple(data.counts().items()))
+
+
+def pretrained_encoder(
+    method: Method, recipe: Recipe, data: DeviceData, seed: int, device: torch.device,
+    progress: Progress | None = None, cache: PretrainCache | None = None,
+) -> tuple[dict, StageResult, bool]:
+    """The method's pre-trained encoder state, its curve, and whether it came from ``cache``."""
+    key = pretrain_key(method, recipe, data, seed)
+    found = cache.get(key) if cache is not None else None
+    if found is not None:
+        return *found, True
+    model, result = pretrain(method, method.recipe_for(recipe), data, seed, device, progress)
+    encoder_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if cache is not None:
+        cache.put(key, encoder_state, result)
+    return encoder_state, result, False
 
 
 def run_method(
@@ -476,22 +524,13 @@ def run_method(
 ) -> dict:
     """Pre-train (if the method does), fine-tune, select on val, test once: one JSON-able record."""
     method = METHODS[method] if isinstance(method, str) else method
-    recipe = method.recipe_for(recipe)
     device = torch.device(device)
     wall_start = time.perf_counter()
     pre = StageResult()
     encoder_state, shared = None, False
     if method.pretrain != "none":
-        key = (*method.pretrain_key, seed, recipe)
-        if cache is not None and key in cache.entries:
-            encoder_state, pre = cache.entries[key]
-            shared = True
-        else:
-            model, pre = pretrain(method, recipe, data, seed, device, progress)
-            encoder_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            del model
-            if cache is not None:
-                cache.entries[key] = (encoder_state, pre)
+        encoder_state, pre, shared = pretrained_encoder(method, recipe, data, seed, device, progress, cache)
+    recipe = method.recipe_for(recipe)
     if method.pretrain == "none":
         ft_epochs, warmup = recipe.supervised_epochs(), float(max(1, round(0.1 * recipe.supervised_epochs())))
     else:

@@ -110,3 +110,21 @@ def test_report_logs_each_run_once_to_mlflow(tmp_path):
     assert msmae_run.data.metrics["test_macro_f1"] == pytest.approx(0.5)
     assert msmae_run.data.params["recipe.pretrain_epochs"] == "3" and msmae_run.data.tags["device"] == "cpu"
     assert [m.value for m in client.get_metric_history(msmae_run.info.run_id, "finetune/val_macro_f1")] == [0.5]
+
+
+def test_pretraining_saved_by_one_command_is_fine_tuned_by_the_next(cmp_bundle, tmp_path, capsys):
+    """--stage pretrain then the same command without it (a GPU box's 10-minute calls): the second
+    finds the encoder on disk and gives the record a single command would have given."""
+    saved = tmp_path / "pretrained"
+    args = ["--bundle", str(cmp_bundle), "--methods", "msmae_ft_all", "--seeds", "0", *TINY]
+    compare.main([*args, "--out", str(tmp_path / "unused.jsonl"), "--stage", "pretrain", "--pretrained-dir", str(saved)])
+    assert len(list(saved.glob("pretrain-*.pt"))) == 1 and not (tmp_path / "unused.jsonl").exists()
+    assert "saved in" in capsys.readouterr().out
+    compare.main([*args, "--out", str(tmp_path / "two.jsonl"), "--pretrained-dir", str(saved)])
+    compare.main([*args, "--out", str(tmp_path / "one.jsonl")])
+    two, one = (json.loads((tmp_path / f).read_text()) for f in ("two.jsonl", "one.jsonl"))
+    assert two["pretrain_shared"] and not one["pretrain_shared"]
+    assert [r["train_loss"] for r in two["pretrain_curve"]] == [r["train_loss"] for r in one["pretrain_curve"]]
+    assert two["test"] == pytest.approx(one["test"]) and two["selected_epoch"] == one["selected_epoch"]
+    with pytest.raises(SystemExit, match="--pretrained-dir"):
+        compare.main([*args, "--out", str(tmp_path / "x.jsonl"), "--stage", "pretrain"])
