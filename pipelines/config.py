@@ -113,6 +113,11 @@ class ScalingConfig(_Section):
         description="extra Ray resources per Train worker, e.g. {train_slot: 1} on nodes started with one slot each, "
         "to place one worker per node",
     )
+    torch_compile: bool | None = Field(
+        None,
+        description="torch.compile the training step's model in each Train worker; null: on with GPUs (use_gpu), off on CPU, "
+        "where compiling costs more than it saves (benchmarks/gpu_perf.py measures both)",
+    )
 
     @model_validator(mode="after")
     def _custom_resources_only(self) -> "ScalingConfig":

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 import msmae
 from pipelines import checkpoint
-from pipelines.config import RunConfig
+from pipelines.config import RunConfig, ScalingConfig
 
 Stage = Literal["pretrain", "finetune"]
 MAP_QUALITY_KEYS = tuple(msmae.MapQuality(0, 0, 0, 0, 0).metrics())
@@ -162,6 +162,17 @@ def stage_schedule(spec: StageSpec, global_batch: int) -> msmae.StageSchedule:
     return msmae.StageSchedule(stage_cfg.epochs, msmae.scaled_lr(stage_cfg.blr, global_batch), stage_cfg.min_lr, stage_cfg.warmup_epochs, masking)
 
 
+def compile_for_training(model: torch.nn.Module, scaling: ScalingConfig, backend: str = "inductor") -> torch.nn.Module:
+    """``torch.compile`` the training model when ``scaling.torch_compile`` says so (null: only with GPUs).
+
+    ``dynamic=None``: the first shapes compile static; a second batch size (a last partial batch)
+    or token count (the switch from random masking to SAM) recompiles once with that dimension
+    dynamic, not once per shape. The training stream drops its partial batch anyway, and
+    evaluation runs the uncompiled module, whose batches vary."""
+    enabled = scaling.torch_compile if scaling.torch_compile is not None else scaling.use_gpu
+    return torch.compile(model, backend=backend, dynamic=None) if enabled else model
+
+
 def _quiet_report_lines() -> None:
     """Ray 2.60 logs every ``ray.train.report`` at INFO (the whole metrics dict, ~1 KB per epoch
     and worker) under a logger named after its source file, which ``LoggingConfig``'s level
@@ -195,6 +206,7 @@ def train_loop(loop_config: dict) -> None:
         start_epoch, best = resume_state["epoch"] + 1, resume_state.get("best")
     raw = model
     model = ray.train.torch.prepare_model(model)  # DDP across the worker group; moves raw to the device
+    model = compile_for_training(model, cfg.scaling)  # the DDP-wrapped model, as torch recommends
     stage_cfg = cfg.pretrain if spec.stage == "pretrain" else cfg.finetune
     optimizer = build_optimizer(spec, raw)
     if resume_state:
