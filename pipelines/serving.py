@@ -81,9 +81,10 @@ class Scorer:
         names = np.asarray(self.class_names, dtype=object)
         best = np.nan_to_num(scored.probs, nan=-1.0).argmax(1)
         out = {f"prob_{name}": scored.probs[:, c] for c, name in enumerate(self.class_names)}
-        out["predicted_class"] = [names[b] if good else None for b, good in zip(best, scored.ok)]
+        # object columns: a missing class or reason stays None (pandas 3 would make a string column's None NaN)
+        out["predicted_class"] = pd.Series([names[b] if good else None for b, good in zip(best, scored.ok)], dtype=object)
         out["ok"] = scored.ok
-        out["reason"], out["detail"] = scored.reason, scored.detail
+        out["reason"], out["detail"] = pd.Series(scored.reason, dtype=object), pd.Series(scored.detail, dtype=object)
         if scored.heatmaps is not None:
             out["heatmap"] = [m.tolist() if m is not None else None for m in scored.heatmaps]
         return pd.DataFrame(out)
