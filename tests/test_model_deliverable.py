@@ -338,10 +338,11 @@ def _free_port() -> int:
 
 
 def _serve_command() -> str:
-    """The serve command exactly as docs/model.md gives it."""
-    text = (REPO / "docs" / "model.md").read_text()
-    block = re.search(r"```bash\n(MLFLOW_TRACKING_URI=.*?mlflow models serve.*?)\n```", text, re.S).group(1)
-    return block
+    """The serve command exactly as the README gives it (and docs/model.md repeats it)."""
+    blocks = [re.search(r"```bash\n(MLFLOW_TRACKING_URI=.*?mlflow models serve.*?)\n```", (REPO / doc).read_text(), re.S).group(1)
+              for doc in ("README.md", "docs/model.md")]
+    assert blocks[0] == blocks[1], blocks
+    return blocks[0]
 
 
 @pytest.mark.slow
