@@ -37,12 +37,12 @@ PREFETCH_PER_WORKER = 2  # torch's default prefetch_factor
 class ShardBatches(torch.utils.data.Dataset):
     """Map-style dataset over the split's rows; one item = one batch of row positions."""
 
-    def __init__(self, files: list[Path], size: int, seed: int) -> None:
+    def __init__(self, files: list[Path], size: int, seed: int, uint8: bool = False) -> None:
         table = pa.concat_tables([pq.read_table(f, columns=["image", "label", "index"]) for f in files])
         self.images = np.array(table.column("image").to_pylist(), dtype=object)
         self.labels = table.column("label").to_numpy()
         self.indices = table.column("index").to_numpy()
-        self.size, self.seed = size, seed
+        self.size, self.seed, self.uint8 = size, seed, uint8
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -51,35 +51,47 @@ class ShardBatches(torch.utils.data.Dataset):
         from pipelines.transforms import augment_batch
 
         batch = {"image": self.images[rows], "label": self.labels[rows], "index": self.indices[rows]}
-        return augment_batch(batch, size=self.size, seed=self.seed, repeatable=False)
+        return augment_batch(batch, size=self.size, seed=self.seed, repeatable=False, uint8=self.uint8)
 
 
-def torch_pass(files: list[Path], size: int, workers: int, batch: int) -> Callable[[], int]:
+def consume(batch: dict, uint8: bool) -> int:
+    """What a training step gets: float32 normalised images (a uint8 stream is normalised here, in the consumer)."""
+    image = batch["image"] if torch.is_tensor(batch["image"]) else torch.as_tensor(batch["image"])
+    if uint8:
+        from pipelines.data import normalise_images
+
+        image = normalise_images(image)
+    assert image.dtype == torch.float32
+    return len(batch["index"])
+
+
+def torch_pass(files: list[Path], size: int, workers: int, batch: int, uint8: bool = False) -> Callable[[], int]:
     """A DataLoader with persistent worker processes; each call runs one epoch."""
-    ds = ShardBatches(files, size, seed=0)
+    ds = ShardBatches(files, size, seed=0, uint8=uint8)
     # shuffled, as the training stream is (it shuffles rows on every pass)
     sampler = BatchSampler(RandomSampler(range(len(ds))), batch_size=batch, drop_last=False)
     loader = DataLoader(ds, sampler=sampler, batch_size=None, num_workers=workers, persistent_workers=True,
                         prefetch_factor=PREFETCH_PER_WORKER)
-    return lambda: sum(len(b["index"]) for b in loader)
+    return lambda: sum(consume(b, uint8) for b in loader)
 
 
-def ray_pass(data_dir: Path, size: int, workers: int, batch: int) -> Callable[[], int]:
+def ray_pass(data_dir: Path, size: int, workers: int, batch: int, uint8: bool = False) -> Callable[[], int]:
     """The training stream limited to `workers` concurrent map tasks; each call runs one epoch."""
     import ray
 
     from pipelines.data import train_stream
 
-    # logical CPUs > cores: read tasks need free slots beside the `workers` map tasks (see STACK.md)
-    ray.init(num_cpus=workers + 2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    if not ray.is_initialized():
+        # logical CPUs > cores: read tasks need free slots beside the `workers` map tasks (see STACK.md)
+        ray.init(num_cpus=workers + 2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    ds = train_stream(data_dir, "train", size, seed=0, batch_size=batch, concurrency=workers)
+    ds = train_stream(data_dir, "train", size, seed=0, batch_size=batch, concurrency=workers, uint8=uint8)
     # as many batches prefetched as the DataLoader keeps in flight (workers × prefetch_factor)
     prefetch = workers * PREFETCH_PER_WORKER
-    return lambda: sum(len(b["index"]) for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=prefetch))
+    return lambda: sum(consume(b, uint8) for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=prefetch))
 
 
 def timed(fn: Callable[[], int]) -> float:
@@ -96,6 +108,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--formats", nargs="+", choices=["float32", "uint8"], default=["float32", "uint8"],
+                    help="the stream's image dtype: float32 normalised in the map, or uint8 normalised by the consumer")
     args = ap.parse_args()
 
     from pipelines.ingest import IngestOptions, ingest, shard_files
@@ -107,29 +121,34 @@ def main() -> None:
     print(f"train split of {args.src}: {n} images, S={args.size}, batch {args.batch}, {args.workers} CPU workers each")
 
     torch.set_num_threads(1)
-    run_torch = torch_pass(files, args.size, args.workers, args.batch)
-    run_ray = ray_pass(data_dir, args.size, args.workers, args.batch)
-    # Epochs alternate (torch, Ray, torch, ...) so both see the same background load.
-    torch_rates, ray_rates = [], []
+    runs = {}
+    for fmt in args.formats:
+        runs[fmt] = (torch_pass(files, args.size, args.workers, args.batch, fmt == "uint8"),
+                     ray_pass(data_dir, args.size, args.workers, args.batch, fmt == "uint8"))
+    # Epochs alternate (torch, Ray, torch, Ray; format by format) so all see the same background load.
+    rates: dict[str, tuple[list[float], list[float]]] = {fmt: ([], []) for fmt in runs}
     try:
         for _ in range(args.epochs):
-            torch_rates.append(timed(run_torch))
-            ray_rates.append(timed(run_ray))
+            for fmt, (run_torch, run_ray) in runs.items():
+                rates[fmt][0].append(timed(run_torch))
+                rates[fmt][1].append(timed(run_ray))
     finally:
         import ray
 
         ray.shutdown()
 
-    print("\n| epoch | torch DataLoader (img/s) | Ray Data (img/s) | Ray / torch |")
-    print("|---:|---:|---:|---:|")
-    for e, (t, r) in enumerate(zip(torch_rates, ray_rates, strict=True), start=1):
-        print(f"| {e} | {t:.0f} | {r:.0f} | {r / t:.2f}× |")
-    if args.epochs > 1:
-        t, r = float(np.mean(torch_rates[1:])), float(np.mean(ray_rates[1:]))
-        print(f"| 2–{args.epochs} mean | {t:.0f} | {r:.0f} | {r / t:.2f}× |")
-        # each epoch pair ran back to back, so its ratio cancels slow drifts in background load
-        ratios = [r / t for t, r in zip(torch_rates[1:], ray_rates[1:], strict=True)]
-        print(f"median of per-epoch ratios (epochs 2–{args.epochs}): {float(np.median(ratios)):.2f}×")
+    for fmt, (torch_rates, ray_rates) in rates.items():
+        print(f"\nimage {fmt}{' (normalised in the consumer, both sides)' if fmt == 'uint8' else ' (normalised in the workers)'}")
+        print("| epoch | torch DataLoader (img/s) | Ray Data (img/s) | Ray / torch |")
+        print("|---:|---:|---:|---:|")
+        for e, (t, r) in enumerate(zip(torch_rates, ray_rates, strict=True), start=1):
+            print(f"| {e} | {t:.0f} | {r:.0f} | {r / t:.2f}× |")
+        if args.epochs > 1:
+            t, r = float(np.mean(torch_rates[1:])), float(np.mean(ray_rates[1:]))
+            print(f"| 2–{args.epochs} mean | {t:.0f} | {r:.0f} | {r / t:.2f}× |")
+            # each epoch pair ran back to back, so its ratio cancels slow drifts in background load
+            ratios = [r / t for t, r in zip(torch_rates[1:], ray_rates[1:], strict=True)]
+            print(f"median of per-epoch ratios (epochs 2–{args.epochs}): {float(np.median(ratios)):.2f}×")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 

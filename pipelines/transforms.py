@@ -85,10 +85,13 @@ def apply_crop(img: Image.Image, box: Box, flip: bool, size: int) -> Image.Image
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
 
-def augment_batch(batch: dict[str, np.ndarray], size: int, seed: int, repeatable: bool) -> dict[str, np.ndarray]:
-    """Decode → RandomResizedCrop → flip → normalise, emitting each crop's box in [0, 1] source coordinates."""
+def augment_batch(batch: dict[str, np.ndarray], size: int, seed: int, repeatable: bool, uint8: bool = False) -> dict[str, np.ndarray]:
+    """Decode → RandomResizedCrop → flip → normalise, emitting each crop's box in [0, 1] source coordinates.
+
+    ``uint8``: the cropped pixels as uint8 [B, 3, S, S], not normalised (a quarter of the bytes to
+    move; the consumer normalises them, on its device: ``pipelines.data.normalise_images``)."""
     n = len(batch["index"])
-    images = np.empty((n, 3, size, size), dtype=np.float32)  # [B, 3, S, S]
+    images = np.empty((n, 3, size, size), dtype=np.uint8 if uint8 else np.float32)  # [B, 3, S, S]
     boxes = np.empty((n, 4), dtype=np.float32)  # [B, 4] x0, y0, x1, y1 in [0, 1]
     flipped = np.empty(n, dtype=bool)
     nonce = 0 if repeatable else secrets.randbits(63)
@@ -98,7 +101,11 @@ def augment_batch(batch: dict[str, np.ndarray], size: int, seed: int, repeatable
         img = decode(batch["image"][k])
         top, left, h, w = sample_crop(img.width, img.height, rng)
         flip = bool(rng.random() < FLIP_P)
-        normalise(apply_crop(img, (top, left, h, w), flip, size), out=images[k])
+        crop = apply_crop(img, (top, left, h, w), flip, size)
+        if uint8:
+            images[k] = np.asarray(crop).transpose(2, 0, 1)
+        else:
+            normalise(crop, out=images[k])
         boxes[k] = (left / img.width, top / img.height, (left + w) / img.width, (top + h) / img.height)
         flipped[k] = flip
     return {
@@ -108,6 +115,12 @@ def augment_batch(batch: dict[str, np.ndarray], size: int, seed: int, repeatable
         "crop_box": boxes,
         "flipped": flipped,
     }
+
+
+def permute_rows(table, seed: int | None):
+    """A pyarrow table's rows in a random order (``seed`` None: fresh OS entropy on every call)."""
+    order = np.random.default_rng(seed).permutation(table.num_rows)
+    return table.take(order)
 
 
 def resize_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
