@@ -66,12 +66,15 @@ def evaluate_split(
 
     Returns the report (with its ECE before and after ``temperature``) and the temperature-scaled
     probabilities and labels behind it (for plots)."""
+    from pipelines.predict import cluster_probabilities, score_on_actors
+
+    stream = eval_stream(data_dir, split, model.preset.img_size)
+    if score_on_actors(IngestedDataset.load(data_dir).split_size(split)):  # large splits: an actor pool, GPUs of the cluster
+        raw, labels = cluster_probabilities(stream, model, batch_size)
+        return calibrated_report(raw, labels, model.num_classes, temperature)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    batches = (
-        (b["image"], b["label"])
-        for b in eval_stream(data_dir, split, model.preset.img_size).iter_torch_batches(batch_size=batch_size, device=device)
-    )
+    batches = ((b["image"], b["label"]) for b in stream.iter_torch_batches(batch_size=batch_size, device=device))
     _, raw, labels = msmae.evaluate(model, batches, model.num_classes)
     return calibrated_report(raw, labels, model.num_classes, temperature)
 

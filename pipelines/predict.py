@@ -155,6 +155,48 @@ class Predictor:
         return self.score(pixels.to(self.device, non_blocking=True)).float().cpu().numpy()
 
 
+# Evaluation of a split this large is scored by an actor pool, not by the driver's own model.
+SCORE_ON_ACTORS_FROM = 20_000
+
+
+def score_on_actors(num_images: int) -> bool:
+    """Should ``msmae evaluate`` score on the cluster's actors? For a large split, or when the cluster has
+    GPUs that the driver does not (a CPU head node)."""
+    return num_images >= SCORE_ON_ACTORS_FROM or (ray.cluster_resources().get("GPU", 0) >= 1 and not torch.cuda.is_available())
+
+
+class ProbabilityScorer:
+    """Ray Data callable class: eval-stream batches (normalised images) → the model's probabilities, with the labels."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import msmae
+
+        images = torch.from_numpy(np.asarray(batch["image"])).to(self.device, non_blocking=True)
+        return {"probs": msmae.predict_probs(self.model, images).float().cpu().numpy(), "label": np.asarray(batch["label"])}
+
+
+def cluster_probabilities(ds: ray.data.Dataset, model: torch.nn.Module, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities ``[N, C]`` and labels ``[N]`` of an eval stream, scored by an actor pool sized to the cluster
+    (as ``predict``'s). Only those N·(C + 1) numbers reach the driver: what the metrics need."""
+    pool = pool_for_cluster(PredictSettings(batch_size=batch_size))
+    scored = ds.map_batches(
+        ProbabilityScorer, fn_constructor_args=(model.cpu(),), batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        num_gpus=pool.gpus_per_actor, num_cpus=pool.cpus_per_actor,
+    )
+    probs, labels = [], []
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        probs.append(batch["probs"])
+        labels.append(batch["label"])
+    if not probs:
+        raise ValueError("evaluation got no batches: is the split empty?")
+    return torch.from_numpy(np.concatenate(probs)), torch.from_numpy(np.concatenate(labels).astype(np.int64))
+
+
 def result_table(path, ok: np.ndarray, reason, detail, probs: np.ndarray, class_names: list[str]) -> pa.Table:
     """The row contract: path, predicted_class, ok, reason, detail, prob_<class> (null where ok is false)."""
     names = np.asarray(class_names, dtype=object)

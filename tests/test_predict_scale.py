@@ -107,3 +107,25 @@ def test_out_must_be_new_empty_or_earlier_predictions(tmp_path: Path) -> None:
         check_predictions_out(tmp_path / "theirs")
     with pytest.raises(OutputPathError, match="is a file"):
         check_predictions_out(tmp_path / "theirs" / "notes.txt")
+
+
+def test_evaluate_scores_a_large_split_on_actors_with_the_drivers_numbers(ray_local, data_sample_ingested: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above SCORE_ON_ACTORS_FROM images a split is scored by an actor pool; the report is the driver's, number for number."""
+    import torch
+
+    import pipelines.predict
+    from pipelines.checkpoint import load_classifier
+    from pipelines.dataset import IngestedDataset
+    from pipelines.evaluate import evaluate_split
+
+    names = IngestedDataset.load(data_sample_ingested).class_names
+    model, _ = load_classifier(checkpoint_folder(tmp_path / "model", names))
+    on_driver, probs, labels = evaluate_split(model, data_sample_ingested, "val")
+    monkeypatch.setattr(pipelines.predict, "SCORE_ON_ACTORS_FROM", 0)
+    on_actors, actor_probs, actor_labels = evaluate_split(model, data_sample_ingested, "val")
+    order, actor_order = torch.argsort(labels, stable=True), torch.argsort(actor_labels, stable=True)
+    assert torch.equal(labels[order], actor_labels[actor_order]) and len(labels) == on_driver.num_samples
+    assert on_actors.num_samples == on_driver.num_samples
+    assert abs(on_actors.accuracy - on_driver.accuracy) < 1e-9 and abs(on_actors.macro_auc - on_driver.macro_auc) < 1e-6
+    assert torch.allclose(torch.sort(actor_probs.flatten()).values, torch.sort(probs.flatten()).values, atol=1e-6)
