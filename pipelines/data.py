@@ -134,3 +134,10 @@ def normalise_images(images):
     scale = torch.from_numpy(_SCALE).to(images.device, non_blocking=True)
     shift = torch.from_numpy(_SHIFT).to(images.device, non_blocking=True)
     return images.to(torch.float32).mul_(scale).add_(shift)
+
+
+def with_float_images(batch: dict) -> dict:
+    """A training batch as the step takes it: uint8 ``image`` normalised to float32 on its device (float32 passes as is)."""
+    import torch
+
+    return {**batch, "image": normalise_images(batch["image"])} if batch["image"].dtype == torch.uint8 else batch

@@ -43,8 +43,12 @@ def run_stage(spec: StageSpec, data_dir: Path, storage_path: Path, name: str, ca
     quiet_ray_data()  # here too: a sweep's trials build their datasets in their own processes
     cfg = spec.config
     size, seed = cfg.data.img_size, cfg.data.seed
+    stage_cfg = cfg.pretrain if spec.stage == "pretrain" else cfg.finetune
+    per_worker_batch = max(1, stage_cfg.batch_size // cfg.scaling.workers)  # as the worker reads it: no re-batching copies
     datasets = {
-        "train": train_stream(data_dir, "train", size, seed),
+        # On GPU workers uint8 images, normalised on the GPU: a quarter of the bytes through the object store and
+        # over PCIe. On CPU the stream normalises (measured: uint8 + normalising in the consumer was 0.89x as fast).
+        "train": train_stream(data_dir, "train", size, seed, batch_size=per_worker_batch, uint8=cfg.scaling.use_gpu),
         "train_plain": unaugmented_train_stream(data_dir, "train", size),
         "val": eval_stream(data_dir, "val", size),
     }

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import msmae
 from pipelines import checkpoint
 from pipelines.config import RunConfig, ScalingConfig
+from pipelines.data import with_float_images
 
 Stage = Literal["pretrain", "finetune"]
 MAP_QUALITY_KEYS = tuple(msmae.MapQuality(0, 0, 0, 0, 0).metrics())
@@ -239,7 +240,8 @@ def train_loop(loop_config: dict) -> None:
         if spec.fail_at_epoch == epoch and rank == world - 1 and not restored:
             raise RuntimeError(f"injected worker failure at epoch {epoch} (fault-injection test)")
         refresh_metrics.clear()
-        batches = train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=True)
+        # uint8 images (GPU workers, pipelines/train.py) normalised here, on the device; inside the timed wait for the batch
+        batches = map(with_float_images, train_shard.iter_torch_batches(batch_size=per_worker_batch, device=device, drop_last=True))
         outcome = trainer.run_epoch(epoch, batches, steps_per_epoch, refresh)
         report = validate(eval_model, val_shard, per_worker_batch, device, spec.num_classes)
         seen_and_wait = _gather((outcome.totals.seen, outcome.data_wait_fraction))
