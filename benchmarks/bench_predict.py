@@ -111,7 +111,7 @@ def current_rss() -> int:
     return 0
 
 
-def child_ray(images: Path, model: Path, out: Path, batch_size: int) -> dict:
+def child_ray(images: Path, model: Path, out: Path, batch_size: int, actors: int | None = None) -> dict:
     import ray
 
     from pipelines.local_ray import ensure_ray
@@ -124,7 +124,7 @@ def child_ray(images: Path, model: Path, out: Path, batch_size: int) -> dict:
     sampler = RssSampler()
     sampler.start()
     start = time.perf_counter()
-    summary = predict_folder(str(model), images, out, PredictSettings(batch_size=batch_size))
+    summary = predict_folder(str(model), images, out, PredictSettings(batch_size=batch_size, actors=actors))
     seconds = time.perf_counter() - start
     sampler.stop.set()
     sampler.join()
@@ -174,12 +174,12 @@ def child_plain(images: Path, model: Path, out: Path, batch_size: int) -> dict:
             "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def run_child(kind: str, images: Path, model: Path, out: Path, batch_size: int) -> dict:
+def run_child(kind: str, images: Path, model: Path, out: Path, batch_size: int, actors: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always a fresh local Ray of its own
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, __file__, "--child", kind, "--images", str(images), "--model", str(model), "--out", str(out),
-         "--batch-size", str(batch_size)],
+         "--batch-size", str(batch_size), *(["--actors", str(actors)] if actors else [])],
         capture_output=True, text=True, env=env, timeout=3600,
     )
     if proc.returncode:
@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=None, help="re-encode the images at this side (default: the sample's 96 px)")
     parser.add_argument("--img-size", type=int, default=64, help="the model's input size (the demo's 64)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--actors", type=int, default=None, help="scoring actors (default: predict's, sized to the cluster)")
+    parser.add_argument("--only-ray", action="store_true", help="skip the plain loop")
     parser.add_argument("--workdir", type=Path, default=None, help="keep images here between runs (default: a temporary folder)")
     parser.add_argument("--child", choices=["ray", "plain"], help=argparse.SUPPRESS)
     parser.add_argument("--images", type=Path, help=argparse.SUPPRESS)
@@ -200,8 +202,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        fn = child_ray if args.child == "ray" else child_plain
-        print(json.dumps(fn(args.images, args.model, args.out, args.batch_size)))
+        if args.child == "ray":
+            print(json.dumps(child_ray(args.images, args.model, args.out, args.batch_size, args.actors)))
+        else:
+            print(json.dumps(child_plain(args.images, args.model, args.out, args.batch_size)))
         return
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-predict-"))
@@ -214,12 +218,17 @@ def main() -> None:
     results = {}
     for n in sizes:
         images = full if n == sizes[-1] else subset(full, work / f"images-{n}", n)
-        ray_result = run_child("ray", images, model, work / f"out-ray-{n}", args.batch_size)
+        ray_result = run_child("ray", images, model, work / f"out-ray-{n}", args.batch_size, args.actors)
+        if args.only_ray:
+            print(f"N={n}: ray {json.dumps(ray_result)}  ({n / ray_result['seconds']:.0f} img/s)", flush=True)
+            continue
         plain_result = run_child("plain", images, model, work / f"out-plain-{n}.parquet", args.batch_size)
         assert ray_result["rows"] == plain_result["rows"] == n, (ray_result, plain_result)
         results[n] = (ray_result, plain_result)
         print(f"N={n}: ray {json.dumps(ray_result)}\n       plain {json.dumps(plain_result)}", flush=True)
 
+    if args.only_ray:
+        return
     mib = 1 << 20
     print(f"\nmsmae predict vs a plain torch loop; {os.cpu_count()} cores, model tiny ViT @ {args.img_size} px, batch {args.batch_size}, "
           f"images {args.side or 'sample 96'} px JPEG, load average {os.getloadavg()[0]:.1f} at the end")
