@@ -231,7 +231,7 @@ def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: Predict
     ``heatmaps``: a folder that gets each image's patch-occlusion map (``Predictor._write_heatmaps``);
     on a multi-node cluster it must be storage every node writes to.
     """
-    from pipelines.evaluate import load_model
+    from pipelines.evaluate import load
     from pipelines.listing import FolderListing
     from pipelines.local_ray import ensure_ray
 
@@ -241,14 +241,15 @@ def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: Predict
     if not listing.names:
         raise FileNotFoundError(f"--input {input_dir} holds no files")
     check_predictions_out(out)
-    model, class_names = load_model(model_ref)
-    img_size = model.preset.img_size  # the size it was trained at, carried by the model
-    del model
+    loaded = load(model_ref)
+    class_names, preprocessing = loaded.class_names, loaded.preprocessing  # size, mode, max-side: carried by the model
+    img_size = preprocessing.img_size
+    del loaded
     tracking_uri = _tracking_uri(model_ref)
     ensure_ray()
     pool = pool_for_cluster(settings)
     ds = ray.data.read_datasource(listing).map_batches(
-        load_for_predict, fn_kwargs={"size": img_size, "max_file_bytes": settings.max_file_bytes},
+        load_for_predict, fn_kwargs={"preprocessing": preprocessing.to_dict(), "max_file_bytes": settings.max_file_bytes},
         batch_size=settings.batch_size, batch_format="numpy", udf_modifying_row_count=False,
         # What a decode task holds: one source image at a time plus the batch's pixels. Declaring it also
         # keeps decoding its own operator: Ray fuses a task map into the actor map after it when their

@@ -144,18 +144,23 @@ def text_column(values) -> np.ndarray:
     return np.array([v if isinstance(v, str) else None for v in values], dtype=object)
 
 
-def load_for_predict(batch: dict[str, np.ndarray], size: int, max_file_bytes: int) -> dict[str, np.ndarray]:
+def load_for_predict(batch: dict[str, np.ndarray], preprocessing: dict, max_file_bytes: int) -> dict[str, np.ndarray]:
     """Listing rows (path, problem, detail) → path, pixels uint8 [B, S, S, 3], ok, reason, detail.
 
-    Each file is decoded as ingest decodes it (``images.load_image``: 16-bit contrast, alpha on
-    black, DICOM windowing) and resized whole, bicubic, as evaluation does. Anything that goes
+    Each file is decoded as the model's training data was (``preprocessing``, the model's
+    ``Preprocessing.to_dict()``: ingest's decode — 16-bit contrast, alpha on black, DICOM
+    windowing — in the dataset's channel mode, with its ``--max-side`` downscale) and resized
+    whole, bicubic, as evaluation does. Anything that goes
     wrong with one file, of any kind, is that file's row (``ok`` false, a reason, a detail, zero
     pixels), never the batch's failure: a decompression bomb is ``too_large``, a file over
     ``max_file_bytes`` is ``too_large`` without being read. Pixels stay uint8 (a quarter of the
     float32 bytes through the object store); the scoring actor normalises them.
     """
     from pipelines import images
+    from pipelines.preprocessing import Preprocessing
 
+    recipe = Preprocessing.from_dict(preprocessing)
+    size = recipe.img_size
     paths = batch["path"]
     n = len(paths)
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
@@ -169,11 +174,11 @@ def load_for_predict(batch: dict[str, np.ndarray], size: int, max_file_bytes: in
             if nbytes > max_file_bytes:
                 reason[k], detail[k] = images.TOO_LARGE, f"file is {nbytes} bytes, above predict's limit of {max_file_bytes}"
                 continue
-            image = images.load_image(paths[k], "RGB")
+            image = recipe.decode(paths[k])
             if isinstance(image, images.Rejected):
                 reason[k], detail[k] = image.reason, image.detail
                 continue
-            pixels[k] = np.asarray(resize_whole(image, size))
+            pixels[k] = np.asarray(resize_whole(image.convert("RGB"), size))
             ok[k] = True
         except MemoryError as e:
             reason[k], detail[k] = images.TOO_LARGE, f"MemoryError: {e}"

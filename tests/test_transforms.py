@@ -84,3 +84,21 @@ def test_repeatable_crops_depend_on_seed_and_index_only():
     assert not np.array_equal(first["crop_box"], other_seed["crop_box"])
     assert not np.array_equal(first["crop_box"], fresh["crop_box"])
     assert first["image"].shape == (4, 3, 16, 16) and first["image"].dtype == np.float32
+
+
+@pytest.mark.parametrize("mode,max_side", [("RGB", None), ("L", None), ("RGB", 40)])
+def test_predict_decodes_with_the_models_preprocessing(tmp_path, mode, max_side):
+    """msmae predict's decode tasks give the served model's pixels (Preprocessing on a path) for the
+    dataset's channel mode and --max-side too, not a fixed RGB decode."""
+    from pipelines.preprocessing import Preprocessing
+
+    path = tmp_path / "scan.png"
+    _image(90, 70, seed=3).save(path)
+    recipe = Preprocessing(img_size=32, mode=mode, max_side=max_side)
+    batch = {"path": np.array([str(path)], dtype=object), "problem": np.array([None], dtype=object),
+             "detail": np.array([None], dtype=object)}
+    out = transforms.load_for_predict(batch, recipe.to_dict(), max_file_bytes=1 << 30)
+    assert out["ok"].tolist() == [True]
+    np.testing.assert_array_equal(transforms.normalise(Image.fromarray(out["pixels"][0])), recipe(str(path)))
+    if mode == "L":  # grey training data: the three channels are equal, as training stored them
+        assert np.array_equal(out["pixels"][0][..., 0], out["pixels"][0][..., 2])
