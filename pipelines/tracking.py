@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,24 @@ class ModelToRegister:
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
+# MLflow warnings about choices made here on purpose, which would otherwise end every run's output:
+# the dataset's source is a local folder (not a URI of one of its source types), the input
+# example's integer columns never hold missing values, and the pyfunc's signature is explicit.
+_EXPECTED_MLFLOW_WARNINGS = (
+    r"The specified dataset source can be interpreted in multiple ways",
+    r"Hint: Inferred schema contains integer column",
+    r".*Add type hints to the `predict` method",
+)
+
+
+@contextlib.contextmanager
+def _without_expected_mlflow_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for message in _EXPECTED_MLFLOW_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield
+
+
 def register_model(spec: ModelToRegister, model_name: str) -> tuple[str, bool]:
     """Log the classifier as a self-contained pyfunc, register it with its model card, move ``champion`` if it wins.
 
@@ -218,7 +237,7 @@ def register_model(spec: ModelToRegister, model_name: str) -> tuple[str, bool]:
     )
     if list(output.columns) != [c.name for c in signature.outputs.inputs][:-1]:  # the signature says what predict returns
         raise AssertionError(f"pyfunc output columns {list(output.columns)} differ from its signature")
-    with tempfile.TemporaryDirectory(prefix="msmae-model-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="msmae-model-") as tmp, _without_expected_mlflow_warnings():
         weights = Path(tmp) / "classifier.pt"
         serving.weights_file(weights, model, spec.class_names, spec.temperature, spec.preprocessing)
         info = mlflow.pyfunc.log_model(
@@ -287,9 +306,10 @@ def log_dataset_input(dataset, context: str = "training") -> None:
         return
     origin = dataset.summary.get("source") or {}
     name = Path(str(origin.get("root") or origin.get("manifest") or dataset.path)).name
-    data = mlflow.data.from_pandas(pa.concat_tables(tables).to_pandas(), source=str(dataset.path), targets="label_name",
-                                   name=name, digest=(dataset.fingerprint or "unknown")[:32])  # MLflow keeps 36 characters
-    mlflow.log_input(data, context=context, tags={"fingerprint": dataset.fingerprint})
+    with _without_expected_mlflow_warnings():
+        data = mlflow.data.from_pandas(pa.concat_tables(tables).to_pandas(), source=str(dataset.path), targets="label_name",
+                                       name=name, digest=(dataset.fingerprint or "unknown")[:32])  # MLflow keeps 36 characters
+        mlflow.log_input(data, context=context, tags={"fingerprint": dataset.fingerprint})
 
 
 def _beats_champion(client: MlflowClient, name: str, metric_name: str, value: float, fingerprint: str) -> bool:
