@@ -111,6 +111,9 @@ def train_one_epoch(
     if drops_tokens and plan.uses_maps and table is None:
         raise ValueError("the SAM phase needs an attention table")
     num_patches = _unwrap(model).preset.num_patches
+    class_weights = plan.class_weights
+    if class_weights is not None:  # moved to the model's device once per epoch, not once per step
+        class_weights = class_weights.to(next(model.parameters()).device)
     totals = EpochTotals()
     for step, batch in enumerate(_timed(batches, totals)):
         set_lr(optimizer, lr_at(epoch + step / steps_per_epoch))
@@ -120,20 +123,16 @@ def train_one_epoch(
             split = draw_masks(plan.phase, plan.ratios, len(images), num_patches, weights, generator, images.device)
             kept = split.kept
             out = pretrain_step(model, optimizer, images, labels, split, plan.cls_weight, plan.norm_pix_loss, grad_clip=plan.grad_clip,
-                                class_weights=_on(plan.class_weights, images.device))
+                                class_weights=class_weights)
             losses = {"loss": out.loss, "loss_recon": out.reconstruction, "loss_cls": out.classification}
         else:
             kept = None
             if drops_tokens:
                 kept = draw_masks("sam", plan.ratios, len(images), num_patches, weights, generator, images.device).kept
             losses = {"loss": finetune_step(model, optimizer, images, labels, kept, plan.label_smoothing, grad_clip=plan.grad_clip,
-                                            class_weights=_on(plan.class_weights, images.device))}
+                                            class_weights=class_weights)}
         totals.add({**losses, **seen_by_encoder(kept, weights, num_patches)}, len(images))
     return totals
-
-
-def _on(weights: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if weights is None else weights.to(device, non_blocking=True)
 
 
 def _timed(batches: Iterable[Mapping[str, torch.Tensor]], totals: EpochTotals) -> Iterator[Mapping[str, torch.Tensor]]:
@@ -141,12 +140,10 @@ def _timed(batches: Iterable[Mapping[str, torch.Tensor]], totals: EpochTotals) -
     iterator = iter(batches)
     while True:
         start = time.perf_counter()
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            totals.data_wait_seconds += time.perf_counter() - start
-            return
+        batch = next(iterator, None)  # a batch is a mapping, never None
         totals.data_wait_seconds += time.perf_counter() - start
+        if batch is None:
+            return
         yield batch
 
 

@@ -18,6 +18,7 @@ attention map computed on it covers the whole image).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import ray
@@ -129,11 +130,18 @@ def normalise_images(images):
     the same arithmetic as ``transforms.normalise`` (x · 1/(255·std) − mean/std), float32 throughout."""
     import torch
 
+    scale, shift = _normalisation_constants(images.device)
+    return images.to(torch.float32).mul_(scale).add_(shift)
+
+
+@functools.cache
+def _normalisation_constants(device):
+    """``transforms``' scale and shift on ``device``, copied there once rather than with every batch."""
+    import torch
+
     from pipelines.transforms import _SCALE, _SHIFT
 
-    scale = torch.from_numpy(_SCALE).to(images.device, non_blocking=True)
-    shift = torch.from_numpy(_SHIFT).to(images.device, non_blocking=True)
-    return images.to(torch.float32).mul_(scale).add_(shift)
+    return torch.from_numpy(_SCALE).to(device), torch.from_numpy(_SHIFT).to(device)
 
 
 def with_float_images(batch: dict) -> dict:
