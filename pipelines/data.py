@@ -52,7 +52,7 @@ def train_stream(
     """
     ds = _read(data_dir, split)
     if shuffle:
-        ds = _shuffled(ds, _split_bytes(data_dir, split), seed if repeatable else None, batch_size)
+        ds = _shuffled(ds, _split_bytes(data_dir, split), seed if repeatable else None, rows_per_task(batch_size))
     return ds.map_batches(
         augment_batch,
         fn_kwargs={"size": size, "seed": seed, "repeatable": repeatable, "uint8": uint8},
@@ -87,6 +87,18 @@ def unaugmented_train_stream(
     return eval_stream(data_dir, split, size, seed, batch_size=batch_size, concurrency=concurrency)
 
 
+# Rows each decode task takes: whole batches, at least this many. Ray Data's executor notices a
+# finished task only when it polls (every 0.1 s), so one-batch tasks (64 images, ~0.1 s) left each
+# task slot idle for up to half the time: measured 1.1 tasks busy of 2 allowed. With 512-row
+# tasks (~0.75 s on one core) the slots stay busy (bench_data.py, docs/data.md).
+TASK_ROWS = 512
+
+
+def rows_per_task(batch_size: int) -> int:
+    """The smallest whole number of batches holding at least ``TASK_ROWS`` rows."""
+    return batch_size * max(1, -(-TASK_ROWS // batch_size))
+
+
 # Below this many encoded bytes a split is shuffled by one task (all rows in one block, permuted,
 # then cut back into batch-sized blocks): 0.4 s per pass for BTMD's 4,567 training rows (~130 MB)
 # where Ray's distributed random_shuffle took 1-2 s, a barrier every pass before decoding starts.
@@ -94,13 +106,13 @@ def unaugmented_train_stream(
 SHUFFLE_IN_ONE_TASK_BYTES = 512 << 20
 
 
-def _shuffled(ds: ray.data.Dataset, nbytes: int, seed: int | None, batch_size: int) -> ray.data.Dataset:
+def _shuffled(ds: ray.data.Dataset, nbytes: int, seed: int | None, rows_per_block: int) -> ray.data.Dataset:
     """The rows in a random order, afresh on every pass (seeded: the same order every pass)."""
     if nbytes > SHUFFLE_IN_ONE_TASK_BYTES:
         return ds.random_shuffle(seed=seed)
     ds = ds.repartition(1).map_batches(permute_rows, fn_kwargs={"seed": seed}, batch_size=None, batch_format="pyarrow")
-    # back to small blocks, streaming (no shuffle): the decode map runs one task per block, in parallel
-    return ds.repartition(target_num_rows_per_block=batch_size)
+    # back to smaller blocks, streaming (no shuffle): the decode map runs one task per block, in parallel
+    return ds.repartition(target_num_rows_per_block=rows_per_block)
 
 
 def _split_bytes(data_dir: str | Path, split: str) -> int:
