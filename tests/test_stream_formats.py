@@ -1,4 +1,4 @@
-"""Issue 18's stream levers: uint8 images normalised by the consumer, and the one-task shuffle of small splits."""
+"""Issue 18's stream levers: uint8 images normalised by the consumer, the one-task shuffle of small splits, decode tasks of whole batches."""
 
 from __future__ import annotations
 
@@ -53,3 +53,11 @@ def test_both_shuffles_give_every_train_index_once_in_mixed_batches(ray_local, d
     assert sorted(index.tolist()) == list(range(n_train))
     assert batches[0]["image"].dtype == torch.uint8
     assert all(len(set(b["label"].tolist())) > 1 for b in batches[:-1])  # shards are class by class; batches are not
+
+
+@pytest.mark.parametrize(("batch_size", "rows"), [(64, 512), (100, 600), (512, 512), (1024, 1024), (1, 512)])
+def test_decode_tasks_take_whole_batches_of_at_least_task_rows(batch_size, rows):
+    from pipelines.data import TASK_ROWS, rows_per_task
+
+    assert rows_per_task(batch_size) == rows
+    assert rows % batch_size == 0 and rows >= TASK_ROWS
