@@ -2,7 +2,7 @@
 (one streaming execution per epoch) vs one execution that streams every epoch back to back.
 
 Both run the same decode work (`pipelines.transforms.augment_batch`, tasks of
-`pipelines.data.rows_per_task(batch)` rows, at most `--workers` at a time) over the same
+`pipelines.data.rows_per_task(batch, rows)` rows, at most `--workers` at a time) over the same
 ingested train split, each epoch a fresh permutation of all rows. The one-execution stream is a
 measurement, not a project stream: its plan is a row of (epoch, part) ids, and each decode task
 takes its part of that epoch's permutation from the encoded split, put in the object store once.
@@ -88,7 +88,8 @@ def main() -> None:
     data_dir = args.work / args.src.name
     ingest(args.src, data_dir, IngestOptions(), progress=False, log=lambda _: None)
     table = pa.concat_tables([pq.read_table(f, columns=["image", "label", "index"]) for f in shard_files(data_dir, "train")]).combine_chunks()
-    n, uint8, rows = table.num_rows, args.format == "uint8", rows_per_task(args.batch)
+    n, uint8 = table.num_rows, args.format == "uint8"
+    rows = rows_per_task(args.batch, n)
     print(f"train split of {args.src}: {n} images, S={args.size}, batch {args.batch}, {args.workers} decode tasks at a time, "
           f"{rows} rows per task, {args.format}")
 

@@ -52,7 +52,8 @@ def train_stream(
     """
     ds = _read(data_dir, split)
     if shuffle:
-        ds = _shuffled(ds, _split_bytes(data_dir, split), seed if repeatable else None, rows_per_task(batch_size))
+        rows = rows_per_task(batch_size, IngestedDataset.load(data_dir).split_size(split))
+        ds = _shuffled(ds, _split_bytes(data_dir, split), seed if repeatable else None, rows)
     return ds.map_batches(
         augment_batch,
         fn_kwargs={"size": size, "seed": seed, "repeatable": repeatable, "uint8": uint8},
@@ -92,11 +93,17 @@ def unaugmented_train_stream(
 # task slot idle for up to half the time: measured 1.1 tasks busy of 2 allowed. With 512-row
 # tasks (~0.75 s on one core) the slots stay busy (bench_data.py, docs/data.md).
 TASK_ROWS = 512
+# ...but a pass keeps at least this many tasks, or a small split would be decoded by one task
+# while the others wait, and its first batch would come only when the whole pass is decoded
+# (the demo's 480 training images: data wait 16-19 % of pre-training in one task, 12-16 % in 15).
+MIN_TASKS_PER_PASS = 8
 
 
-def rows_per_task(batch_size: int) -> int:
-    """The smallest whole number of batches holding at least ``TASK_ROWS`` rows."""
-    return batch_size * max(1, -(-TASK_ROWS // batch_size))
+def rows_per_task(batch_size: int, num_rows: int) -> int:
+    """Whole batches: the fewest holding ``TASK_ROWS`` rows, fewer if the pass would then have
+    under ``MIN_TASKS_PER_PASS`` tasks, at least one."""
+    batches = min(-(-TASK_ROWS // batch_size), num_rows // (MIN_TASKS_PER_PASS * batch_size))
+    return batch_size * max(1, batches)
 
 
 # Below this many encoded bytes a split is shuffled by one task (all rows in one block, permuted,

@@ -55,9 +55,14 @@ def test_both_shuffles_give_every_train_index_once_in_mixed_batches(ray_local, d
     assert all(len(set(b["label"].tolist())) > 1 for b in batches[:-1])  # shards are class by class; batches are not
 
 
-@pytest.mark.parametrize(("batch_size", "rows"), [(64, 512), (100, 600), (512, 512), (1024, 1024), (1, 512)])
-def test_decode_tasks_take_whole_batches_of_at_least_task_rows(batch_size, rows):
-    from pipelines.data import TASK_ROWS, rows_per_task
+@pytest.mark.parametrize(
+    ("batch_size", "num_rows", "rows"),
+    [(64, 4567, 512), (100, 100_000, 600), (512, 100_000, 512), (1024, 100_000, 1024), (1, 100_000, 512),
+     (32, 480, 32), (64, 2048, 256), (64, 100, 64)],
+)
+def test_decode_tasks_take_whole_batches_of_task_rows_and_a_pass_keeps_enough_tasks(batch_size, num_rows, rows):
+    from pipelines.data import MIN_TASKS_PER_PASS, TASK_ROWS, rows_per_task
 
-    assert rows_per_task(batch_size) == rows
-    assert rows % batch_size == 0 and rows >= TASK_ROWS
+    assert rows_per_task(batch_size, num_rows) == rows
+    assert rows % batch_size == 0
+    assert rows >= TASK_ROWS or rows == batch_size or num_rows // rows >= MIN_TASKS_PER_PASS
