@@ -9,7 +9,7 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 
 from tuning.sweep import settle_child_runs
-from tuning.trial import PARENT_TAG, TRIAL_TAG
+from tuning.trial import PARENT_TAG, TRIAL_TAG, mark_failed_unless_settled
 
 
 def _row(trial_id: str, status: str) -> dict:
@@ -46,3 +46,18 @@ def test_runs_are_settled_to_tunes_verdict_and_keep_their_end_time(tmp_path):
     assert status[orphan_running].status == "KILLED"  # no row: a trial Tune never reported on cannot still be running
     assert status[elsewhere].status == "RUNNING"  # another sweep's runs are not touched
     assert settle_child_runs(uri, experiment_id, parent, rows) == 0  # settling twice changes nothing
+
+
+def test_a_stopped_trial_failing_late_does_not_overwrite_the_settled_verdict(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("late", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment_id, run_name="sweep").info.run_id
+    stopped = client.create_run(experiment_id, run_name="s", tags={PARENT_TAG: parent, TRIAL_TAG: "s"}).info.run_id
+
+    assert settle_child_runs(uri, experiment_id, parent, [_row("s", "stopped early")]) == 1  # the sweep settles first...
+    mark_failed_unless_settled(client, stopped)  # ...then the stopped trial's exception arrives
+    crashing = client.create_run(experiment_id, run_name="c", tags={PARENT_TAG: parent, TRIAL_TAG: "c"}).info.run_id
+    mark_failed_unless_settled(client, crashing)  # a trial that really fails while running
+    assert client.get_run(stopped).info.status == "KILLED"
+    assert client.get_run(crashing).info.status == "FAILED"

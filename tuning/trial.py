@@ -68,12 +68,23 @@ def run_trial(config: dict, context: SweepContext) -> None:
         client.log_metric(run_id, f"best_{context.objective}", result.best_score)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        mark_failed_unless_settled(client, run_id)
         raise
     tune.report({
         context.tune_metric: result.best_score, "best_checkpoint": result.best_checkpoint, "pretrain_checkpoint": result.pretrain_checkpoint,
         "mlflow_run_id": run_id, "trial_finished": 1,
     })
+
+
+def mark_failed_unless_settled(client: MlflowClient, run_id: str) -> None:
+    """End a trial's run as FAILED, unless it has ended already.
+
+    A trial ASHA stops sees the stop arrive as an exception, sometimes only after the sweep has
+    settled its run to Tune's verdict (KILLED, ``sweep.settle_child_runs``): seen once in the
+    sweep test, where the late FAILED overwrote the verdict. Whichever comes first, the run ends
+    with Tune's word."""
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "FAILED")
 
 
 def _child_run(client: MlflowClient, context: SweepContext, trial_id: str, config: dict) -> str:
