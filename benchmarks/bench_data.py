@@ -119,14 +119,19 @@ def timed(fn: Callable[[], Iterator[int]]) -> Pass:
     return Pass(n, time.perf_counter() - t, first)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_stream_arguments(ap: argparse.ArgumentParser, epochs: int) -> None:
+    """The data, image size, workers, batch and epochs of a training-stream benchmark (this one and bench_stream_epochs.py)."""
     ap.add_argument("--src", type=Path, default=BTMD if BTMD.is_dir() else SAMPLE, help="ImageFolder to ingest")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "msmae_bench_data", help="ingest output (reused)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=epochs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_stream_arguments(ap, epochs=3)
     ap.add_argument("--formats", nargs="+", choices=["float32", "uint8"], default=["float32", "uint8"],
                     help="the stream's image dtype: float32 normalised in the map, or uint8 normalised by the consumer")
     args = ap.parse_args()

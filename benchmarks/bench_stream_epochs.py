@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +29,6 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
-BTMD = REPO.parent / "shared/datasets/btmd/Training"
-SAMPLE = REPO / "data/sample/btmd"
 
 
 def decode_parts(batch: dict, table_ref: list, rows: int, n: int, order_seed: int, size: int, batch_size: int, uint8: bool) -> Iterator[dict]:
@@ -53,14 +50,11 @@ def decode_parts(batch: dict, table_ref: list, rows: int, n: int, order_seed: in
                                 size=size, seed=0, repeatable=False, uint8=uint8)
 
 
-def epoch_rates(batches, n: int, epochs: int, uint8: bool) -> list[float]:
-    """img/s of each epoch's worth of rows (n rows) from an iterator of batches, each consumed as
-    bench_data.py consumes it (a uint8 batch is normalised to float32 in the consumer)."""
-    from bench_data import consume  # this script's folder is on sys.path when it runs
-
+def epoch_rates(sizes: Iterator[int], n: int, epochs: int) -> list[float]:
+    """img/s of each epoch's worth of rows (n rows), from the sizes of the batches as they are consumed."""
     marks, seen, start = [], 0, time.perf_counter()
-    for b in batches:
-        seen += consume(b, uint8)
+    for size in sizes:
+        seen += size
         while len(marks) < epochs and seen >= n * (len(marks) + 1):
             marks.append(time.perf_counter())
     bounds = [start, *marks]
@@ -68,21 +62,17 @@ def epoch_rates(batches, n: int, epochs: int, uint8: bool) -> list[float]:
 
 
 def main() -> None:
+    from bench_data import PREFETCH_PER_WORKER, add_stream_arguments, consume, ray_pass  # this script's folder is on sys.path
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--src", type=Path, default=BTMD if BTMD.is_dir() else SAMPLE, help="ImageFolder to ingest")
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "msmae_bench_data", help="ingest output (reused)")
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=4)
+    add_stream_arguments(ap, epochs=4)
     ap.add_argument("--format", choices=["float32", "uint8"], default="uint8")
     args = ap.parse_args()
 
     import ray
     import torch
-    from bench_data import PREFETCH_PER_WORKER
 
-    from pipelines.data import rows_per_task, train_stream
+    from pipelines.data import rows_per_task
     from pipelines.ingest import IngestOptions, ingest, shard_files
 
     data_dir = args.work / args.src.name
@@ -94,23 +84,17 @@ def main() -> None:
           f"{rows} rows per task, {args.format}")
 
     torch.set_num_threads(1)
-    ray.init(num_cpus=args.workers + 2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    prefetch = args.workers * PREFETCH_PER_WORKER  # as bench_data.py: what a DataLoader keeps in flight
     try:
-        per_epoch = train_stream(data_dir, "train", args.size, seed=0, batch_size=args.batch, concurrency=args.workers, uint8=uint8)
-        separate = [epoch_rates(per_epoch.iter_torch_batches(batch_size=args.batch, prefetch_batches=prefetch), n, 1, uint8)[0]
-                    for _ in range(args.epochs)]
+        per_epoch = ray_pass(data_dir, args.size, args.workers, args.batch, uint8)  # the project's stream, as bench_data.py runs it
+        separate = [epoch_rates(per_epoch(), n, 1)[0] for _ in range(args.epochs)]
         parts = -(-n // rows)
         one_run = ray.data.range(args.epochs * parts, override_num_blocks=args.epochs * parts).map_batches(
             decode_parts, batch_size=1, concurrency=args.workers,
             fn_kwargs={"table_ref": [ray.put(table)], "rows": rows, "n": n, "order_seed": int.from_bytes(os.urandom(4), "little"),
                        "size": args.size, "batch_size": args.batch, "uint8": uint8},
         )
-        together = epoch_rates(one_run.iter_torch_batches(batch_size=args.batch, prefetch_batches=prefetch), n, args.epochs, uint8)
+        batches = one_run.iter_torch_batches(batch_size=args.batch, prefetch_batches=args.workers * PREFETCH_PER_WORKER)
+        together = epoch_rates((consume(b, uint8) for b in batches), n, args.epochs)
     finally:
         ray.shutdown()
 

@@ -52,8 +52,9 @@ def train_stream(
     """
     ds = _read(data_dir, split)
     if shuffle:
-        rows = rows_per_task(batch_size, IngestedDataset.load(data_dir).split_size(split))
-        ds = _shuffled(ds, _split_bytes(data_dir, split), seed if repeatable else None, rows)
+        dataset = IngestedDataset.load(data_dir)
+        nbytes = sum(f.stat().st_size for f in dataset.shard_files(split))
+        ds = _shuffled(ds, nbytes, seed if repeatable else None, rows_per_task(batch_size, dataset.split_size(split)))
     return ds.map_batches(
         augment_batch,
         fn_kwargs={"size": size, "seed": seed, "repeatable": repeatable, "uint8": uint8},
@@ -107,7 +108,7 @@ def rows_per_task(batch_size: int, num_rows: int) -> int:
 
 
 # Below this many encoded bytes a split is shuffled by one task (all rows in one block, permuted,
-# then cut back into batch-sized blocks): 0.4 s per pass for BTMD's 4,567 training rows (~130 MB)
+# then cut back into blocks of rows_per_task rows): 0.4 s per pass for BTMD's 4,567 training rows (~130 MB)
 # where Ray's distributed random_shuffle took 1-2 s, a barrier every pass before decoding starts.
 # Larger splits use random_shuffle, which spreads the rows over the cluster's memory.
 SHUFFLE_IN_ONE_TASK_BYTES = 512 << 20
@@ -120,10 +121,6 @@ def _shuffled(ds: ray.data.Dataset, nbytes: int, seed: int | None, rows_per_bloc
     ds = ds.repartition(1).map_batches(permute_rows, fn_kwargs={"seed": seed}, batch_size=None, batch_format="pyarrow")
     # back to smaller blocks, streaming (no shuffle): the decode map runs one task per block, in parallel
     return ds.repartition(target_num_rows_per_block=rows_per_block)
-
-
-def _split_bytes(data_dir: str | Path, split: str) -> int:
-    return sum(f.stat().st_size for f in IngestedDataset.load(data_dir).shard_files(split))
 
 
 def _read(data_dir: str | Path, split: str) -> ray.data.Dataset:
