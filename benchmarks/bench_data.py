@@ -1,6 +1,6 @@
 """Training-stream throughput: Ray Data vs a torch DataLoader doing the same work.
 
-Both sides run the exact same per-batch function (`pipelines.transforms.augment_batch`: decode,
+Both sides run the exact same per-batch function (`pipelines.data.transforms.augment_batch`: decode,
 RandomResizedCrop 0.2–1 bicubic, flip, normalise, crop box) over the same train split of an
 ingested dataset, with the same number of CPU workers (`--workers`: DataLoader processes /
 Ray Data map tasks in flight) and the same batch size. Each side runs `--epochs` passes, alternating
@@ -50,7 +50,7 @@ class ShardBatches(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, rows: list[int]) -> dict[str, np.ndarray]:
-        from pipelines.transforms import augment_batch
+        from pipelines.data.transforms import augment_batch
 
         batch = {"image": self.images[rows], "label": self.labels[rows], "index": self.indices[rows]}
         return augment_batch(batch, size=self.size, seed=self.seed, repeatable=False, uint8=self.uint8)
@@ -60,7 +60,7 @@ def consume(batch: dict, uint8: bool) -> int:
     """What a training step gets: float32 normalised images (a uint8 stream is normalised here, in the consumer)."""
     image = batch["image"] if torch.is_tensor(batch["image"]) else torch.as_tensor(batch["image"])
     if uint8:
-        from pipelines.data import normalise_images
+        from pipelines.data.streams import normalise_images
 
         image = normalise_images(image)
     assert image.dtype == torch.float32
@@ -81,7 +81,8 @@ def ray_pass(data_dir: Path, size: int, workers: int, batch: int, uint8: bool = 
     """The training stream limited to `workers` concurrent map tasks; each call runs one epoch."""
     import ray
 
-    from pipelines.data import train_stream
+    from pipelines.data.dataset import IngestedDataset
+    from pipelines.data.streams import train_stream
 
     if not ray.is_initialized():
         # logical CPUs > cores: read tasks need free slots beside the `workers` map tasks (see STACK.md)
@@ -90,7 +91,7 @@ def ray_pass(data_dir: Path, size: int, workers: int, batch: int, uint8: bool = 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    ds = train_stream(data_dir, "train", size, seed=0, batch_size=batch, concurrency=workers, uint8=uint8)
+    ds = train_stream(IngestedDataset.load(data_dir), "train", size, seed=0, batch_size=batch, concurrency=workers, uint8=uint8)
     # as many batches prefetched as the DataLoader keeps in flight (workers × prefetch_factor)
     prefetch = workers * PREFETCH_PER_WORKER
     return lambda: (consume(b, uint8) for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=prefetch))
@@ -136,11 +137,12 @@ def main() -> None:
                     help="the stream's image dtype: float32 normalised in the map, or uint8 normalised by the consumer")
     args = ap.parse_args()
 
-    from pipelines.ingest import IngestOptions, ingest, shard_files
+    from pipelines.data.dataset import IngestedDataset
+    from pipelines.data.ingest import IngestOptions, ingest
 
     data_dir = args.work / args.src.name
     res = ingest(args.src, data_dir, IngestOptions(), progress=False, log=lambda _: None)
-    files = shard_files(data_dir, "train")
+    files = IngestedDataset.load(data_dir).shard_files("train")
     n = res.summary["counts"]["train"]["total"]
     print(f"train split of {args.src}: {n} images, S={args.size}, batch {args.batch}, {args.workers} CPU workers each")
 

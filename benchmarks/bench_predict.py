@@ -115,7 +115,7 @@ def child_ray(images: Path, model: Path, out: Path, batch_size: int, actors: int
     import ray
 
     from pipelines.local_ray import ensure_ray
-    from pipelines.predict import PredictSettings, predict_folder
+    from pipelines.serve.predict import PredictSettings, predict_folder
 
     start = time.perf_counter()
     ensure_ray()
@@ -141,10 +141,11 @@ def child_plain(images: Path, model: Path, out: Path, batch_size: int) -> dict:
     import torch
 
     import msmae
-    from pipelines import checkpoint, images as decode
-    from pipelines.predict import result_table
-    from pipelines.sources import scan_tree
-    from pipelines.transforms import normalise, resize_whole
+    from pipelines import checkpoint
+    from pipelines.data import images as decode
+    from pipelines.serve.predict import result_table
+    from pipelines.data.sources import scan_tree
+    from pipelines.data.transforms import normalise, resize_whole
 
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()

@@ -3,7 +3,7 @@
 Every read/map task worker and every split coordinator of a Train stage imports the module
 that holds the per-batch functions, so this cost is paid a dozen times per stage. Baseline:
 the imports the data path needed while it used torchvision and timm (torch, torchvision's
-transforms, timm's constants); now: ``pipelines.data`` and ``pipelines.transforms`` as they
+transforms, timm's constants); now: ``pipelines.data.streams`` and ``pipelines.data.transforms`` as they
 are. Each is imported in a fresh interpreter ``--repeats`` times, alternating; median wall
 time, CPU time (user + system) and peak resident memory of the process.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CASES = {
     "torch + torchvision + timm (baseline)": "import torch, torchvision.transforms, timm.data.constants",
-    "pipelines.data (now)": "import pipelines.data, pipelines.transforms",
+    "pipelines.data.streams (now)": "import pipelines.data.streams, pipelines.data.transforms",
 }
 
 

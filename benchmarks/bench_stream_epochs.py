@@ -1,8 +1,8 @@
 """What a new Ray Data execution per epoch costs: the training stream as the project runs it
 (one streaming execution per epoch) vs one execution that streams every epoch back to back.
 
-Both run the same decode work (`pipelines.transforms.augment_batch`, tasks of
-`pipelines.data.rows_per_task(batch, rows)` rows, at most `--workers` at a time) over the same
+Both run the same decode work (`pipelines.data.transforms.augment_batch`, tasks of
+`pipelines.data.streams.rows_per_task(batch, rows)` rows, at most `--workers` at a time) over the same
 ingested train split, each epoch a fresh permutation of all rows. The one-execution stream is a
 measurement, not a project stream: its plan is a row of (epoch, part) ids, and each decode task
 takes its part of that epoch's permutation from the encoded split, put in the object store once.
@@ -35,7 +35,7 @@ def decode_parts(batch: dict, table_ref: list, rows: int, n: int, order_seed: in
     """(epoch · parts + part) ids → that part of the epoch's permutation, decoded batch by batch."""
     import ray
 
-    from pipelines.transforms import augment_batch
+    from pipelines.data.transforms import augment_batch
 
     table = ray.get(table_ref[0])  # zero-copy from the object store
     parts = -(-n // rows)
@@ -72,12 +72,13 @@ def main() -> None:
     import ray
     import torch
 
-    from pipelines.data import rows_per_task
-    from pipelines.ingest import IngestOptions, ingest, shard_files
+    from pipelines.data.streams import rows_per_task
+    from pipelines.data.dataset import IngestedDataset
+    from pipelines.data.ingest import IngestOptions, ingest
 
     data_dir = args.work / args.src.name
     ingest(args.src, data_dir, IngestOptions(), progress=False, log=lambda _: None)
-    table = pa.concat_tables([pq.read_table(f, columns=["image", "label", "index"]) for f in shard_files(data_dir, "train")]).combine_chunks()
+    table = pa.concat_tables([pq.read_table(f, columns=["image", "label", "index"]) for f in IngestedDataset.load(data_dir).shard_files("train")]).combine_chunks()
     n, uint8 = table.num_rows, args.format == "uint8"
     rows = rows_per_task(args.batch, n)
     print(f"train split of {args.src}: {n} images, S={args.size}, batch {args.batch}, {args.workers} decode tasks at a time, "

@@ -43,8 +43,8 @@ def squash(img: Image.Image, side: int) -> tuple[torch.Tensor, float]:
 def build_bundle(sample: Path, source: Path, out: Path, side: int, unseen_per_class: int) -> dict:
     import pyarrow.parquet as pq
 
-    from pipelines.dataset import IngestedDataset
-    from pipelines.ingest import IngestOptions, ingest
+    from pipelines.data.dataset import IngestedDataset
+    from pipelines.data.ingest import IngestOptions, ingest
 
     rows: list[tuple[torch.Tensor, int, str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,7 +11,7 @@
    ``scaling.torch_compile`` switches in the Ray worker.
 2. The data path at ``--img-size`` with the box's CPUs: a torch DataLoader (one worker process
    per usable CPU) running the training stream's own per-batch function
-   (``pipelines.transforms.augment_batch``: decode, RandomResizedCrop 0.2-1 bicubic, flip,
+   (``pipelines.data.transforms.augment_batch``: decode, RandomResizedCrop 0.2-1 bicubic, flip,
    normalise, crop box) over JPEGs synthesised from the bundled sample at ``--source-side`` px
    (BTMD's scans are 512 px; the sample's 96 px files would flatter the decode). Ray is not on
    the box, so this is the same work the Ray Data map tasks do, without Ray's own overhead.
@@ -129,7 +129,7 @@ class JpegBatches(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, rows: list[int]) -> dict[str, np.ndarray]:
-        from pipelines.transforms import augment_batch
+        from pipelines.data.transforms import augment_batch
 
         batch = {"image": self.images[rows], "label": np.zeros(len(rows), dtype=np.int64), "index": np.asarray(rows, dtype=np.int64)}
         return augment_batch(batch, size=self.size, seed=0, repeatable=False)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from comparison.bundle import SPLITS, make_bundle, save_bundle  # noqa: E402
-from pipelines.ingest import shard_files  # noqa: E402
+from pipelines.data.dataset import IngestedDataset  # noqa: E402
 
 
 def squash(data: bytes, side: int) -> tuple[torch.Tensor, float]:
@@ -39,11 +39,11 @@ def squash(data: bytes, side: int) -> tuple[torch.Tensor, float]:
 
 
 def build(data_dir: Path, out: Path, side: int, quality: int, name: str | None) -> dict:
-    meta = json.loads((data_dir / "dataset.json").read_text())
-    classes = [c for c, _ in sorted(meta["classes"].items(), key=lambda kv: kv[1])]
+    dataset = IngestedDataset.load(data_dir)
+    classes = dataset.class_names
     images, labels, splits, index, aspect = [], [], [], [], []
     for split in SPLITS:
-        for path in shard_files(data_dir, split):
+        for path in dataset.shard_files(split):
             table = pq.read_table(path, columns=["image", "label", "index"])
             for data, label, idx in zip(table.column("image").to_pylist(), table.column("label").to_pylist(), table.column("index").to_pylist(), strict=True):
                 img, a = squash(data, side)

@@ -5,7 +5,7 @@ dataset comes from a bundle (``comparison.bundle``), is decoded once onto the de
 augmented there (``comparison.augment``); every epoch is ``msmae.StageTrainer.run_epoch``,
 the same epoch skeleton the Ray workers run, with the same optimisers
 (``msmae.build_optimizer``), learning-rate schedule, masking schedule and attention-table
-refreshes as ``pipelines/worker.py``.
+refreshes as ``pipelines/train/worker.py``.
 
 Methods (``METHODS``), each on its own recipe where its authors' differs (``Method.adapt``):
     supervised        ViT from random init on all tokens, no pre-training, no layer decay

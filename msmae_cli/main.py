@@ -53,9 +53,9 @@ def ingest(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Validate, de-duplicate and split images into Parquet shards (a no-op when already up to date)."""
-    from pipelines.ingest import IngestOptions, usable_cpus
-    from pipelines.ingest import ingest as run_ingest
-    from pipelines.sources import ManifestSpec
+    from pipelines.data.ingest_options import IngestOptions, usable_cpus
+    from pipelines.data.ingest import ingest as run_ingest
+    from pipelines.data.sources import ManifestSpec
 
     if manifest is not None:
         missing = [n for n, v in (("--image-root", image_root), ("--image-col", image_col), ("--label-col", label_col)) if v is None]
@@ -159,7 +159,7 @@ def _train(
     check_output_dir(workdir, "--workdir")
     if init is not None and not is_checkpoint(init):
         raise fail(f"--init {init} is not a checkpoint folder (no {STATE_FILE}); `msmae pretrain` prints one", USAGE)
-    from pipelines.run import STATE_NAME, run_pipeline
+    from pipelines.train.run import STATE_NAME, run_pipeline
 
     on_interrupt(_resume_hint(workdir / STATE_NAME, resume, "continue it from its last checkpoint"))
     uri = _tracking_uri(tracking_uri, cfg, workdir)
@@ -217,7 +217,7 @@ def evaluate(
     _folder_arg(data, "--data")
     check_output_file(out, "--out")
     _model_tracking(tracking_uri, model)
-    from pipelines.evaluate import evaluate_data
+    from pipelines.serve.evaluate import evaluate_data
 
     results = evaluate_data(model, data, split, log=typer.echo)
     write_atomic(out, json.dumps(results, indent=2, default=str).encode())
@@ -237,7 +237,7 @@ def predict(
 ) -> None:
     """Predict every file of a folder (at the model's own size) with Ray Data batch inference; write path, class, calibrated probabilities."""
     _folder_arg(input_dir, "--input")
-    from pipelines.predict import PredictSettings, check_predictions_out, predict_folder
+    from pipelines.serve.predict import PredictSettings, check_predictions_out, predict_folder
 
     check_predictions_out(out)
     _model_tracking(tracking_uri, model)

@@ -1,13 +1,14 @@
-"""MLflow, all of it: where runs go, what a run logs (from the driver and from rank 0 of the
-workers), and the model registry with the ``champion`` alias. Nothing else in ``pipelines``
-calls MLflow, so the tracking back end can be read (or swapped) in one file.
+"""MLflow logging: where runs go and what a run logs, from the driver and from rank 0 of the workers.
+
+Every MLflow call of training goes through here, so the tracking back end can be read (or
+swapped) in one file. The model registry (log a model, the ``champion`` alias) is
+``pipelines.serve.registry``: logging knows nothing of models.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
-import math
 import os
 import time
 import urllib.error
@@ -15,25 +16,12 @@ import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
-import torch
 from mlflow.tracking import MlflowClient
 
-import msmae
-from pipelines.model_card import NOT_FOR_DIAGNOSIS
-from pipelines.preprocessing import Preprocessing
-
-CHAMPION = "champion"
 REPO = Path(__file__).resolve().parents[1]
-# What the registered model needs to load and run in a fresh environment (its code travels in
-# code_paths, so msmae-ray itself is not one); giving them avoids MLflow's slow inference (~20 s).
-SERVING_REQUIREMENTS = [
-    f"torch=={torch.__version__.split('+')[0]}", "torchvision==0.29.1", "timm==1.0.31", f"mlflow=={mlflow.__version__}",
-    "pillow>=11", "numpy", "pandas", "pydicom==3.0.2",
-]
 
 
 def resolve_tracking_uri(explicit: str | None, workdir: Path) -> str:
@@ -170,118 +158,6 @@ def log_params(params: dict) -> None:
         mlflow.log_params(dict(items[start:start + 100]))
 
 
-@dataclass(frozen=True)
-class ModelToRegister:
-    """Everything the registry gets about one model, gathered by ``pipelines.report``."""
-
-    model: msmae.MSMAEClassifier
-    class_names: list[str]
-    temperature: float
-    preprocessing: Preprocessing
-    selection_metric: str  # e.g. val_macro_f1, compared against the champion's
-    selection_value: float
-    dataset_fingerprint: str
-    step: int  # the fine-tuning epoch chosen: the run's metrics at this step are linked to the model
-    version_description: str  # the model card (markdown)
-    model_description: str  # the registered model's description (what every version is)
-    tags: Mapping[str, str] = field(default_factory=dict)
-
-
-# MLflow warnings about choices made here on purpose, which would otherwise end every run's output:
-# the dataset's source is a local folder (not a URI of one of its source types) and the input
-# example's integer columns never hold missing values. (MLflow's hint to add type hints to the
-# pyfunc's ``predict`` cannot be filtered: its wrapper inserts its own "once" filter just before
-# warning. The signature is explicit because paths, bytes and arrays mix in one column.)
-_EXPECTED_MLFLOW_WARNINGS = (
-    r"The specified dataset source can be interpreted in multiple ways",
-    r"Hint: Inferred schema contains integer column",
-)
-
-
-@contextlib.contextmanager
-def _without_expected_mlflow_warnings() -> Iterator[None]:
-    with warnings.catch_warnings():
-        for message in _EXPECTED_MLFLOW_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=UserWarning)
-        yield
-
-
-def register_model(spec: ModelToRegister, model_name: str) -> tuple[str, bool]:
-    """Log the classifier as a self-contained pyfunc, register it with its model card, move ``champion`` if it wins.
-
-    Returns ``(version, became_champion)``. The comparison is only against a champion
-    evaluated on the same validation split (same dataset fingerprint); a champion from
-    another dataset is replaced. ``step`` links the run's metrics at the chosen epoch (and
-    anything else logged at that step number, e.g. ``pretrain/*`` of the same epoch index)
-    to the logged model, which is MLflow 3's model-metric linkage.
-    """
-    import tempfile
-
-    import pandas as pd
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-    from mlflow.types.schema import Array
-
-    from pipelines import serving
-
-    model = spec.model.cpu().eval()
-    example = pd.DataFrame({"image": [serving.example_image()]})
-    scorer = serving.Scorer(model, spec.class_names, spec.temperature, spec.preprocessing)
-    output = scorer.table(scorer.score(serving._sources(example)))
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)]),
-        outputs=Schema([ColSpec("double", f"prob_{n}") for n in spec.class_names]
-                       + [ColSpec("string", "predicted_class", required=False), ColSpec("boolean", "ok"),
-                          ColSpec("string", "reason", required=False), ColSpec("string", "detail", required=False),
-                          ColSpec(Array(Array("double")), "heatmap", required=False)]),  # with params heatmaps=True
-        params=ParamSchema([ParamSpec("heatmaps", "boolean", False)]),
-    )
-    if list(output.columns) != [c.name for c in signature.outputs.inputs][:-1]:  # the signature says what predict returns
-        raise AssertionError(f"pyfunc output columns {list(output.columns)} differ from its signature")
-    with tempfile.TemporaryDirectory(prefix="msmae-model-") as tmp, _without_expected_mlflow_warnings():
-        weights = Path(tmp) / "classifier.pt"
-        serving.weights_file(weights, model, spec.class_names, spec.temperature, spec.preprocessing)
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=serving.MSMAEPyfunc(),
-            artifacts={serving.WEIGHTS_ARTIFACT: str(weights)},
-            code_paths=[str(REPO / "msmae"), str(REPO / "pipelines")],  # loads without this project installed
-            signature=signature,
-            input_example=example,
-            pip_requirements=SERVING_REQUIREMENTS,
-            metadata={"class_names": spec.class_names, "preset": msmae.models.preset_dict(model.preset),
-                      "temperature": spec.temperature, "preprocessing": spec.preprocessing.to_dict(),
-                      "selected_epoch": spec.step, "intended_use": NOT_FOR_DIAGNOSIS},
-            registered_model_name=model_name,
-            step=spec.step,
-        )
-    version = str(info.registered_model_version)
-    client = MlflowClient()
-    client.update_registered_model(model_name, description=_fit(spec.model_description))
-    client.update_model_version(model_name, version, description=_fit(spec.version_description))
-    tags = {
-        spec.selection_metric: f"{spec.selection_value:.6f}", "dataset_fingerprint": spec.dataset_fingerprint,
-        "class_names": ",".join(spec.class_names), "temperature": f"{spec.temperature:.6f}", "selected_epoch": str(spec.step),
-        "git_commit": git_commit(), "intended_use": "research only, not for diagnostic use", **spec.tags,
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
-    beats = _beats_champion(client, model_name, spec.selection_metric, spec.selection_value, spec.dataset_fingerprint)
-    if beats:
-        client.set_registered_model_alias(model_name, CHAMPION, version)
-    return version, beats
-
-
-_DESCRIPTION_LIMIT = 5000  # MLflow's SQL registry stores at most 5,000 characters per description
-
-
-def _fit(text: str) -> str:
-    if len(text) <= _DESCRIPTION_LIMIT:
-        return text
-    note = "\n\n(truncated: the full model card is the run artifact model_card.md)"
-    return text[:_DESCRIPTION_LIMIT - len(note)] + note
-
-
 def git_commit() -> str:
     """The commit the code was at (``+dirty`` with uncommitted changes), or ``unknown`` outside git."""
     import subprocess
@@ -307,32 +183,26 @@ def log_dataset_input(dataset, context: str = "training") -> None:
         return
     origin = dataset.summary.get("source") or {}
     name = Path(str(origin.get("root") or origin.get("manifest") or dataset.path)).name
-    with _without_expected_mlflow_warnings():
+    with without_expected_mlflow_warnings():
         data = mlflow.data.from_pandas(pa.concat_tables(tables).to_pandas(), source=str(dataset.path), targets="label_name",
                                        name=name, digest=(dataset.fingerprint or "unknown")[:32])  # MLflow keeps 36 characters
         mlflow.log_input(data, context=context, tags={"fingerprint": dataset.fingerprint})
 
 
-def _beats_champion(client: MlflowClient, name: str, metric_name: str, value: float, fingerprint: str) -> bool:
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        return True  # no champion yet
-    if champion.tags.get("dataset_fingerprint") != fingerprint:
-        return True
-    current = float(champion.tags.get(metric_name, "nan"))
-    return math.isnan(current) or value > current
+# MLflow warnings about choices made here on purpose, which would otherwise end every run's output:
+# the dataset's source is a local folder (not a URI of one of its source types) and the input
+# example's integer columns never hold missing values. (MLflow's hint to add type hints to the
+# pyfunc's ``predict`` cannot be filtered: its wrapper inserts its own "once" filter just before
+# warning. The signature is explicit because paths, bytes and arrays mix in one column.)
+_EXPECTED_MLFLOW_WARNINGS = (
+    r"The specified dataset source can be interpreted in multiple ways",
+    r"Hint: Inferred schema contains integer column",
+)
 
 
-def load_pyfunc(model_uri: str):
-    """``models:/NAME@champion`` (or any model URI) as MLflow loads it (a ``PyFuncModel``)."""
-    return mlflow.pyfunc.load_model(model_uri)
-
-
-def model_info(model_uri: str):
-    return mlflow.models.get_model_info(model_uri)
-
-
-def load_pytorch(model_uri: str) -> msmae.MSMAEClassifier:
-    """A model registered before the pyfunc (pytorch flavour, pickled module)."""
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+@contextlib.contextmanager
+def without_expected_mlflow_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for message in _EXPECTED_MLFLOW_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield

@@ -45,7 +45,7 @@ def data_sample_btmd() -> Path:
 @pytest.fixture(scope="session")
 def data_sample_ingested(tmp_path_factory: pytest.TempPathFactory, data_sample_btmd: Path) -> Path:
     """The bundled sample ingested once per session (val 0.2, test 0.1, seed 0)."""
-    from pipelines.ingest import IngestOptions, ingest
+    from pipelines.data.ingest import IngestOptions, ingest
 
     out = tmp_path_factory.mktemp("sample_ingest")
     ingest(data_sample_btmd, out, IngestOptions(val=0.2, test=0.1, seed=0, workers=1), progress=False, log=lambda _: None)

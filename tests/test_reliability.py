@@ -419,8 +419,8 @@ def reliability_loggers_outside_the_runner():
     first imported. Imported inside CliRunner.invoke (the commands import them lazily), they would keep its
     captured stream, closed after that invocation, and a later log line would print a logging traceback into
     another command's output: import what the commands import here, outside any invocation."""
-    import pipelines.predict  # noqa: F401
-    import pipelines.run  # noqa: F401
+    import pipelines.serve.predict  # noqa: F401
+    import pipelines.train.run  # noqa: F401
     import tuning.sweep  # noqa: F401
 
 
@@ -479,14 +479,14 @@ def test_ctrl_c_before_anything_was_saved_says_so(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_once_the_run_saved_its_state_says_how_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipelines.run
+    import pipelines.train.run
 
     def interrupted(source, cfg, workdir, *args, **kwargs):
         workdir.mkdir(parents=True)
-        (workdir / pipelines.run.STATE_NAME).write_text(json.dumps({"run_name": "run-1"}))
+        (workdir / pipelines.train.run.STATE_NAME).write_text(json.dumps({"run_name": "run-1"}))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipelines.run, "run_pipeline", interrupted)
+    monkeypatch.setattr(pipelines.train.run, "run_pipeline", interrupted)
     result = invoke(["run", image_folder(tmp_path / "src", {"a": 2, "b": 2}), "--workdir", tmp_path / "w"])
     assert result.exit_code == 130 and "Traceback" not in result.output
     assert "interrupted: continue it from its last checkpoint with the same command plus --resume" in result.output

@@ -21,8 +21,8 @@ from joblib import cpu_count
 from pipelines.config import RunConfig
 from pipelines.local_ray import ensure_ray
 from pipelines.outputs import write_atomic
-from pipelines.report import evaluate_and_register
-from pipelines.run import prepare_data
+from pipelines.train.finish import evaluate_and_register
+from pipelines.train.run import prepare_data
 from pipelines.tracking import active_run, log_params, resolve_tracking_uri, set_experiment
 from tuning.space import SearchSpace, check_space, load_space, run_overrides
 from tuning.summary import log_summary, trial_rows

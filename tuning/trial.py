@@ -15,8 +15,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import RunConfig
-from pipelines.dataset import IngestedDataset
-from pipelines.stages import train_stages
+from pipelines.data.dataset import IngestedDataset
+from pipelines.train.stages import train_stages
 from tuning.space import run_overrides
 
 TRIAL_TAG = "msmae.trial_id"

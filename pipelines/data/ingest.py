@@ -1,0 +1,265 @@
+"""`msmae ingest`: a folder or manifest of images → validated, de-duplicated, split Parquet shards.
+
+Flow (one function per step, in `ingest`): list (polars) → decode + validate + hash each
+image once (process pool) → quarantine failures and label conflicts → split groups →
+group-aware stratified split → dense `index` → shards, `quarantine.csv`, `dataset.json`.
+
+Output layout in DIR:
+    shards/<split>-<nnnnn>.parquet   one split per file, rows sorted by `index`
+    quarantine.csv                  path, reason, detail — every listed file not kept
+    dataset.json                    classes, counts, quarantine and duplicate summary, seed, ...
+
+DIR is built in a folder beside it and renamed into place when complete: it always holds a
+whole dataset or none, and a failed run leaves the one already there as it was.
+
+`index` is dense over the whole dataset and the train split comes first, so training rows
+are exactly 0..n_train-1: the trainer's attention table is indexed by it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from importlib import metadata
+from multiprocessing import get_context
+from pathlib import Path
+
+import polars as pl
+
+from pipelines.data import destination, images, shards, sources, splits
+from pipelines.data.dataset import SUMMARY_FILE, IngestedDataset
+from pipelines.data.ingest_options import IngestError, IngestOptionError, IngestOptions, check_options, output_options
+
+__all__ = ["IngestError", "IngestOptionError", "IngestOptions", "IngestResult", "ingest"]
+
+FORMAT_VERSION = 1
+LABEL_CONFLICT = "duplicate_label_conflict"
+_PARALLEL_MIN_FILES = 256  # below this a process pool costs more than it saves
+
+
+
+
+@dataclass
+class IngestResult:
+    out: Path
+    summary: dict
+    wrote: bool  # False when the output was already up to date
+
+    @property
+    def dataset(self) -> IngestedDataset:
+        """The ingested dataset, without reading back the ``dataset.json`` just written."""
+        return IngestedDataset(self.out, self.summary)
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("msmae-ray")
+    except metadata.PackageNotFoundError:
+        return "0.1.0+src"  # running from a checkout that was not pip-installed
+
+
+def ingest(
+    src: Path | sources.Source,
+    out: Path,
+    opts: IngestOptions | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> IngestResult:
+    """Ingest `src` (an ImageFolder root or a manifest spec) into `out`; a no-op when up to date.
+
+    The dataset is built in a folder beside `out` and renamed into place only when complete,
+    so `out` always holds a whole dataset (the old one or the new one) or nothing; a failed
+    run leaves a dataset already there untouched.
+    """
+    opts = opts or IngestOptions()  # built per call: its CPU count is this process's, now
+    fractions = check_options(opts)
+    source = sources.as_source(src)
+    source_info = source.info()
+    destination.check_destination(out, source_info, opts.force)
+    listing = source.listing(opts.classes)
+    fp = _fingerprint(listing, source, opts)
+    existing = _load_if_current(out, fp)
+    if existing is not None:
+        log(f"{out} is up to date with its source and options: nothing rewritten")
+        return IngestResult(out, existing, wrote=False)
+
+    quarantine, kept, conflicts = _sort_out(listing, opts, progress)
+    if len(quarantine) != listing.height - len(kept):
+        raise AssertionError("ingest lost track of a file: kept + quarantined != listed")  # never silent
+    counted = f"quarantined {len(quarantine)} of {listing.height} files: {dict(Counter(q['reason'] for q in quarantine))}"
+    with destination.staging(out) as stage:
+        shards.write_file(stage, "quarantine.csv", shards.quarantine_csv(quarantine), out)
+        if not kept or (opts.strict and quarantine):
+            if quarantine:
+                log(counted)
+            kept_old = (out / SUMMARY_FILE).is_file()
+            where = destination.keep_failed_quarantine(stage, out)
+            unchanged = f"; the dataset already in {out} is unchanged" if kept_old else ""
+            if opts.strict and quarantine:
+                raise IngestError(f"--strict: {len(quarantine)} of {listing.height} files quarantined, no dataset written{unchanged}; see {where}")
+            raise IngestError(f"no usable images in {sources.describe(source_info)} ({listing.height} files listed){unchanged}; see {where}")
+        summary = _write_dataset(stage, out, kept, listing, quarantine, conflicts, fp, source_info, opts, fractions)
+        destination.publish(stage, out)
+    if quarantine:
+        log(f"{counted} (see {out / 'quarantine.csv'})")
+    for warning in summary["warnings"]:
+        log(f"warning: {warning}")
+    return IngestResult(out, summary, wrote=True)
+
+
+def _sort_out(listing: pl.DataFrame, opts: IngestOptions, progress: bool) -> tuple[list[dict], list[dict], int]:
+    """Every listed file kept or quarantined with a reason: (quarantine rows, kept rows, label-conflict groups)."""
+    quarantine: list[dict] = [
+        {"path": r["path"] or r["source"], "reason": r["problem"], "detail": _listing_detail(r)}
+        for r in listing.filter(pl.col("problem").is_not_null()).iter_rows(named=True)
+    ]
+    candidates = listing.filter(pl.col("problem").is_null()).to_dicts()
+    decoded = _decode_all([c["path"] for c in candidates], opts, progress)
+    kept: list[dict] = []
+    for c, res in zip(candidates, decoded, strict=True):
+        if isinstance(res, images.Rejected):
+            quarantine.append({"path": c["path"], "reason": res.reason, "detail": res.detail})
+        else:
+            kept.append({**c, "res": res})
+    kept, conflicts = _drop_label_conflicts(kept, quarantine)
+    return quarantine, kept, conflicts
+
+
+def _write_dataset(
+    stage: Path, out: Path, kept: list[dict], listing: pl.DataFrame, quarantine: list[dict], conflicts: int,
+    fp: str, source_info: dict, opts: IngestOptions, fractions: dict[str, float],
+) -> dict:
+    """Split the kept images, write shards and dataset.json into the staging folder; returns the summary."""
+    class_ids = _class_ids(listing, opts)
+    labels = [class_ids[k["label_name"]] for k in kept]
+    group_ids = splits.split_groups([k["res"].content_hash for k in kept], [k["group"] for k in kept])
+    split_of = splits.assign_splits(group_ids, labels, fractions, opts.seed)
+    table = shards.build_table(kept, labels, group_ids, split_of, list(fractions))
+    written = shards.write_shards(stage, out, table, opts.rows_per_shard)
+
+    dup_sizes = Counter(k["res"].content_hash for k in kept)
+    summary = {
+        "format_version": FORMAT_VERSION,
+        "tool": "msmae-ray",
+        "tool_version": tool_version(),
+        "fingerprint": fp,
+        "source": source_info,
+        "options": output_options(opts),
+        "mode": opts.mode,
+        "seed": opts.seed,
+        "fractions": fractions,
+        "classes": class_ids,
+        "num_listed": listing.height,
+        "num_images": table.num_rows,
+        "counts": shards.counts(table, class_ids, list(fractions)),
+        "index_ranges": shards.index_ranges(table, list(fractions)),
+        "quarantined": len(quarantine),
+        "quarantine_reasons": dict(sorted(Counter(q["reason"] for q in quarantine).items())),
+        "duplicate_groups": sum(1 for n in dup_sizes.values() if n > 1),
+        "duplicate_images": sum(n for n in dup_sizes.values() if n > 1),
+        "label_conflict_groups": conflicts,
+        "split_groups": len(set(group_ids)),
+        "shards": written,
+        "warnings": _class_size_warnings(Counter(labels), class_ids, list(fractions)),
+    }
+    shards.write_file(stage, SUMMARY_FILE, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode(), out)
+    return summary
+
+
+def _class_size_warnings(per_class: Counter, class_ids: dict[str, int], split_names: list[str]) -> list[str]:
+    """A class with fewer images than splits cannot appear in all of them: train on it and never validate it, or the reverse."""
+    need = len(split_names)
+    return [
+        f"class {name!r} has {per_class.get(cid, 0)} usable image(s); it needs at least {need} to appear in every split "
+        f"({', '.join(split_names)}): add images, or leave it out with --classes"
+        for name, cid in class_ids.items() if per_class.get(cid, 0) < need
+    ]
+
+
+def _listing_detail(row: dict) -> str:
+    if row.get("detail"):
+        return row["detail"]
+    return {
+        sources.UNKNOWN_LABEL: f"label {row['label_name']!r} is not a declared class",
+        sources.MISSING_LABEL: "no label (an empty cell or a missing-value token such as NA, nan, None)",
+        sources.NO_CLASS_FOLDER: "file is not inside a class folder",
+        sources.AMBIGUOUS_FILE: f"id {row['source']!r} matches several files with different extensions",
+        sources.DUPLICATE_ROW: f"id {row['source']!r} appears more than once in the manifest; first row kept",
+        sources.MISSING_FILE: f"no file for id {row['source']!r} under the image root",
+    }.get(row["problem"], "")
+
+
+def _fingerprint(listing: pl.DataFrame, source: sources.Source, opts: IngestOptions) -> str:
+    """Hash of the listing, each file's size and mtime, the manifest bytes and the options.
+
+    Cheap (a stat per file, no decoding), so re-running an ingest whose inputs did not
+    change returns at once. Like make, it trusts size + mtime to reveal edits.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps([FORMAT_VERSION, tool_version(), source.info(), output_options(opts)], sort_keys=True).encode())
+    h.update(source.fingerprint_bytes())
+    for row in listing.iter_rows():
+        h.update(repr(row).encode())
+        path = row[1]
+        if path:
+            try:
+                st = os.stat(path)
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(b"missing")
+    return h.hexdigest()
+
+
+def _load_if_current(out: Path, fp: str) -> dict | None:
+    try:
+        summary = IngestedDataset.load(out).summary
+    except (OSError, ValueError):
+        return None
+    if summary.get("fingerprint") != fp or not (out / "quarantine.csv").is_file():
+        return None
+    if not all((out / s["file"]).is_file() for s in summary.get("shards", [])):
+        return None
+    return summary
+
+
+def _decode_all(paths: list[str], opts: IngestOptions, progress: bool) -> list[images.Accepted | images.Rejected]:
+    """Decode every file once, in a process pool for large inputs; order is preserved."""
+    from tqdm import tqdm
+
+    fn = partial(images.process_file, mode=opts.mode, max_side=opts.max_side, min_side=opts.min_side)
+    bar = partial(tqdm, total=len(paths), desc="decode+validate", unit="img", disable=not progress, mininterval=1.0)
+    if opts.workers <= 1 or len(paths) < _PARALLEL_MIN_FILES:
+        return list(bar(map(fn, paths)))
+    # spawn, not fork: the caller may hold threads (Ray, tqdm) that fork would copy mid-state.
+    with ProcessPoolExecutor(max_workers=opts.workers, mp_context=get_context("spawn")) as pool:
+        return list(bar(pool.map(fn, paths, chunksize=32)))
+
+
+def _drop_label_conflicts(kept: list[dict], quarantine: list[dict]) -> tuple[list[dict], int]:
+    """Identical images with different labels cannot all be right: quarantine every copy."""
+    labels_of: dict[str, set[str]] = defaultdict(set)
+    for k in kept:
+        labels_of[k["res"].content_hash].add(k["label_name"])
+    bad = {h for h, ls in labels_of.items() if len(ls) > 1}
+    for k in kept:
+        h = k["res"].content_hash
+        if h in bad:
+            others = ", ".join(sorted(labels_of[h]))
+            quarantine.append({"path": k["path"], "reason": LABEL_CONFLICT, "detail": f"identical image labelled {others}"})
+    return [k for k in kept if k["res"].content_hash not in bad], len(bad)
+
+
+def _class_ids(listing: pl.DataFrame, opts: IngestOptions) -> dict[str, int]:
+    """Class ids: the --classes order if given, else the sorted names (torchvision's rule)."""
+    if opts.classes:
+        return {name: i for i, name in enumerate(opts.classes)}
+    names = listing.filter(pl.col("problem").is_null())["label_name"].unique().sort().to_list()
+    return {name: i for i, name in enumerate(names)}
+
+

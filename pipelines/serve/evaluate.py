@@ -1,0 +1,132 @@
+"""Full-image evaluation of a fine-tuned model on an ingested split, and the printed table.
+
+The model knows its own image size (its preset travels in the checkpoint and in the
+registered model), so nothing here asks the user for it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import msmae
+from pipelines.data.dataset import IngestedDataset
+from pipelines.data.streams import eval_stream
+from pipelines.serve import calibration
+from pipelines.serve.loading import LoadedModel, load
+
+
+def evaluate_split(
+    model: msmae.MSMAEClassifier, dataset: IngestedDataset, split: str, batch_size: int = 64, temperature: float = 1.0,
+) -> tuple[msmae.ClassificationReport, torch.Tensor, torch.Tensor]:
+    """Evaluate on every image of ``split`` at the model's own size (streamed by Ray Data, resize only, all tokens).
+
+    Returns the report (with its ECE before and after ``temperature``) and the temperature-scaled
+    probabilities and labels behind it (for plots)."""
+    from pipelines.serve.actor_pool import cluster_probabilities, score_on_actors
+
+    stream = eval_stream(dataset, split, model.preset.img_size)
+    if score_on_actors(dataset.split_size(split)):  # large splits: an actor pool, GPUs of the cluster
+        raw, labels = cluster_probabilities(stream, model, batch_size)
+        return calibrated_report(raw, labels, model.num_classes, temperature)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    batches = ((b["image"], b["label"]) for b in stream.iter_torch_batches(batch_size=batch_size, device=device))
+    _, raw, labels = msmae.evaluate(model, batches, model.num_classes)
+    return calibrated_report(raw, labels, model.num_classes, temperature)
+
+
+def calibrated_report(raw: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float,
+                      ) -> tuple[msmae.ClassificationReport, torch.Tensor, torch.Tensor]:
+    """The report of the temperature-scaled probabilities, with ``ece`` (after), ``ece_uncalibrated`` and ``temperature``
+    in its extras; the predicted classes, hence accuracy and the confusion matrix, do not change."""
+    probs = torch.from_numpy(calibration.apply_temperature(raw.numpy(), temperature)).float()
+    report = msmae.report_from_probs(probs, labels, num_classes)
+    report.extra.update(
+        ece=calibration.expected_calibration_error(probs.numpy(), labels.numpy()),
+        ece_uncalibrated=calibration.expected_calibration_error(raw.numpy(), labels.numpy()),
+        temperature=float(temperature),
+    )
+    return report, probs, labels
+
+
+def format_report(report: msmae.ClassificationReport, class_names: list[str], title: str) -> str:
+    """A plain-text metrics table with per-class AUC and the confusion matrix."""
+    lines = [
+        title,
+        f"  images             {report.num_samples}",
+        f"  accuracy           {report.accuracy:.4f}",
+        f"  balanced accuracy  {report.balanced_accuracy:.4f}",
+        f"  macro-F1           {report.macro_f1:.4f}",
+        f"  macro ROC AUC      {report.macro_auc:.4f}",
+        *([f"  ECE                {report.extra['ece']:.4f} (uncalibrated {report.extra['ece_uncalibrated']:.4f}, "
+           f"temperature {report.extra['temperature']:.3f})"] if "ece" in report.extra else []),
+        "  per class          " + "  ".join(f"{n}: AUC {a:.3f}" for n, a in zip(class_names, report.per_class_auc)),
+        "  confusion (rows = true, columns = predicted; " + ", ".join(class_names) + ")",
+    ]
+    width = max(len(n) for n in class_names)
+    for name, row in zip(class_names, report.confusion):
+        lines.append(f"    {name:>{width}}  " + " ".join(f"{v:5d}" for v in row))
+    return "\n".join(lines)
+
+
+def evaluate_data(model_ref: str, data: Path, split: str, log=print) -> dict:
+    """Evaluate on an ingested folder, or on a raw labelled ImageFolder ingested on the fly.
+
+    Classes are matched by name: a raw folder is ingested with the model's class list, so
+    images of any other class are quarantined and counted, never silently scored. The raw
+    folder's copy lives in a temporary folder removed afterwards; what it quarantined is
+    listed in the result (``quarantine``: path, reason, detail), so no file goes unaccounted.
+    """
+    loaded = load(model_ref)
+    names = loaded.class_names
+    if IngestedDataset.is_ingested(data):
+        return _evaluate_ingested(loaded, model_ref, IngestedDataset.load(data), split, log)
+    import tempfile
+
+    import polars as pl
+
+    from pipelines.data.ingest import IngestError, IngestOptions, ingest
+
+    with tempfile.TemporaryDirectory(prefix="msmae-eval-") as tmp:
+        out = Path(tmp) / "data"
+        try:
+            prep = loaded.preprocessing  # decoded as the model's training data was (mode, downscale)
+            result = ingest(data, out, IngestOptions(mode=prep.mode, max_side=prep.max_side, val=0.0, test=0.0, classes=names),
+                            progress=False, log=lambda _: None)
+        except IngestError:
+            if not (out / "quarantine.csv").is_file():
+                raise
+            reasons = dict(Counter(pl.read_csv(out / "quarantine.csv")["reason"].to_list()))
+            raise IngestError(f"nothing to evaluate in {data}: every file was quarantined {reasons}; "
+                              f"the model's classes are {', '.join(names)}") from None
+        quarantine = pl.read_csv(out / "quarantine.csv", infer_schema=False).to_dicts()
+        log(f"ingested {data}: {result.summary['num_images']} images, {len(quarantine)} quarantined"
+            + (f" {dict(Counter(q['reason'] for q in quarantine))} (listed in the output's 'quarantine')" if quarantine else ""))
+        results = _evaluate_ingested(loaded, model_ref, result.dataset, "train", log, shown_as=data)  # everything lands in one split
+    results["quarantine"] = quarantine
+    return results
+
+
+def _evaluate_ingested(loaded: LoadedModel, model_ref: str, dataset: IngestedDataset, split: str, log,
+                       shown_as: Path | None = None) -> dict:
+    """Every requested split checked first (no Ray start for a wrong one), then evaluated at the model's temperature and printed."""
+    from pipelines.local_ray import ensure_ray
+
+    names = loaded.class_names
+    data = dataset.path
+    if dataset.class_names != names:
+        raise ValueError(f"{data} has classes {dataset.class_names}, the model {names}; re-ingest with --classes {','.join(names)}")
+    splits = dataset.non_empty_splits() if split == "all" else [split]
+    for name in splits:
+        if not dataset.split_size(name):
+            raise ValueError(f"split {name!r} of {shown_as or data} is empty; it has {', '.join(dataset.non_empty_splits())}")
+    ensure_ray()
+    results = {}
+    for name in splits:
+        report, _, _ = evaluate_split(loaded.model, dataset, name, temperature=loaded.temperature)
+        log(format_report(report, names, f"{model_ref} on {shown_as or data} [{name}]"))
+        results[name] = {"class_names": names, **report.__dict__}
+    return results

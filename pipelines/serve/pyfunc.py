@@ -1,0 +1,172 @@
+"""The registered model: an MLflow pyfunc that takes images and returns labelled, calibrated probabilities.
+
+Why a pyfunc and not the pytorch flavour: a user (or ``mlflow models serve``) should not have to
+know the model's image size, resize, mean/std, channel mode, class order or temperature.
+``MSMAEPyfunc`` carries all of them and accepts what people have: file paths, encoded image
+bytes (PNG, JPEG, TIFF, 16-bit PNG, DICOM; base64 in JSON when served) or pixel arrays of any
+size. It decodes with ingest's own code (``pipelines.data.preprocessing``), so the served model sees
+what training saw.
+
+Input: a table with a ``path`` column (strings) and/or an ``image`` column (bytes, or a numpy
+array per row); a row uses ``image`` when it has one, else ``path``. Output, one row per input
+row: ``prob_<class>`` per class (temperature-scaled), ``predicted_class``, ``ok`` and, for an
+unusable input, ``reason``/``detail`` (ingest's quarantine vocabulary) with null probabilities
+rather than a plausible-looking row. With the parameter ``heatmaps=True`` each row also gets
+``heatmap``: the patch-occlusion map of its prediction (``pipelines.serve.explain``), rows of patches.
+
+The model is logged with ``code_paths`` (``msmae/`` and ``pipelines/``), so it loads in a Python
+that has the pip requirements but not this project. This module imports mlflow (its base
+class) but no Ray: the served model never starts a cluster.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from pipelines.data import images
+from pipelines.data.preprocessing import Preprocessing
+
+WEIGHTS_ARTIFACT = "classifier"  # the artifact key of the weights file (state dict + preset + names + temperature)
+INPUT_COLUMNS = ("image", "path")
+NO_INPUT = "no_input"  # a row with neither an image nor a path
+
+
+@dataclass
+class Scored:
+    """One batch's results: probabilities ``[N, C]`` (nan where not ok), ok, reason, detail, optional maps."""
+
+    probs: np.ndarray
+    ok: np.ndarray
+    reason: list[str | None]
+    detail: list[str | None]
+    heatmaps: list[np.ndarray | None] | None = None
+
+
+class ImageScorer:
+    """Preprocess, run the classifier at its temperature, optionally explain: shared by the pyfunc and ``msmae predict``."""
+
+    def __init__(self, model, class_names: list[str], temperature: float, preprocessing: Preprocessing) -> None:
+        self.model, self.class_names = model.eval(), list(class_names)
+        self.temperature, self.preprocessing = float(temperature), preprocessing
+
+    def score(self, sources: list[Any], suffixes: list[str] | None = None, heatmaps: bool = False) -> Scored:
+        import torch
+
+        from pipelines.serve import explain
+
+        prepared = [self.preprocessing(s, (suffixes or [""] * len(sources))[k]) if s is not None
+                    else images.Rejected(NO_INPUT, "the row has neither an image nor a path") for k, s in enumerate(sources)]
+        ok = np.array([not isinstance(p, images.Rejected) for p in prepared], dtype=bool)
+        probs = np.full((len(prepared), len(self.class_names)), np.nan, dtype=np.float64)
+        maps: list[np.ndarray | None] | None = [None] * len(prepared) if heatmaps else None
+        if ok.any():
+            pixels = torch.from_numpy(np.stack([p for p in prepared if not isinstance(p, images.Rejected)]))
+            probs[ok] = explain.class_probability(self.model, pixels, self.temperature).double().numpy()
+            if heatmaps:
+                drops, _ = explain.occlusion_maps(self.model, pixels, self.temperature)
+                grids = iter(explain.as_grid(drops, self.model.preset))
+                maps = [next(grids) if good else None for good in ok]
+        reason = [p.reason if isinstance(p, images.Rejected) else None for p in prepared]
+        detail = [p.detail if isinstance(p, images.Rejected) else None for p in prepared]
+        return Scored(probs, ok, reason, detail, maps)
+
+    def table(self, scored: Scored) -> pd.DataFrame:
+        """The labelled output: prob_<class>..., predicted_class, ok, reason, detail (, heatmap)."""
+        names = np.asarray(self.class_names, dtype=object)
+        best = np.nan_to_num(scored.probs, nan=-1.0).argmax(1)
+        out = {f"prob_{name}": scored.probs[:, c] for c, name in enumerate(self.class_names)}
+        # object columns: a missing class or reason stays None (pandas 3 would make a string column's None NaN)
+        out["predicted_class"] = pd.Series([names[b] if good else None for b, good in zip(best, scored.ok)], dtype=object)
+        out["ok"] = scored.ok
+        out["reason"], out["detail"] = pd.Series(scored.reason, dtype=object), pd.Series(scored.detail, dtype=object)
+        if scored.heatmaps is not None:
+            out["heatmap"] = [m.tolist() if m is not None else None for m in scored.heatmaps]
+        return pd.DataFrame(out)
+
+
+def _sources(model_input: Any) -> list[Any]:
+    """Each row's image (bytes or array) or path; None for a row with neither."""
+    if isinstance(model_input, np.ndarray) and model_input.dtype != object:
+        return [model_input]  # one pixel array
+    if isinstance(model_input, (str, bytes)):
+        return [model_input]
+    frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+    if not any(c in frame.columns for c in INPUT_COLUMNS):
+        raise ValueError(f"input needs an 'image' (bytes or array) or 'path' (string) column; got columns {list(frame.columns)}")
+    rows: list[Any] = []
+    for k in range(len(frame)):
+        image = frame["image"].iloc[k] if "image" in frame.columns else None
+        path = frame["path"].iloc[k] if "path" in frame.columns else None
+        if isinstance(image, np.ndarray) or (image is not None and not _missing(image)):
+            rows.append(np.asarray(image) if isinstance(image, (list, np.ndarray)) else image)
+        elif path is not None and not _missing(path):
+            rows.append(str(path))
+        else:
+            rows.append(None)
+    return rows
+
+
+def _missing(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+class MSMAEPyfunc(mlflow.pyfunc.PythonModel):
+    """The registered msmae classifier as a pyfunc (see the module docstring for its input and output)."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        import msmae
+
+        state = torch.load(context.artifacts[WEIGHTS_ARTIFACT], map_location="cpu", weights_only=True)
+        preset = msmae.ViTPreset(**state["preset"])
+        model = msmae.build_classifier(preset, len(state["class_names"]), drop_path_rate=0.0)
+        model.load_state_dict(state["model"])
+        self.scorer = ImageScorer(model, state["class_names"], state["temperature"], Preprocessing.from_dict(state["preprocessing"]))
+
+    # The classifier and its settings, for callers in this project (``pipelines.serve.loading.load``).
+    @property
+    def model(self):
+        return self.scorer.model
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        heatmaps = bool((params or {}).get("heatmaps", False))
+        sources = _sources(model_input)
+        suffixes = [_suffix(s) for s in sources]
+        return self.scorer.table(self.scorer.score(sources, suffixes, heatmaps=heatmaps))
+
+
+def _suffix(source: Any) -> str:
+    return "." + source.rsplit(".", 1)[-1] if isinstance(source, str) and "." in source else ""
+
+
+def weights_file(path, model, class_names: list[str], temperature: float, preprocessing: Preprocessing) -> None:
+    """The pyfunc's one artifact: weights, preset, class names, temperature, preprocessing (torch.load-able with weights_only)."""
+    import torch
+
+    import msmae
+
+    torch.save({
+        "model": model.state_dict(), "preset": msmae.models.preset_dict(model.preset), "class_names": list(class_names),
+        "temperature": float(temperature), "preprocessing": preprocessing.to_dict(),
+    }, path)
+
+
+def example_image(width: int = 96, height: int = 80) -> bytes:
+    """A synthetic PNG for the logged input example (no patient data travels with the model); any size works."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    grey = (127 + 100 * np.sin(x / 9.0) * np.cos(y / 7.0)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,147 @@
+"""The model registry: the chosen classifier logged as a self-contained pyfunc, its model card, the ``champion`` alias.
+
+A version becomes ``@champion`` only when it beats the current champion on the same
+validation split (same dataset fingerprint); loading by URI is here too, so everything that
+reads or writes registered models is in one file.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+
+import msmae
+from pipelines import tracking
+from pipelines.data.preprocessing import Preprocessing
+from pipelines.serve import pyfunc
+from pipelines.serve.model_card import NOT_FOR_DIAGNOSIS
+
+CHAMPION = "champion"
+# What the registered model needs to load and run in a fresh environment (its code travels in
+# code_paths, so msmae-ray itself is not one); giving them avoids MLflow's slow inference (~20 s).
+SERVING_REQUIREMENTS = [
+    f"torch=={torch.__version__.split('+')[0]}", "torchvision==0.29.1", "timm==1.0.31", f"mlflow=={mlflow.__version__}",
+    "pillow>=11", "numpy", "pandas", "pydicom==3.0.2",
+]
+
+
+@dataclass(frozen=True)
+class ModelToRegister:
+    """Everything the registry gets about one model, gathered by ``pipelines.train.finish``."""
+
+    model: msmae.MSMAEClassifier
+    class_names: list[str]
+    temperature: float
+    preprocessing: Preprocessing
+    selection_metric: str  # e.g. val_macro_f1, compared against the champion's
+    selection_value: float
+    dataset_fingerprint: str
+    step: int  # the fine-tuning epoch chosen: the run's metrics at this step are linked to the model
+    version_description: str  # the model card (markdown)
+    model_description: str  # the registered model's description (what every version is)
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+def register_model(spec: ModelToRegister, model_name: str) -> tuple[str, bool]:
+    """Log the classifier as a self-contained pyfunc, register it with its model card, move ``champion`` if it wins.
+
+    Returns ``(version, became_champion)``. The comparison is only against a champion
+    evaluated on the same validation split (same dataset fingerprint); a champion from
+    another dataset is replaced. ``step`` links the run's metrics at the chosen epoch (and
+    anything else logged at that step number, e.g. ``pretrain/*`` of the same epoch index)
+    to the logged model, which is MLflow 3's model-metric linkage.
+    """
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+
+    model = spec.model.cpu().eval()
+    example = pd.DataFrame({"image": [pyfunc.example_image()]})
+    scorer = pyfunc.ImageScorer(model, spec.class_names, spec.temperature, spec.preprocessing)
+    output = scorer.table(scorer.score(pyfunc._sources(example)))
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)]),
+        outputs=Schema([ColSpec("double", f"prob_{n}") for n in spec.class_names]
+                       + [ColSpec("string", "predicted_class", required=False), ColSpec("boolean", "ok"),
+                          ColSpec("string", "reason", required=False), ColSpec("string", "detail", required=False),
+                          ColSpec(Array(Array("double")), "heatmap", required=False)]),  # with params heatmaps=True
+        params=ParamSchema([ParamSpec("heatmaps", "boolean", False)]),
+    )
+    if list(output.columns) != [c.name for c in signature.outputs.inputs][:-1]:  # the signature says what predict returns
+        raise AssertionError(f"pyfunc output columns {list(output.columns)} differ from its signature")
+    with tempfile.TemporaryDirectory(prefix="msmae-model-") as tmp, tracking.without_expected_mlflow_warnings():
+        weights = Path(tmp) / "classifier.pt"
+        pyfunc.weights_file(weights, model, spec.class_names, spec.temperature, spec.preprocessing)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=pyfunc.MSMAEPyfunc(),
+            artifacts={pyfunc.WEIGHTS_ARTIFACT: str(weights)},
+            code_paths=[str(tracking.REPO / "msmae"), str(tracking.REPO / "pipelines")],  # loads without this project installed
+            signature=signature,
+            input_example=example,
+            pip_requirements=SERVING_REQUIREMENTS,
+            metadata={"class_names": spec.class_names, "preset": msmae.models.preset_dict(model.preset),
+                      "temperature": spec.temperature, "preprocessing": spec.preprocessing.to_dict(),
+                      "selected_epoch": spec.step, "intended_use": NOT_FOR_DIAGNOSIS},
+            registered_model_name=model_name,
+            step=spec.step,
+        )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    client.update_registered_model(model_name, description=_fit(spec.model_description))
+    client.update_model_version(model_name, version, description=_fit(spec.version_description))
+    tags = {
+        spec.selection_metric: f"{spec.selection_value:.6f}", "dataset_fingerprint": spec.dataset_fingerprint,
+        "class_names": ",".join(spec.class_names), "temperature": f"{spec.temperature:.6f}", "selected_epoch": str(spec.step),
+        "git_commit": tracking.git_commit(), "intended_use": "research only, not for diagnostic use", **spec.tags,
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    beats = _beats_champion(client, model_name, spec.selection_metric, spec.selection_value, spec.dataset_fingerprint)
+    if beats:
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+    return version, beats
+
+
+_DESCRIPTION_LIMIT = 5000  # MLflow's SQL registry stores at most 5,000 characters per description
+
+
+def _fit(text: str) -> str:
+    if len(text) <= _DESCRIPTION_LIMIT:
+        return text
+    note = "\n\n(truncated: the full model card is the run artifact model_card.md)"
+    return text[:_DESCRIPTION_LIMIT - len(note)] + note
+
+
+def _beats_champion(client: MlflowClient, name: str, metric_name: str, value: float, fingerprint: str) -> bool:
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return True  # no champion yet
+    if champion.tags.get("dataset_fingerprint") != fingerprint:
+        return True
+    current = float(champion.tags.get(metric_name, "nan"))
+    return math.isnan(current) or value > current
+
+
+def load_pyfunc(model_uri: str):
+    """``models:/NAME@champion`` (or any model URI) as MLflow loads it (a ``PyFuncModel``)."""
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def model_info(model_uri: str):
+    return mlflow.models.get_model_info(model_uri)
+
+
+def load_pytorch(model_uri: str) -> msmae.MSMAEClassifier:
+    """A model registered before the pyfunc (pytorch flavour, pickled module)."""
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")

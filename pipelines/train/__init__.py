@@ -1,0 +1,11 @@
+"""Training: MSMAE stages as Ray Train jobs, and the run that chains them.
+
+    run       ``msmae run`` / ``pretrain`` / ``finetune``: data → stages → finish, resumable
+    stages    the two-stage runner (pre-training, then fine-tuning) shared with sweep trials
+    launcher  one stage as a ``TorchTrainer`` over the data streams
+    worker    what runs inside each Ray Train worker (epochs, map refresh, checkpoints)
+    finish    the end of a run: evaluate the chosen model, calibrate, figures, test once, register
+    plots     the run's figures (confusion, ROC, attention overlays, reconstructions, reliability)
+
+Uses ``data`` and ``serve`` (evaluation, registry); nothing outside ``tuning`` and the CLI imports it.
+"""

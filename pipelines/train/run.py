@@ -1,0 +1,171 @@
+"""``msmae run``: ingest → pre-train → fine-tune → evaluate → register, one command.
+
+Everything a run writes lives in one working folder: the ingested data, Ray Train's
+checkpoints (``storage/``), the MLflow SQLite store and artifacts, and ``last_run.json``
+which ``--resume`` reads to continue the same run from its last checkpoints (and which says
+when the run finished, so resuming a finished run registers nothing a second time).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipelines import tracking
+from pipelines.config import RunConfig
+from pipelines.data.dataset import IngestedDataset
+from pipelines.data.ingest_options import IngestError
+from pipelines.local_ray import ensure_ray
+from pipelines.train.finish import evaluate_and_register
+from pipelines.train.stages import train_stages
+from pipelines.train.worker import Stage
+
+STATE_NAME = "last_run.json"
+
+
+class ResumeError(RuntimeError):
+    """``--resume`` found nothing to continue (a usage error: start a new run instead)."""
+
+
+@dataclass
+class RunOutcome:
+    run_name: str
+    mlflow_run_id: str
+    pretrain_checkpoint: str | None
+    model_version: str | None  # None when the run stopped after pre-training
+    champion: bool
+    val: dict | None
+    test: dict | None
+    seconds: float
+    already_finished: bool = False  # --resume of a run that had finished: nothing was done
+
+
+def prepare_data(source: Path, cfg: RunConfig, workdir: Path, log: Callable[[str], None] = print) -> IngestedDataset:
+    """An ingested folder as is, or a raw ImageFolder ingested into ``workdir/data``; checked for training."""
+    if IngestedDataset.is_ingested(source):
+        dataset = IngestedDataset.load(source)
+    else:
+        from pipelines.data.ingest import IngestOptions, ingest
+
+        out = workdir / "data"
+        opts = IngestOptions(val=cfg.data.val_fraction, test=cfg.data.test_fraction, seed=cfg.data.seed)
+        summary = ingest(source, out, opts, progress=True, log=log).summary
+        log(f"ingest: {summary['num_images']} images, {summary['quarantined']} quarantined, "
+            f"{summary['duplicate_groups']} duplicate groups -> {out}")
+        dataset = IngestedDataset.load(out)
+    check_trainable(dataset)
+    return dataset
+
+
+def check_trainable(dataset: IngestedDataset) -> None:
+    """What a Ray worker would trip over minutes later (after retries), checked before Ray starts."""
+    if dataset.num_classes < 2:
+        raise IngestError(f"{dataset.path} has {dataset.num_classes} class(es); a classifier needs at least 2")
+    for split in ("train", "val"):
+        if not dataset.split_size(split):
+            raise IngestError(f"{dataset.path}: the {split} split is empty; ingest more images or another --val")
+
+
+def _run_state(workdir: Path, resume: bool, prefix: str, log: Callable[[str], None]) -> dict:
+    """The run's name and MLflow id; ``--resume`` reads them back so Ray restores the same run."""
+    state_file = workdir / STATE_NAME
+    if resume:
+        if not state_file.is_file():
+            raise ResumeError(f"--resume: no earlier run in {workdir} (no {STATE_NAME}); start one without --resume")
+        return _read_state(state_file)
+    if state_file.is_file():
+        earlier = _read_state(state_file, strict=False)
+        if earlier and not earlier.get("finished"):
+            log(f"note: run {earlier.get('run_name')} in {workdir} did not finish; starting a new run "
+                "(`--resume` continues the last one instead)")
+    return {"run_name": time.strftime(f"{prefix}-%Y%m%d-%H%M%S")}
+
+
+def _read_state(state_file: Path, strict: bool = True) -> dict:
+    try:
+        state = json.loads(state_file.read_text())
+        if isinstance(state, dict) and "run_name" in state:
+            return state
+    except (OSError, ValueError):
+        pass
+    if strict:
+        raise ResumeError(f"--resume: {state_file} is damaged; start a new run without --resume")
+    return {}
+
+
+def _save_state(workdir: Path, state: dict) -> None:
+    from pipelines.outputs import write_atomic
+
+    write_atomic(workdir / STATE_NAME, json.dumps(state).encode())
+
+
+def _already_finished(state: dict, workdir: Path, log: Callable[[str], None]) -> RunOutcome:
+    """``--resume`` of a finished run: say so and do nothing (registering the same weights again would add a version)."""
+    version = state.get("model_version")
+    done = f"registered {state.get('model_name', 'the model')} version {version}" if version else "pre-training only"
+    log(f"run {state['run_name']} in {workdir} already finished ({done}): nothing to resume, nothing registered again; "
+        "start a new run without --resume")
+    return RunOutcome(state["run_name"], state.get("mlflow_run_id", ""), state.get("pretrain_checkpoint"), version,
+                      bool(state.get("champion")), None, None, 0.0, already_finished=True)
+
+
+def run_pipeline(
+    source: Path, cfg: RunConfig, workdir: Path, tracking_uri: str, resume: bool = False,
+    fail_at_epoch: int | None = None, log: Callable[[str], None] = print, stages: tuple[Stage, ...] = ("pretrain", "finetune"),
+    init_checkpoint: str | None = None,
+) -> RunOutcome:
+    """Run the given stages under one MLflow run; ``msmae pretrain`` / ``finetune`` / ``run`` differ only in ``stages``.
+
+    Fine-tuning starts from ``init_checkpoint`` (a pre-training checkpoint folder) when given,
+    from this run's own pre-training otherwise, and from random weights when neither exists
+    (a supervised ViT trained from scratch).
+    """
+    start = time.time()
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    state = _run_state(workdir, resume, "-".join(stages), log)
+    if state.get("finished"):
+        return _already_finished(state, workdir, log)
+    dataset = prepare_data(source, cfg, workdir, log)
+    ensure_ray(scaling=cfg.scaling)
+
+    tracking.set_experiment(tracking_uri, cfg.tracking.experiment, workdir)
+    with tracking.active_run(state.get("mlflow_run_id"), state["run_name"]) as run:
+        state["mlflow_run_id"] = run.info.run_id
+        _save_state(workdir, state)
+        if not resume:
+            tracking.log_run_inputs(
+                cfg.model_dump(), cfg.flat(), dataset.summary_file,
+                {"msmae.stages": ",".join(stages), "msmae.init_checkpoint": init_checkpoint or ""},
+            )
+        log("resolved configuration:\n" + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+
+        def pretrained(path: str) -> None:
+            state["pretrain_checkpoint"] = path
+            _save_state(workdir, state)
+            log(f"pre-training checkpoint: {path}")
+
+        result = train_stages(
+            cfg, dataset, workdir / "storage", state["run_name"], stages=stages, init_checkpoint=init_checkpoint,
+            mlflow_uri=tracking_uri, mlflow_run_id=run.info.run_id, on_pretrained=pretrained, fail_at_epoch=fail_at_epoch, log=log,
+        )
+        if result.best_checkpoint is None:
+            state["finished"] = True
+            _save_state(workdir, state)
+            log(f"fine-tune it with:\n  msmae finetune {source} --init {result.pretrain_checkpoint} --config <preset> --workdir {workdir}")
+            return RunOutcome(state["run_name"], run.info.run_id, result.pretrain_checkpoint, None, False, None, None, time.time() - start)
+        final = evaluate_and_register(result.best_checkpoint, result.pretrain_checkpoint, dataset, cfg, log)
+        state.update(finished=True, model_name=cfg.tracking.model_name, model_version=final.version, champion=final.champion)
+        _save_state(workdir, state)
+    seconds = time.time() - start
+    log(f"registered {cfg.tracking.model_name} version {final.version}" + (" as @champion" if final.champion else " (champion kept)"))
+    log(f"done in {seconds:.0f} s. Open the MLflow UI with:\n  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
+    return RunOutcome(
+        state["run_name"], run.info.run_id, result.pretrain_checkpoint, final.version, final.champion,
+        final.val.scalars(), final.test.scalars() if final.test else None, seconds,
+    )
