@@ -80,7 +80,7 @@ def calibrate(recipe: Recipe, data: DeviceData, device: torch.device | str, warm
     n_eval = min(len(data.val), 2 * recipe.eval_batch_size)
 
     def run_eval(_: int) -> None:
-        msmae.engine.evaluate(cls, eval_batches(data.val[:n_eval], data.val_labels[:n_eval], recipe.eval_batch_size), data.num_classes)
+        msmae.evaluate(cls, eval_batches(data.val[:n_eval], data.val_labels[:n_eval], recipe.eval_batch_size), data.num_classes)
 
     run_eval(1)
     eval_image = _time_steps(run_eval, 2, device) / n_eval

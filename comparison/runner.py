@@ -35,8 +35,7 @@ import msmae
 from comparison.augment import TrainBatches, eval_batches, resize_whole
 from comparison.bundle import Bundle, decode_all
 from msmae import defaults
-from msmae.engine import MaskRatios, evaluate, report_from_probs
-from msmae.loop import MaskingStrategy
+from msmae import MaskingStrategy, MaskRatios, evaluate, report_from_probs
 
 PretrainKind = Literal["none", "mae", "msmae"]
 
@@ -475,7 +474,7 @@ class PretrainCache:
 
     def get(self, key: tuple) -> tuple[dict, StageResult] | None:
         if key not in self.entries and self.directory is not None and self.path(key).is_file():
-            saved = torch.load(self.path(key), map_location="cpu", weights_only=False)
+            saved = torch.load(self.path(key), map_location="cpu", weights_only=True)  # tensors and plain values only
             if saved["key"] != repr(key):
                 raise ValueError(f"{self.path(key)} holds another pre-training ({saved['key'][:120]}...); remove it")
             self.entries[key] = (saved["encoder_state"], StageResult(saved["curve"], saved["seconds"]))

@@ -14,15 +14,21 @@ Public API:
     train_one_epoch, EpochPlan               one epoch of either stage (msmae.loop)
     StageTrainer, StageSchedule              the epoch skeleton any loop shares (msmae.loop)
     build_optimizer                          each stage's AdamW (msmae.optim)
+    Stage, MaskingStrategy, STRATEGIES       the vocabulary: stage names and each stage's masking rules (msmae.loop)
+    report_from_probs, RefreshedMaps,
+    encode, encoder_of, autocast,
+    patchify, unpatchify, preset_dict        what clients (pipelines, comparison) build on
     msmae.defaults                           the paper's hyper-parameters, declared once
 
 This package never imports Ray or MLflow: it runs alone on a GPU box.
 """
 
 from msmae import defaults
-from msmae.attention import attention_maps
+from msmae.attention import attention_maps, encoder_of
 from msmae.engine import (
     MaskRatios,
+    RefreshedMaps,
+    autocast,
     compute_attention_maps,
     draw_masks,
     evaluate,
@@ -30,13 +36,14 @@ from msmae.engine import (
     predict_probs,
     pretrain_step,
     refresh_maps,
+    report_from_probs,
 )
 from msmae.geometry import crop_flip_maps
-from msmae.losses import balanced_class_weights
+from msmae.losses import balanced_class_weights, patchify, unpatchify
 from msmae.map_quality import MapQuality, foreground_patches, map_quality
-from msmae.loop import EpochOutcome, EpochPlan, EpochTotals, StageSchedule, StageTrainer, train_one_epoch
+from msmae.loop import STRATEGIES, EpochOutcome, EpochPlan, EpochTotals, MaskingStrategy, Stage, StageSchedule, StageTrainer, train_one_epoch
 from msmae.masking import MaskSplit, mask_counts, random_masking, sam_masking
-from msmae.metrics import ClassificationReport, classification_report
+from msmae.metrics import HEADLINE_METRICS, ClassificationReport, classification_report
 from msmae.models import (
     PRESETS,
     MSMAEClassifier,
@@ -44,8 +51,10 @@ from msmae.models import (
     ViTPreset,
     build_classifier,
     build_pretrain_model,
+    encode,
     get_preset,
     load_pretrained_encoder,
+    preset_dict,
 )
 from msmae.optim import build_optimizer, layer_decay_param_groups
 from msmae.schedules import MaskingSchedule, cosine_lr, scaled_lr, set_lr
@@ -55,6 +64,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "defaults",
+    "HEADLINE_METRICS",
+    "STRATEGIES",
+    "MaskingStrategy",
+    "RefreshedMaps",
+    "Stage",
+    "autocast",
+    "encode",
+    "encoder_of",
+    "patchify",
+    "preset_dict",
+    "report_from_probs",
+    "unpatchify",
     "PRESETS",
     "AttentionTable",
     "ClassificationReport",

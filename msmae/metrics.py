@@ -46,6 +46,17 @@ def _average_ranks(scores: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
+# The headline metrics, each with its printed name: every one is logged per epoch, printed in the
+# final table, and selectable as ``checkpoint.metric`` / a sweep's objective (as ``val_<name>``).
+# A new metric is a field of ClassificationReport, its value in classification_report, and a line here.
+HEADLINE_METRICS: dict[str, str] = {
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "macro_f1": "macro-F1",
+    "macro_auc": "macro ROC AUC",
+}
+
+
 @dataclass
 class ClassificationReport:
     accuracy: float
@@ -61,10 +72,7 @@ class ClassificationReport:
     def scalars(self, prefix: str = "") -> dict[str, float]:
         """Flat scalar metrics (for logging); per-class AUC under ``auc_<class index>``."""
         out = {
-            "accuracy": self.accuracy,
-            "balanced_accuracy": self.balanced_accuracy,
-            "macro_f1": self.macro_f1,
-            "macro_auc": self.macro_auc,
+            **{name: getattr(self, name) for name in HEADLINE_METRICS},
             "loss": self.loss,
             **{f"auc_{i}": a for i, a in enumerate(self.per_class_auc)},
             **self.extra,

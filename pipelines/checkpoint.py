@@ -1,4 +1,9 @@
-"""The checkpoint format of a training stage: one folder, written by the Ray worker, read everywhere else.
+"""The one weights format: a training stage's checkpoint folder, and the registered model's weights file.
+
+Both are a ``torch.save``d dict of tensors and plain values, read with ``weights_only=True`` (a
+file someone hands a user can hold tensors, never code), built around the same core —
+``model`` (state dict), ``preset`` (``msmae.preset_dict``), ``class_names``, ``num_classes`` —
+so one builder (``classifier_from``) rebuilds a classifier from either.
 
 A checkpoint folder holds ``state.pt`` (model and optimiser state, the attention table,
 epoch, best score, and the model's *preset* — architecture and image size — so that
@@ -13,7 +18,6 @@ apply when given the checkpoint folder instead of the registered model.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,11 @@ def is_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / STATE_FILE).is_file()
 
 
+def model_payload(model_state: dict, preset: msmae.ViTPreset, class_names: list[str]) -> dict[str, Any]:
+    """The core every weights file holds: enough to rebuild the model at its size with its classes."""
+    return {"model": model_state, "preset": msmae.preset_dict(preset), "num_classes": len(class_names), "class_names": list(class_names)}
+
+
 def write_checkpoint(
     directory: str | Path, *, stage: str, model_state: dict, optimizer_state: dict, table: msmae.AttentionTable,
     epoch: int, best: float | None, preset: msmae.ViTPreset, class_names: list[str], metrics: dict, config: dict,
@@ -37,10 +46,8 @@ def write_checkpoint(
     """Write one stage's checkpoint into ``directory`` (created if missing)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        "model": model_state, "optimizer": optimizer_state, "table": table.state_dict(), "epoch": epoch, "best": best,
-        "preset": asdict(preset), "num_classes": len(class_names), "class_names": class_names,
-    }
+    state = {**model_payload(model_state, preset, class_names),
+             "optimizer": optimizer_state, "table": table.state_dict(), "epoch": epoch, "best": best}
     torch.save(state, directory / STATE_FILE)
     meta = {"stage": stage, "metrics": metrics, "class_names": class_names, "config": config}
     (directory / META_FILE).write_text(json.dumps(meta, default=str))
@@ -52,19 +59,36 @@ def read_state(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a checkpoint folder (no {STATE_FILE}); `msmae pretrain` prints one")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read_weights(path)
+
+
+def read_weights(path: str | Path) -> dict[str, Any]:
+    """A weights file (a checkpoint's ``state.pt`` or the registered model's) as tensors and plain values, on CPU.
+
+    ``weights_only=True``: unpickling anything else (a class, a function, a ``__reduce__``) is refused."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_classifier(path: str | Path, model: msmae.MSMAEClassifier, class_names: list[str], **extra: Any) -> None:
+    """A classifier's weights file in the same format (plus ``extra`` plain values, e.g. temperature, preprocessing)."""
+    torch.save({**model_payload(model.state_dict(), model.preset, class_names), **extra}, path)
 
 
 def preset_of(state: dict[str, Any]) -> msmae.ViTPreset:
     return msmae.ViTPreset(**state["preset"])
 
 
+def classifier_from(state: dict[str, Any]) -> msmae.MSMAEClassifier:
+    """The classifier a weights dict holds (eval mode, no drop-path)."""
+    model = msmae.build_classifier(preset_of(state), len(state["class_names"]), drop_path_rate=0.0)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
 def load_classifier(directory: str | Path) -> tuple[msmae.MSMAEClassifier, list[str]]:
     """The fine-tuned classifier of a checkpoint (eval mode, no drop-path) and its class names."""
     state = read_state(directory)
-    model = msmae.build_classifier(preset_of(state), state["num_classes"], drop_path_rate=0.0)
-    model.load_state_dict(state["model"])
-    return model.eval(), state["class_names"]
+    return classifier_from(state), state["class_names"]
 
 
 def load_pretrain_model(directory: str | Path) -> msmae.MSMAEPretrainModel:

@@ -43,7 +43,7 @@ class ModelConfig(_Section):
 
 
 class MaskingConfig(_Section):
-    strategy: Literal["attention", "uniform", "all"] = Field(
+    strategy: msmae.MaskingStrategy = Field(
         "attention",
         description="which weights order the draw: attention (the paper), uniform (the released code: its maps are all ones), "
         "all (fine-tuning only: no token dropped)",
@@ -130,9 +130,9 @@ class ScalingConfig(_Section):
         return self
 
 
-# Validation metrics a model can be chosen on: the higher-is-better scalars of msmae.ClassificationReport.
-SelectionMetric = Literal["val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_macro_auc"]
-SELECTION_METRICS: tuple[str, ...] = SelectionMetric.__args__
+# Validation metrics a model can be chosen on: the method's headline metrics (all higher-is-better).
+SELECTION_METRICS: tuple[str, ...] = tuple(f"val_{name}" for name in msmae.HEADLINE_METRICS)
+SelectionMetric = Literal[SELECTION_METRICS]  # type: ignore[valid-type]  # built from msmae: one list of metrics
 
 
 class CheckpointConfig(_Section):
@@ -164,7 +164,7 @@ class RunConfig(_Section):
             preset = self.preset()
         except ValueError as e:
             raise ValueError(f"data.img_size / model.patch_size: {e}") from None
-        if self.pretrain.masking.strategy == "all":
+        if self.pretrain.masking.strategy not in msmae.STRATEGIES["pretrain"]:
             raise ValueError("pretrain.masking.strategy: 'all' is for fine-tuning; pre-training must hide patches to reconstruct them")
         if self.pretrain.masking.all_tokens_from is not None:
             raise ValueError("pretrain.masking.all_tokens_from: fine-tuning only (pre-training always hides patches)")

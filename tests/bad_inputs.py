@@ -13,7 +13,6 @@ import io
 import os
 import struct
 import zlib
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -84,16 +83,12 @@ def text(path: Path, content: str) -> Path:
 
 def checkpoint_folder(path: Path, class_names: list[str], img_size: int = 32) -> Path:
     """A checkpoint folder as a fine-tuning stage writes it (``state.pt``), holding a random-weight tiny classifier."""
-    import torch
-
     import msmae
-    from pipelines.checkpoint import STATE_FILE
+    from pipelines.checkpoint import STATE_FILE, save_classifier
 
-    preset = msmae.get_preset("tiny", img_size)
-    model = msmae.build_classifier(preset, len(class_names), drop_path_rate=0.0)
+    model = msmae.build_classifier(msmae.get_preset("tiny", img_size), len(class_names), drop_path_rate=0.0)
     path.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "preset": asdict(preset), "num_classes": len(class_names), "class_names": class_names},
-               path / STATE_FILE)
+    save_classifier(path / STATE_FILE, model, class_names)
     return path
 
 

@@ -57,10 +57,7 @@ def format_report(report: msmae.ClassificationReport, class_names: list[str], ti
     lines = [
         title,
         f"  images             {report.num_samples}",
-        f"  accuracy           {report.accuracy:.4f}",
-        f"  balanced accuracy  {report.balanced_accuracy:.4f}",
-        f"  macro-F1           {report.macro_f1:.4f}",
-        f"  macro ROC AUC      {report.macro_auc:.4f}",
+        *(f"  {label:<19}{getattr(report, name):.4f}" for name, label in msmae.HEADLINE_METRICS.items()),
         *([f"  ECE                {report.extra['ece']:.4f} (uncalibrated {report.extra['ece_uncalibrated']:.4f}, "
            f"temperature {report.extra['temperature']:.3f})"] if "ece" in report.extra else []),
         "  per class          " + "  ".join(f"{n}: AUC {a:.3f}" for n, a in zip(class_names, report.per_class_auc)),

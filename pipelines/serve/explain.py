@@ -39,10 +39,9 @@ import msmae
 def class_probability(model: msmae.MSMAEClassifier, pixels: torch.Tensor, temperature: float = 1.0,
                       kept: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, C]`` probabilities of the model at ``temperature`` on all tokens, or on ``kept`` ``[B, n]`` patches only."""
-    from msmae.engine import autocast
 
     model.eval()
-    with autocast(pixels.device):  # bf16 on a CUDA GPU, as msmae.predict_probs; plain fp32 on CPU
+    with msmae.autocast(pixels.device):  # bf16 on a CUDA GPU, as msmae.predict_probs; plain fp32 on CPU
         logits = model(pixels.float(), kept)
     return (logits.float() / temperature).softmax(-1)
 

@@ -123,14 +123,10 @@ class MSMAEPyfunc(mlflow.pyfunc.PythonModel):
     """The registered msmae classifier as a pyfunc (see the module docstring for its input and output)."""
 
     def load_context(self, context) -> None:
-        import torch
+        from pipelines import checkpoint
 
-        import msmae
-
-        state = torch.load(context.artifacts[WEIGHTS_ARTIFACT], map_location="cpu", weights_only=True)
-        preset = msmae.ViTPreset(**state["preset"])
-        model = msmae.build_classifier(preset, len(state["class_names"]), drop_path_rate=0.0)
-        model.load_state_dict(state["model"])
+        state = checkpoint.read_weights(context.artifacts[WEIGHTS_ARTIFACT])
+        model = checkpoint.classifier_from(state)
         self.scorer = ImageScorer(model, state["class_names"], state["temperature"], Preprocessing.from_dict(state["preprocessing"]))
 
     # The classifier and its settings, for callers in this project (``pipelines.serve.loading.load``).
@@ -150,15 +146,10 @@ def _suffix(source: Any) -> str:
 
 
 def weights_file(path, model, class_names: list[str], temperature: float, preprocessing: Preprocessing) -> None:
-    """The pyfunc's one artifact: weights, preset, class names, temperature, preprocessing (torch.load-able with weights_only)."""
-    import torch
+    """The pyfunc's one artifact, in the checkpoint format (``pipelines.checkpoint``) plus temperature and preprocessing."""
+    from pipelines import checkpoint
 
-    import msmae
-
-    torch.save({
-        "model": model.state_dict(), "preset": msmae.models.preset_dict(model.preset), "class_names": list(class_names),
-        "temperature": float(temperature), "preprocessing": preprocessing.to_dict(),
-    }, path)
+    checkpoint.save_classifier(path, model, class_names, temperature=float(temperature), preprocessing=preprocessing.to_dict())
 
 
 def example_image(width: int = 96, height: int = 80) -> bytes:

@@ -89,7 +89,7 @@ def register_model(spec: ModelToRegister, model_name: str) -> tuple[str, bool]:
             signature=signature,
             input_example=example,
             pip_requirements=SERVING_REQUIREMENTS,
-            metadata={"class_names": spec.class_names, "preset": msmae.models.preset_dict(model.preset),
+            metadata={"class_names": spec.class_names, "preset": msmae.preset_dict(model.preset),
                       "temperature": spec.temperature, "preprocessing": spec.preprocessing.to_dict(),
                       "selected_epoch": spec.step, "intended_use": NOT_FOR_DIAGNOSIS},
             registered_model_name=model_name,

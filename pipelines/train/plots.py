@@ -13,7 +13,6 @@ import torch  # noqa: E402
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 import msmae  # noqa: E402
-from msmae.losses import patchify, unpatchify  # noqa: E402
 
 
 def confusion_figure(confusion: list[list[int]], class_names: list[str]) -> plt.Figure:
@@ -68,9 +67,9 @@ def attention_figure(
 ) -> plt.Figure:
     """Each image with the model's attention map over it (what SAM would hide first), its true
     and predicted class, and the share of the map's mass on tissue (``msmae.map_quality``)."""
-    grid = msmae.attention.encoder_of(model).patch_embed.grid_size
+    grid = msmae.encoder_of(model).patch_embed.grid_size
     weights = msmae.attention_maps(model, images).cpu()
-    foreground = msmae.foreground_patches(images.cpu(), msmae.attention.encoder_of(model).patch_embed.patch_size[0])
+    foreground = msmae.foreground_patches(images.cpu(), msmae.encoder_of(model).patch_embed.patch_size[0])
     overall = msmae.map_quality(weights, foreground)
     maps = weights.reshape(-1, *grid).numpy()
     rgb = to_rgb(images)
@@ -105,13 +104,13 @@ def reconstruction_figure(
     weights = torch.ones(len(images), preset.num_patches) if uniform else msmae.attention_maps(model, images)
     split = msmae.sam_masking(weights, mask_ratio, throw_ratio, torch.Generator().manual_seed(0))
     pred, _ = model(images, split)
-    patches = patchify(images, preset.patch_size)
+    patches = msmae.patchify(images, preset.patch_size)
     visible = torch.zeros_like(patches)
     visible.scatter_(1, split.kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]), patches.gather(1, split.kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1])))
     filled = visible.clone()
     filled.scatter_(1, split.masked.unsqueeze(-1).expand(-1, -1, patches.shape[-1]), pred.float())
     roles = _role_image(split, preset)
-    rows = [to_rgb(images), to_rgb(unpatchify(visible, preset.patch_size, preset.grid)), to_rgb(unpatchify(filled, preset.patch_size, preset.grid))]
+    rows = [to_rgb(images), to_rgb(msmae.unpatchify(visible, preset.patch_size, preset.grid)), to_rgb(msmae.unpatchify(filled, preset.patch_size, preset.grid))]
     names = ["image", "visible to the encoder", "visible + reconstructed masked", "role of each patch"]
     fig, axes = plt.subplots(4, len(images), figsize=(2 * len(images), 8.4), squeeze=False)
     for r, row in enumerate(rows):

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import ray.train
 import ray.train.torch
@@ -27,7 +27,7 @@ from pipelines import checkpoint
 from pipelines.config import RunConfig, ScalingConfig
 from pipelines.data.streams import with_float_images
 
-Stage = Literal["pretrain", "finetune"]
+Stage = msmae.Stage  # the stage names are the method's (one vocabulary)
 MAP_QUALITY_KEYS = tuple(msmae.MapQuality(0, 0, 0, 0, 0).metrics())
 
 
@@ -74,7 +74,7 @@ def refresh_table(
         mine = msmae.refresh_maps(model, batches)
     except ValueError:  # this worker's share is empty (tiny datasets, many workers)
         size = table.maps.shape[1]
-        mine = msmae.engine.RefreshedMaps(torch.empty(0, dtype=torch.long), torch.empty(0, size), torch.empty(0, size, dtype=torch.bool))
+        mine = msmae.RefreshedMaps(torch.empty(0, dtype=torch.long), torch.empty(0, size), torch.empty(0, size, dtype=torch.bool))
     parts = _gather((mine.index, mine.maps.half(), mine.foreground))
     index, maps, foreground = (torch.cat([p[k] for p in parts]) for k in range(3))
     table.update(index, maps.float(), epoch=epoch)
@@ -96,7 +96,7 @@ def validate(model: torch.nn.Module, shard, batch_size: int, device, num_classes
     local = (torch.cat(probs) if probs else torch.empty(0, num_classes), torch.cat(labels) if labels else torch.empty(0, dtype=torch.long))
     parts = _gather(local)
     all_probs, all_labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return msmae.engine.report_from_probs(all_probs, all_labels, num_classes)
+    return msmae.report_from_probs(all_probs, all_labels, num_classes)
 
 
 class _PretrainHeadView(torch.nn.Module):
@@ -108,7 +108,7 @@ class _PretrainHeadView(torch.nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encoder.forward_head(msmae.models.encode(self.model.encoder, images))
+        return self.model.encoder.forward_head(msmae.encode(self.model.encoder, images))
 
 
 def build_stage_model(spec: StageSpec) -> torch.nn.Module:

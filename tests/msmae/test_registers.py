@@ -13,7 +13,7 @@ def test_registers_sit_beside_cls_and_everything_patch_shaped_is_unchanged(devic
     pretrain = msmae.build_pretrain_model(preset, 3).to(device)
     images = torch.randn(2, 3, 32, 32, device=device)
     split = msmae.sam_masking(torch.ones(2, preset.num_patches, device=device))
-    assert msmae.models.encode(pretrain.encoder, images, split.kept).shape[1] == 5 + split.kept.shape[1]
+    assert msmae.encode(pretrain.encoder, images, split.kept).shape[1] == 5 + split.kept.shape[1]
     pred, logits = pretrain(images, split)
     assert pred.shape == (2, split.masked.shape[1], 8 * 8 * 3) and logits.shape == (2, 3)
     maps = msmae.attention_maps(pretrain, images)
