@@ -108,8 +108,11 @@ METHODS: dict[str, Method] = {
 class Recipe:
     """The shared training recipe: every method gets the same epochs, data, batch and lr rules.
 
-    Defaults follow ``configs/btmd-base.yaml`` (the paper's recipe); schedule lengths that the
-    paper gives in epochs are scaled to the epochs used (``Recipe.for_epochs``).
+    The method's hyper-parameters (learning rates, weight decay, layer decay, label smoothing,
+    drop-path, mask/throw ratios, lambda, norm-pix loss) are the paper's, from ``msmae.defaults``;
+    the size and schedule (ViT-S at 112 px with 8 px patches, batch 256, 10 + 10 epochs, SAM from
+    epoch 3, refresh every 2) are this runner's own short-schedule choices, not any config file's.
+    ``Recipe.for_epochs`` scales the epoch-valued ones to the epochs used.
     """
 
     preset: str = "small"

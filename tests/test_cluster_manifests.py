@@ -193,9 +193,11 @@ def test_a_misspelt_field_is_caught_by_the_crd_check(cluster_rendered, cluster_k
 
 
 def test_gpu_cluster_has_a_gpu_free_head_and_a_gpu_worker_group_scaled_from_zero(cluster_rendered):
+    checked = 0
     for doc in [*cluster_rendered["gpu"], *cluster_rendered["gpu/jobs"]]:
         if not _is_ray(doc):
             continue
+        checked += 1
         spec = _ray_cluster_spec(doc)
         assert spec["enableInTreeAutoscaling"] is True and spec["authOptions"]["mode"] == "token"
         head = spec["headGroupSpec"]
@@ -207,16 +209,18 @@ def test_gpu_cluster_has_a_gpu_free_head_and_a_gpu_worker_group_scaled_from_zero
         resources = pod["containers"][0]["resources"]
         assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "1"
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert checked == 3  # the RayCluster and the two RayJobs
 
 
 def test_dev_cluster_is_cpu_only(cluster_rendered):
     for name in ("dev", "dev/jobs"):
         text = json.dumps(cluster_rendered[name])
         assert "nvidia.com/gpu" not in text, name
-    for doc in cluster_rendered["dev"] + cluster_rendered["dev/jobs"]:
-        if _is_ray(doc):
-            (group,) = _ray_cluster_spec(doc)["workerGroupSpecs"]
-            assert group["groupName"] == "cpu" and group["minReplicas"] == 0
+    ray_docs = [doc for doc in cluster_rendered["dev"] + cluster_rendered["dev/jobs"] if _is_ray(doc)]
+    assert len(ray_docs) == 3  # the RayCluster and the two RayJobs
+    for doc in ray_docs:
+        (group,) = _ray_cluster_spec(doc)["workerGroupSpecs"]
+        assert group["groupName"] == "cpu" and group["minReplicas"] == 0
 
 
 def _memory_bytes(quantity: str) -> int:
@@ -228,11 +232,13 @@ def _memory_bytes(quantity: str) -> int:
 
 
 def test_every_ray_pod_has_shm_sized_for_its_object_store_and_the_shared_volume(cluster_rendered):
+    groups = 0
     for overlay, doc in _all_docs(cluster_rendered):
         if not _is_ray(doc):
             continue
         spec = _ray_cluster_spec(doc)
         for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            groups += 1
             pod = group["template"]["spec"]
             volumes = {v["name"]: v for v in pod["volumes"]}
             mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
@@ -242,12 +248,15 @@ def test_every_ray_pod_has_shm_sized_for_its_object_store_and_the_shared_volume(
             memory_limit = _memory_bytes(pod["containers"][0]["resources"]["limits"]["memory"])
             assert object_store < memory_limit / 2  # /dev/shm counts against the container's memory
             assert volumes[mounts[SHARED]]["persistentVolumeClaim"]["claimName"] == "msmae-shared"
+    assert groups >= 2 * 2 * len(OVERLAYS)  # a head and a worker group in every cluster of every overlay
 
 
 def test_rayjobs_bring_the_same_cluster_as_the_raycluster_and_clean_up(cluster_rendered):
+    checked = 0
     for platform, jobs in OVERLAYS.items():
         (cluster,) = [d for d in cluster_rendered[platform] if d["kind"] == "RayCluster"]
         for job in cluster_rendered[jobs]:
+            checked += 1
             spec = job["spec"]
             assert spec["rayClusterSpec"] == cluster["spec"], f"{jobs}: {job['metadata']['name']} drifted from the RayCluster"
             assert spec["shutdownAfterJobFinishes"] is True
@@ -256,6 +265,7 @@ def test_rayjobs_bring_the_same_cluster_as_the_raycluster_and_clean_up(cluster_r
             assert "command" not in spec["submitterPodTemplate"]["spec"]["containers"][0]  # KubeRay fills in `ray job submit`
             env = yaml.safe_load(spec["runtimeEnvYAML"])
             assert set(env) == {"env_vars"}  # no working_dir upload: the image has the package
+    assert checked == 2 * len(OVERLAYS)  # run and tune in every overlay
 
 
 # ---------------------------------------------------------------- entrypoints
@@ -302,8 +312,6 @@ def test_rayjob_entrypoints_are_real_msmae_commands(cluster_rendered, command):
 
     app = _msmae_app()
     if command not in app.commands:
-        if command == "tune":
-            pytest.skip("msmae tune not implemented yet")
         pytest.fail(f"msmae has no {command!r} command")
     checked = 0
     for jobs, name, argv in _entrypoints(cluster_rendered):
@@ -439,7 +447,9 @@ def test_checkov_passes_on_every_overlay_and_the_dockerfile(cluster_rendered, tm
         done = subprocess.run([str(checkov), *scan, "--skip-download", "--compact", "-o", "json"],
                               capture_output=True, text=True, timeout=600, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
         reports = json.loads(done.stdout)
-        for report in reports if isinstance(reports, list) else [reports]:
+        reports = reports if isinstance(reports, list) else [reports]
+        assert reports, f"checkov {scan} reported nothing"
+        for report in reports:
             summary = report["summary"]
             failed = [f"{f['check_id']} {f['resource']}" for f in report["results"]["failed_checks"]]
             assert summary["failed"] == 0 and not failed, failed

@@ -94,7 +94,6 @@ def test_verdict_names_the_winner_and_measures_margins_in_seed_sds():
 
 
 def test_report_logs_each_run_once_to_mlflow(tmp_path):
-    pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     results = tmp_path / "r.jsonl"

@@ -112,11 +112,14 @@ def test_every_mode_is_converted_to_the_declared_mode(data_bad_tree: Path, tmp_p
     for mode in ("RGB", "L"):
         out = tmp_path / mode
         ingest(data_bad_tree, out, IngestOptions(mode=mode, workers=1), **QUIET)
-        for r in _all_rows(out):
+        rows, reencoded = _all_rows(out), 0
+        for r in rows:
             with Image.open(io.BytesIO(r["image"])) as img:
                 assert img.convert(mode).size == (r["width"], r["height"])
                 if Path(r["source"]).stem in ("sixteen_bit", "rgba", "cmyk", "palette"):
                     assert img.mode == mode, r["source"]  # re-encoded, already in the declared mode
+                    reencoded += 1
+        assert rows and reencoded == 4, (len(rows), reencoded)
 
 
 def test_sixteen_bit_keeps_its_contrast(data_bad_tree: Path, tmp_path: Path) -> None:
@@ -130,15 +133,19 @@ def test_duplicates_stay_in_one_split(data_bad_tree: Path, tmp_path: Path) -> No
     for seed in range(5):
         out = tmp_path / f"s{seed}"
         ingest(data_bad_tree, out, IngestOptions(val=0.5, seed=seed, workers=1), **QUIET)
-        split_of_hash = defaultdict(set)
+        split_of_hash, copies = defaultdict(set), Counter()
         for r in _all_rows(out):
             split_of_hash[r["image_id"]].add(r["split"])
+            copies[r["image_id"]] += 1
+        assert max(copies.values()) >= 2  # the tree holds duplicates, so the check below has something to hold
         assert all(len(s) == 1 for s in split_of_hash.values())
 
 
 def test_max_side_downscales_once_at_ingest(data_bad_tree: Path, tmp_path: Path) -> None:
     ingest(data_bad_tree, tmp_path / "o", IngestOptions(max_side=20, workers=1), **QUIET)
-    for r in _all_rows(tmp_path / "o"):
+    rows = _all_rows(tmp_path / "o")
+    assert rows
+    for r in rows:
         assert max(r["width"], r["height"]) == 20
         assert Image.open(io.BytesIO(r["image"])).size == (r["width"], r["height"])
 
@@ -175,7 +182,7 @@ def test_different_seed_changes_split_and_removes_stale_shards(data_bad_tree: Pa
 
 
 def test_dicom_is_windowed_and_converted(tmp_path: Path) -> None:
-    pydicom = pytest.importorskip("pydicom")
+    import pydicom  # a dependency (pyproject), so DICOM ingest is always tested
     from pydicom.data import get_testdata_file
 
     root = tmp_path / "dicom" / "ct"
