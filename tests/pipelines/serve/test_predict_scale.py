@@ -114,7 +114,7 @@ def test_evaluate_scores_a_large_split_on_actors_with_the_drivers_numbers(ray_lo
     """Above SCORE_ON_ACTORS_FROM images a split is scored by an actor pool; the report is the driver's, number for number."""
     import torch
 
-    import pipelines.serve.predict
+    import pipelines.serve.actor_pool
     from pipelines.checkpoint import load_classifier
     from pipelines.data.dataset import IngestedDataset
     from pipelines.serve.evaluate import evaluate_split
@@ -122,7 +122,7 @@ def test_evaluate_scores_a_large_split_on_actors_with_the_drivers_numbers(ray_lo
     names = IngestedDataset.load(data_sample_ingested).class_names
     model, _ = load_classifier(checkpoint_folder(tmp_path / "model", names))
     on_driver, probs, labels = evaluate_split(model, IngestedDataset.load(data_sample_ingested), "val")
-    monkeypatch.setattr(pipelines.serve.predict, "SCORE_ON_ACTORS_FROM", 0)
+    monkeypatch.setattr(pipelines.serve.actor_pool, "SCORE_ON_ACTORS_FROM", 0)
     on_actors, actor_probs, actor_labels = evaluate_split(model, IngestedDataset.load(data_sample_ingested), "val")
     order, actor_order = torch.argsort(labels, stable=True), torch.argsort(actor_labels, stable=True)
     assert torch.equal(labels[order], actor_labels[actor_order]) and len(labels) == on_driver.num_samples
