@@ -50,6 +50,7 @@ def ingest(
     workers: Annotated[int | None, typer.Option(help="Decode processes (default: the CPUs this process may use, a container's CPU limit included).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail (write no dataset, keep the one in --out) if any file is quarantined.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a dataset in --out that was ingested from another source.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Hash the shards of an up-to-date dataset against their recorded digests; rebuild it if one differs.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Validate, de-duplicate and split images into Parquet shards (a no-op when already up to date)."""
@@ -69,7 +70,7 @@ def ingest(
     else:
         source = src
     opts = IngestOptions(
-        mode=mode, max_side=max_side, min_side=min_side, val=val, test=test, seed=seed, strict=strict, force=force,
+        mode=mode, max_side=max_side, min_side=min_side, val=val, test=test, seed=seed, strict=strict, force=force, verify=verify,
         rows_per_shard=rows_per_shard, classes=[c.strip() for c in classes.split(",")] if classes is not None else None,
         workers=workers if workers is not None else usable_cpus(),
     )
@@ -237,12 +238,12 @@ def predict(
 ) -> None:
     """Predict every file of a folder (at the model's own size) with Ray Data batch inference; write path, class, calibrated probabilities."""
     _folder_arg(input_dir, "--input")
-    from pipelines.serve.predict import PredictSettings, check_predictions_out, predict_folder
+    from pipelines.serve.predict import PredictSettings, check_heatmaps_out, check_predictions_out, predict_folder
 
     check_predictions_out(out)
     _model_tracking(tracking_uri, model)
-    if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
-        raise fail(f"--heatmaps {heatmaps} is a file; give a folder", USAGE)
+    if heatmaps is not None:
+        check_heatmaps_out(heatmaps, input_dir)
     summary = predict_folder(model, input_dir, out, PredictSettings(batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor),
                              heatmaps=heatmaps)
     reasons = f" {summary['reasons']}" if summary["reasons"] else ""

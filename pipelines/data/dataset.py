@@ -16,6 +16,7 @@ from typing import Any
 
 SUMMARY_FILE = "dataset.json"
 SPLITS = ("train", "val", "test")
+REQUIRED_KEYS = ("classes", "fractions", "counts", "shards")  # what every reader below relies on
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,12 @@ class IngestedDataset:
             summary = json.loads(summary_path.read_text())
         except ValueError as e:
             raise ValueError(f"{summary_path} is not valid JSON ({e}); re-run `msmae ingest` into {path}") from None
+        if not isinstance(summary, dict):
+            raise ValueError(f"{summary_path} is not an msmae dataset summary (a JSON object); re-run `msmae ingest` into {path}")
+        missing = [key for key in REQUIRED_KEYS if key not in summary]
+        if missing:
+            raise ValueError(f"{summary_path} lacks {', '.join(missing)}: it was not written by `msmae ingest`, or was edited; "
+                             f"re-run `msmae ingest` into {path}")
         return cls(path, summary)
 
     @staticmethod

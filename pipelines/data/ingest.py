@@ -84,9 +84,10 @@ def ingest(
     destination.check_destination(out, source_info, opts.force)
     listing = source.listing(opts.classes)
     fp = _fingerprint(listing, source, opts)
-    existing = _load_if_current(out, fp)
+    existing = _load_if_current(out, fp, opts.verify, log)
     if existing is not None:
-        log(f"{out} is up to date with its source and options: nothing rewritten")
+        checked = "its shards match their digests" if opts.verify else "--verify checks its shards' digests"
+        log(f"{out} is up to date with its source and options ({checked}): nothing rewritten")
         return IngestResult(out, existing, wrote=False)
 
     quarantine, kept, conflicts = _sort_out(listing, opts, progress)
@@ -216,7 +217,11 @@ def _fingerprint(listing: pl.DataFrame, source: sources.Source, opts: IngestOpti
     return h.hexdigest()
 
 
-def _load_if_current(out: Path, fp: str) -> dict | None:
+def _load_if_current(out: Path, fp: str, verify: bool = False, log: Callable[[str], None] = print) -> dict | None:
+    """The summary of a dataset in ``out`` that this ingest would write again as it is; None to rebuild.
+
+    ``verify``: every shard's bytes are hashed against the digest recorded at ingest (a shard damaged on
+    disk is rebuilt, not trusted); otherwise files are only checked to exist, which is instant."""
     try:
         summary = IngestedDataset.load(out).summary
     except (OSError, ValueError):
@@ -225,6 +230,11 @@ def _load_if_current(out: Path, fp: str) -> dict | None:
         return None
     if not all((out / s["file"]).is_file() for s in summary.get("shards", [])):
         return None
+    if verify:
+        damaged = [s["file"] for s in summary["shards"] if shards.file_digest(out / s["file"]) != s.get("sha256")]
+        if damaged:
+            log(f"{len(damaged)} shard(s) of {out} do not match their digests ({', '.join(damaged[:3])}): rebuilding the dataset")
+            return None
     return summary
 
 
@@ -237,8 +247,23 @@ def _decode_all(paths: list[str], opts: IngestOptions, progress: bool) -> list[i
     if opts.workers <= 1 or len(paths) < _PARALLEL_MIN_FILES:
         return list(bar(map(fn, paths)))
     # spawn, not fork: the caller may hold threads (Ray, tqdm) that fork would copy mid-state.
-    with ProcessPoolExecutor(max_workers=opts.workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=opts.workers, mp_context=get_context("spawn"),
+                             initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         return list(bar(pool.map(fn, paths, chunksize=32)))
+
+
+def _die_with_parent(parent: int) -> None:
+    """In each decode process: end when the ingest that started it ends, however it ends (a killed ingest
+    would otherwise leave its decoders running, blocked on a queue nobody reads)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        return  # not Linux: the executor's own clean-up is all there is
+    if os.getppid() != parent:  # the parent died before the line above ran
+        os._exit(1)
 
 
 def _drop_label_conflicts(kept: list[dict], quarantine: list[dict]) -> tuple[list[dict], int]:

@@ -42,11 +42,12 @@ class IngestOptions:
     rows_per_shard: int = 2048
     strict: bool = False
     force: bool = False  # replace a dataset ingested from another source
+    verify: bool = False  # check the shards' sha256 before calling an existing dataset up to date (repairs a damaged one)
     workers: int = field(default_factory=usable_cpus, compare=False)
 
 
 
-RUN_ONLY_OPTIONS = ("workers", "strict", "force")  # how ingest runs, not what it writes
+RUN_ONLY_OPTIONS = ("workers", "strict", "force", "verify")  # how ingest runs, not what it writes
 
 
 def check_options(opts: IngestOptions) -> dict[str, float]:

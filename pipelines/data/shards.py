@@ -67,6 +67,15 @@ def write_shards(stage: Path, previous: Path, table: pa.Table, rows_per_shard: i
     return written
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (what ``write_shards`` records per shard)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_file(stage: Path, rel: str, data: bytes, previous: Path) -> None:
     """Write `rel` into the staging folder. A file identical to the one already published in
     `previous` is hard-linked instead, so its mtime (and anything keyed on it) stays as it was."""

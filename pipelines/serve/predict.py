@@ -133,6 +133,22 @@ def check_predictions_out(out: Path, option: str = "--out") -> None:
     check_output_dir(out, option)
 
 
+HEATMAPS_MARKER = "_msmae_heatmaps.json"  # a finished heatmaps folder (so a later run may replace it whole)
+
+
+def check_heatmaps_out(heatmaps: Path, input_dir: Path) -> None:
+    """Before any work, as for ``--out``: a new or empty folder, or an earlier heatmaps folder (replaced whole),
+    never the input folder or anything overlapping it — maps written there would land among the user's images."""
+    if heatmaps.exists() and not heatmaps.is_dir():
+        raise OutputPathError(f"--heatmaps {heatmaps} is a file; give a folder")
+    a, b = heatmaps.resolve(), input_dir.resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        raise OutputPathError(f"--heatmaps {heatmaps} overlaps --input {input_dir}; give a folder outside the images")
+    if heatmaps.is_dir() and any(heatmaps.iterdir()) and not (heatmaps / HEATMAPS_MARKER).is_file():
+        raise OutputPathError(f"--heatmaps {heatmaps} is a folder holding other files; give a new folder (predict writes a map per image there)")
+    check_output_dir(heatmaps, "--heatmaps")
+
+
 def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: PredictSettings = PredictSettings(),
                    heatmaps: Path | None = None) -> dict:
     """Predict every file under ``input_dir`` (recursively, folder links followed) into Parquet shards in ``out``.
@@ -154,11 +170,15 @@ def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: Predict
     if not listing.names:
         raise FileNotFoundError(f"--input {input_dir} holds no files")
     check_predictions_out(out)
+    if heatmaps is not None:
+        check_heatmaps_out(heatmaps, input_dir)
     loaded = load(model_ref)
     class_names, preprocessing = loaded.class_names, loaded.preprocessing  # size, mode, max-side: carried by the model
     img_size = preprocessing.img_size
     del loaded
     tracking_uri = _tracking_uri(model_ref)
+    # the maps are written beside --heatmaps and swapped in with the predictions: nothing there is overwritten mid-way
+    maps_staging = heatmaps.parent / f".{heatmaps.name}.tmp-{os.getpid()}" if heatmaps is not None else None
     ensure_ray()
     pool = pool_for_cluster(settings)
     ds = ray.data.read_datasource(listing).map_batches(
@@ -170,7 +190,7 @@ def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: Predict
         # other instead of CPU tasks decoding in parallel beside it.
         memory=DECODE_TASK_MEMORY + settings.batch_size * img_size * img_size * 3,
     ).map_batches(
-        PredictBatchScorer, fn_constructor_args=(model_ref, tracking_uri, (os.path.abspath(input_dir), os.path.abspath(heatmaps)) if heatmaps else None),
+        PredictBatchScorer, fn_constructor_args=(model_ref, tracking_uri, (os.path.abspath(input_dir), os.path.abspath(maps_staging)) if heatmaps else None),
         batch_size=settings.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         num_gpus=pool.gpus_per_actor, num_cpus=pool.cpus_per_actor, udf_modifying_row_count=False,
@@ -184,9 +204,15 @@ def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: Predict
         summary.update(out=str(out), model=model_ref, input=str(input_dir), class_names=class_names, pool=asdict(pool),
                        shards=sum(1 for p in staging.iterdir() if p.suffix == ".parquet"))
         (staging / MARKER).write_text(json.dumps(summary, indent=2))
+        if maps_staging is not None:
+            maps_staging.mkdir(parents=True, exist_ok=True)
+            (maps_staging / HEATMAPS_MARKER).write_text(json.dumps({"predictions": str(out), "model": model_ref}, indent=2))
+            _swap_into_place(maps_staging, heatmaps)
         _swap_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if maps_staging is not None:
+            shutil.rmtree(maps_staging, ignore_errors=True)
     return summary
 
 

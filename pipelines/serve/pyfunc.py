@@ -7,8 +7,10 @@ bytes (PNG, JPEG, TIFF, 16-bit PNG, DICOM; base64 in JSON when served) or pixel 
 size. It decodes with ingest's own code (``pipelines.data.preprocessing``), so the served model sees
 what training saw.
 
-Input: a table with a ``path`` column (strings) and/or an ``image`` column (bytes, or a numpy
-array per row); a row uses ``image`` when it has one, else ``path``. Output, one row per input
+Input: a table with an ``image`` column (bytes, or a numpy array per row) and/or a ``path`` column
+(strings); a row uses ``image`` when it has one, else ``path``. Paths are read only where the
+operator allowed them (``pipelines.serve.path_guard``: off by default, a served model must not
+open files a client names). Output, one row per input
 row: ``prob_<class>`` per class (temperature-scaled), ``predicted_class``, ``ok`` and, for an
 unusable input, ``reason``/``detail`` (ingest's quarantine vocabulary) with null probabilities
 rather than a plausible-looking row. With the parameter ``heatmaps=True`` each row also gets
@@ -60,7 +62,8 @@ class ImageScorer:
 
         from pipelines.serve import explain
 
-        prepared = [self.preprocessing(s, (suffixes or [""] * len(sources))[k]) if s is not None
+        prepared = [s if isinstance(s, images.Rejected)
+                    else self.preprocessing(s, (suffixes or [""] * len(sources))[k]) if s is not None
                     else images.Rejected(NO_INPUT, "the row has neither an image nor a path") for k, s in enumerate(sources)]
         ok = np.array([not isinstance(p, images.Rejected) for p in prepared], dtype=bool)
         probs = np.full((len(prepared), len(self.class_names)), np.nan, dtype=np.float64)
@@ -80,7 +83,11 @@ class ImageScorer:
         """The labelled output: prob_<class>..., predicted_class, ok, reason, detail (, heatmap)."""
         names = np.asarray(self.class_names, dtype=object)
         best = np.nan_to_num(scored.probs, nan=-1.0).argmax(1)
-        out = {f"prob_{name}": scored.probs[:, c] for c, name in enumerate(self.class_names)}
+        if scored.ok.all():
+            out: dict[str, Any] = {f"prob_{name}": scored.probs[:, c] for c, name in enumerate(self.class_names)}
+        else:  # a failed row's probabilities are None, not NaN: served as JSON null (NaN is not valid strict JSON)
+            out = {f"prob_{name}": pd.Series([float(p) if good else None for p, good in zip(scored.probs[:, c], scored.ok)], dtype=object)
+                   for c, name in enumerate(self.class_names)}
         # object columns: a missing class or reason stays None (pandas 3 would make a string column's None NaN)
         out["predicted_class"] = pd.Series([names[b] if good else None for b, good in zip(best, scored.ok)], dtype=object)
         out["ok"] = scored.ok
@@ -135,9 +142,20 @@ class MSMAEPyfunc(mlflow.pyfunc.PythonModel):
         return self.scorer.model
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Bad requests (no image or path column) end in an ``MlflowException``: the scoring server then
+        answers 400 with the message alone, no server-side stack trace."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from pipelines.serve import path_guard
+
         heatmaps = bool((params or {}).get("heatmaps", False))
-        sources = _sources(model_input)
+        try:
+            sources = _sources(model_input)
+        except ValueError as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
         suffixes = [_suffix(s) for s in sources]
+        sources = [path_guard.read_path(s) if isinstance(s, str) else s for s in sources]
         return self.scorer.table(self.scorer.score(sources, suffixes, heatmaps=heatmaps))
 
 

@@ -85,7 +85,7 @@ def evaluate_and_register(
     card = model_card.render(model_card.CardFacts(
         model_name=cfg.tracking.model_name, class_names=names, dataset_path=str(dataset.path), dataset_summary=dataset.summary,
         val=val, test=test, calibration=cal, selection_metric=cfg.checkpoint.metric, selected_epoch=epoch,
-        config=cfg.model_dump(mode="json"), preset=msmae.preset_dict(model.preset), preprocessing=prep.to_dict(),
+        config=cfg.public_dump(), preset=msmae.preset_dict(model.preset), preprocessing=prep.to_dict(),
         run_id=tracking.active_run_id(), git_commit=tracking.git_commit(),
     ))
     tracking.log_text(card, "model_card.md")
