@@ -15,15 +15,10 @@ import json
 import signal
 import socket
 import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-import polars as pl
 import pytest
 from bad_inputs import (
     bomb_png,
