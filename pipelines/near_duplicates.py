@@ -102,7 +102,7 @@ def find_near_duplicate_pairs(fps: np.ndarray | Sequence[bytes], threshold: floa
         for c0 in range(r0, n, _BLOCK):
             s = rows @ u[c0:c0 + _BLOCK].T
             if c0 == r0:  # diagonal block: keep j > i only
-                s[np.tril_indices(len(rows), 0, s.shape[1])] = -np.inf
+                s[np.arange(s.shape[1])[None, :] <= np.arange(len(rows))[:, None]] = -np.inf
             ii, jj = np.nonzero(s >= threshold)
             if len(ii):
                 out = np.empty(len(ii), dtype=PAIR_DTYPE)
