@@ -9,8 +9,8 @@ decode worker processes.
 - ``similarity(a, b)``: cosine of two fingerprints, i.e. the Pearson correlation of the two
   16×16 thumbnails: 1 for the same picture, invariant to brightness offset and contrast gain.
 - ``find_near_duplicate_pairs``: every pair with similarity >= threshold, by blocked float32
-  matrix products (exact, no candidate pruning; ~O(N²·256) flops, 100,000 images in about a
-  minute on 2 cores).
+  matrix products (exact, no candidate pruning; N²/2 dot products of 256 values: 100,000
+  images took 76 s of CPU on 2 cores, benchmarks/bench_near_duplicates.py).
 - ``near_duplicate_groups``: union-find over the pairs; each row gets the smallest row index of
   its group (the convention of ``splits.split_groups``).
 - ``best_match`` / ``seen_in``: query fingerprints against a reference set (e.g. evaluated
@@ -40,6 +40,9 @@ _BLOCK = 4096  # rows/columns per matrix-product block: 4096² float32 = 64 MiB
 
 def fingerprint(img: Image.Image) -> np.ndarray:
     """The image's perceptual fingerprint: ``FINGERPRINT_BYTES`` int8 values (``.tobytes()`` to store).
+
+    Call it on the image as ingest normalised it (mode RGB or L; other modes go through PIL's
+    ``convert("L")``, which clips 16-bit data).
 
     Grey (PIL's ITU-R 601 luma for colour), 16×16 Lanczos thumbnail, mean removed, scaled so the
     largest |value| is 127. A flat image (one grey level) gives all zeros: it is similar to nothing.
