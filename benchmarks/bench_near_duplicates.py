@@ -1,4 +1,4 @@
-"""Benchmark and calibration of pipelines/near_duplicates.py (issue 25).
+"""Benchmark and calibration of pipelines/data/near_duplicates.py (issue 25).
 
 Synthetic (default): N cheap grey images (random Gaussian blobs on a noisy texture, 64 px) of
 which --planted are near-copies of other images in the set (JPEG re-encode, resize, 1 px crop
@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipelines import near_duplicates as nd  # noqa: E402
+from pipelines.data import near_duplicates as nd  # noqa: E402
 
 THRESHOLDS = (0.97, 0.975, 0.98, 0.985, 0.99)
 

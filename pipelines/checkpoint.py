@@ -33,6 +33,7 @@ STATE_FILE = "state.pt"
 DIGEST_KEY = "state_sha256"  # in meta.json: the digest of state.pt as written, checked on every load
 META_FILE = "meta.json"
 INFERENCE_FILE = "inference.json"
+SEEN_FILE = "seen_fingerprints.npz"  # fingerprints of the images trained and selected on (pipelines.serve.contamination)
 
 
 class CheckpointError(ValueError):
@@ -167,6 +168,33 @@ def write_inference(directory: str | Path, *, temperature: float, preprocessing:
     path = Path(directory) / INFERENCE_FILE
     path.write_text(json.dumps({"temperature": temperature, "preprocessing": preprocessing, "calibration": calibration}, indent=2))
     return path
+
+
+def write_seen(directory: str | Path, state: dict[str, Any]) -> Path:
+    """Store ``SeenImages.to_state()`` beside the weights (numpy's format, read back without pickle)."""
+    import numpy as np
+
+    path = Path(directory) / SEEN_FILE
+    buffer = io.BytesIO()
+    np.savez(buffer, fingerprints=state["seen_fingerprints"], threshold=np.float64(state["seen_threshold"]),
+             version=np.str_(state["seen_fingerprint_version"]))
+    _write_whole(path, buffer.getvalue())
+    return path
+
+
+def read_seen(directory: str | Path) -> dict[str, Any]:
+    """The seen-images state of a checkpoint folder; ``{}`` for one without (trained before fingerprints)."""
+    import numpy as np
+
+    path = Path(directory) / SEEN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {"seen_fingerprints": data["fingerprints"], "seen_threshold": float(data["threshold"]),
+                    "seen_fingerprint_version": str(data["version"])}
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it to evaluate without the contamination check") from None
 
 
 def read_inference(directory: str | Path) -> dict[str, Any]:

@@ -91,6 +91,26 @@ class IngestedDataset:
         for file in self.shard_files(split):
             yield from pq.read_table(file).to_pylist()
 
+    def fingerprints(self, splits: tuple[str, ...]) -> tuple[Any, Any]:
+        """``(index [N], fingerprints [N, 256] int8)`` of the images of ``splits`` (``near_duplicates``), read
+        from the shards' ``fingerprint`` column alone. A dataset ingested before fingerprints has none: ([], [])."""
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        from pipelines.data import near_duplicates
+
+        index, fps = [], []
+        for split in splits:
+            if split not in self.summary["fractions"]:
+                continue
+            for file in self.shard_files(split):
+                if "fingerprint" not in pq.read_schema(file).names:
+                    return np.zeros(0, np.int64), np.zeros((0, near_duplicates.FINGERPRINT_BYTES), np.int8)
+                table = pq.read_table(file, columns=["index", "fingerprint"])
+                index += table.column("index").to_pylist()
+                fps += table.column("fingerprint").to_pylist()
+        return np.asarray(index, dtype=np.int64), near_duplicates.as_array(fps)
+
     def shard_files(self, split: str) -> list[Path]:
         """The Parquet shards of ``split`` (what the streams read); [] when it is empty."""
         if split not in self.summary["fractions"]:

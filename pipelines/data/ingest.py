@@ -30,9 +30,10 @@ from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
-from pipelines.data import destination, images, shards, sources, splits
+from pipelines.data import destination, images, near_duplicates, shards, sources, splits
 from pipelines.data.dataset import SUMMARY_FILE, IngestedDataset
 from pipelines.data.ingest_options import IngestError, IngestOptionError, IngestOptions, check_options, output_options
 
@@ -139,12 +140,16 @@ def _write_dataset(
     """Split the kept images, write shards and dataset.json into the staging folder; returns the summary."""
     class_ids = _class_ids(listing, opts)
     labels = [class_ids[k["label_name"]] for k in kept]
-    group_ids = splits.split_groups([k["res"].content_hash for k in kept], [k["group"] for k in kept])
+    pairs = _near_copy_pairs(kept, opts)
+    group_ids = splits.split_groups([k["res"].content_hash for k in kept], [k["group"] for k in kept], zip(pairs["i"], pairs["j"]))
     split_of = splits.assign_splits(group_ids, labels, fractions, opts.seed)
     table = shards.build_table(kept, labels, group_ids, split_of, list(fractions))
     written = shards.write_shards(stage, out, table, opts.rows_per_shard)
+    near = shards.near_duplicates_table(kept, pairs, split_of, list(fractions))
+    shards.write_file(stage, shards.NEAR_DUPLICATES_FILE, shards.table_bytes(near), out)
 
     dup_sizes = Counter(k["res"].content_hash for k in kept)
+    near_rows = set(near.column("index_a").to_pylist()) | set(near.column("index_b").to_pylist())
     summary = {
         "format_version": FORMAT_VERSION,
         "tool": "msmae-ray",
@@ -165,12 +170,28 @@ def _write_dataset(
         "duplicate_groups": sum(1 for n in dup_sizes.values() if n > 1),
         "duplicate_images": sum(n for n in dup_sizes.values() if n > 1),
         "label_conflict_groups": conflicts,
+        "near_duplicates": {
+            "threshold": opts.near_dup, "fingerprint": near_duplicates.FINGERPRINT_VERSION, "pairs": near.num_rows,
+            "images": len(near_rows),  # images with a near-copy (a different pixel hash), all held in their copies' split
+            "groups": len(set(group_ids[i] for i in pairs["i"])),
+            "labels_differ": int(sum(labels[int(a)] != labels[int(b)] for a, b in zip(pairs["i"], pairs["j"]))),
+        },
         "split_groups": len(set(group_ids)),
         "shards": written,
         "warnings": _class_size_warnings(Counter(labels), class_ids, list(fractions)),
     }
     shards.write_file(stage, SUMMARY_FILE, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode(), out)
     return summary
+
+
+def _near_copy_pairs(kept: list[dict], opts: IngestOptions):
+    """Pairs of kept rows that are near-copies (different pixel hashes, fingerprint similarity >= --near-dup)."""
+    if opts.near_dup is None or not kept:
+        return np.empty(0, dtype=near_duplicates.PAIR_DTYPE)
+    pairs = near_duplicates.find_near_duplicate_pairs([k["res"].fingerprint for k in kept], opts.near_dup)
+    same = np.array([kept[int(a)]["res"].content_hash == kept[int(b)]["res"].content_hash for a, b in zip(pairs["i"], pairs["j"])],
+                    dtype=bool)
+    return pairs[~same] if len(pairs) else pairs  # pixel-identical copies are counted as duplicates already
 
 
 def _class_size_warnings(per_class: Counter, class_ids: dict[str, int], split_names: list[str]) -> list[str]:

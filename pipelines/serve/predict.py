@@ -56,6 +56,7 @@ class PredictBatchScorer:
             mlflow.set_tracking_uri(tracking_uri)  # this actor is another process than the driver
         loaded = load(model_ref)
         self.class_names, self.temperature = loaded.class_names, loaded.temperature  # fitted on validation (issue 17)
+        self.seen = loaded.seen  # the training and validation images' fingerprints (None: a model from before them)
         self.heatmaps = heatmaps  # (input folder, heatmaps folder) for --heatmaps
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray hides GPUs it did not assign
         self.model = loaded.model.to(self.device).eval()
@@ -85,7 +86,10 @@ class PredictBatchScorer:
             if self.heatmaps:
                 still = ok[rows]
                 self._write_heatmaps(batch, rows[still], pixels[torch.from_numpy(still)], probs)
-        return result_table(batch["path"], ok, reason, detail, probs, self.class_names)
+        seen = np.full(len(ok), None, dtype=object)
+        if self.seen is not None and ok.any():
+            seen[ok] = self.seen.flags(np.asarray(batch["fingerprint"])[ok])
+        return result_table(batch["path"], ok, reason, detail, probs, self.class_names, seen)
 
     def _write_heatmaps(self, batch: dict[str, np.ndarray], rows: np.ndarray, pixels: torch.Tensor, probs: np.ndarray) -> None:
         """``--heatmaps DIR``: per image, ``DIR/<path under --input>.png`` (the occlusion map over the image)
@@ -110,8 +114,9 @@ class PredictBatchScorer:
         return self.score(pixels.to(self.device, non_blocking=True)).float().cpu().numpy()
 
 
-def result_table(path, ok: np.ndarray, reason, detail, probs: np.ndarray, class_names: list[str]) -> pa.Table:
-    """The row contract: path, predicted_class, ok, reason, detail, prob_<class> (null where ok is false)."""
+def result_table(path, ok: np.ndarray, reason, detail, probs: np.ndarray, class_names: list[str], seen=None) -> pa.Table:
+    """The row contract: path, predicted_class, ok, reason, detail, seen_in_training, prob_<class> (null where ok is false;
+    seen_in_training null where not ok, or when the model carries no fingerprints of its training images)."""
     names = np.asarray(class_names, dtype=object)
     predicted = np.where(ok, names[np.nan_to_num(probs, nan=0.0).argmax(1)], None)
     return pa.table({
@@ -120,6 +125,7 @@ def result_table(path, ok: np.ndarray, reason, detail, probs: np.ndarray, class_
         "ok": pa.array(ok, pa.bool_()),
         "reason": pa.array(list(reason), pa.string()),
         "detail": pa.array(list(detail), pa.string()),
+        "seen_in_training": pa.array(list(seen) if seen is not None else [None] * len(ok), pa.bool_()),
         **{f"prob_{name}": pa.array(probs[:, c].astype(np.float64), pa.float64(), mask=~ok) for c, name in enumerate(class_names)},
     })
 

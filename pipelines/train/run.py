@@ -65,10 +65,10 @@ def prepare_data(source: Path, cfg: RunConfig, workdir: Path, log: Callable[[str
 
         out = workdir / "data"
         opts = IngestOptions(val=cfg.data.val_fraction, test=cfg.data.test_fraction, seed=cfg.data.seed)
-        summary = ingest(source, out, opts, progress=True, log=log).summary
+        dataset = ingest(source, out, opts, progress=True, log=log).dataset
+        summary = dataset.summary
         log(f"ingest: {summary['num_images']} images, {summary['quarantined']} quarantined, "
-            f"{summary['duplicate_groups']} duplicate groups -> {out}")
-        dataset = IngestedDataset.load(out)
+            f"{summary['duplicate_groups']} duplicate groups, {summary['near_duplicates']['images']} near-copies held with their copies -> {out}")
     check_trainable(dataset, cfg, stages)
     return dataset
 

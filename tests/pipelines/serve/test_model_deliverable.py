@@ -494,3 +494,43 @@ def test_hiding_the_maps_top_patches_costs_the_prediction_more_than_hiding_rando
     assert grid.shape == model.preset.grid
     expected, _ = explain.occlusion_maps(model, torch.from_numpy(loaded.preprocessing(buf.getvalue())[None]), t)
     np.testing.assert_allclose(grid.ravel(), expected[0].numpy(), atol=1e-6)
+
+
+# --- the contamination check: which evaluated images the model has seen ---------------------------------
+
+@pytest.mark.slow
+def test_evaluate_reports_which_images_the_model_was_trained_on_and_metrics_on_the_rest(
+    deliverable_registered, deliverable_uri, data_sample_ingested, data_sample_btmd, tmp_path,
+):
+    """A folder of 20 of the model's training images and 20 it never saw (the sample's test split): evaluate
+    says 20 were seen and gives the metrics of the 20 unseen; predict flags the same 20 row by row."""
+    import pyarrow.dataset as pads
+    from typer.testing import CliRunner
+
+    from msmae_cli import app
+    from pipelines.data.dataset import IngestedDataset
+
+    dataset = IngestedDataset.load(data_sample_ingested)
+    train = sorted(r["source"] for r in dataset.rows("train"))[::20][:20]
+    unseen = sorted(r["source"] for r in dataset.rows("test"))[::3][:20]
+    assert len(train) == len(unseen) == 20
+    folder = tmp_path / "outside"
+    for source in train + unseen:
+        (folder / source).parent.mkdir(parents=True, exist_ok=True)
+        (folder / source).write_bytes((data_sample_btmd / source).read_bytes())
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["evaluate", "--model", f"models:/{MODEL}@champion", "--data", str(folder),
+                                      "--tracking-uri", deliverable_uri, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "contamination check: 20 of 40 images are near-copies of images the model was trained or selected on" in result.output
+    report = json.loads(out.read_text())["train"]  # a raw folder is evaluated whole, as one split
+    assert report["num_samples"] == 40 and report["seen_in_training"] == 20 and report["unseen_images"] == 20
+    assert report["unseen"]["num_samples"] == 20
+
+    preds = tmp_path / "preds"
+    result = CliRunner().invoke(app, ["predict", "--model", f"models:/{MODEL}@champion", "--input", str(folder), "--out", str(preds),
+                                      "--tracking-uri", deliverable_uri])
+    assert result.exit_code == 0, result.output
+    table = pads.dataset(str(preds), format="parquet").to_table().to_pandas()
+    flagged = {str(Path(p).relative_to(folder)) for p in table.loc[table["seen_in_training"] == True, "path"]}  # noqa: E712
+    assert flagged == set(train)

@@ -1,4 +1,4 @@
-"""pipelines/near_duplicates.py: planted near-copies of real BTMD slices (the bundled sample) are
+"""pipelines/data/near_duplicates.py: planted near-copies of real BTMD slices (the bundled sample) are
 joined, different slices are not, checked against an independent measure (Pearson correlation of
 32×32 grey thumbnails); the blocked pair search equals a brute-force loop; groups and queries."""
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from pipelines import near_duplicates as nd
+from pipelines.data import near_duplicates as nd
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "btmd"
+SAMPLE = Path(__file__).resolve().parents[3] / "data" / "sample" / "btmd"
 T = nd.DEFAULT_THRESHOLD
 
 

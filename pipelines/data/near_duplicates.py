@@ -1,8 +1,8 @@
 """Perceptual near-duplicate detection: the same picture re-encoded, resized, slightly cropped or
 brightened, which a hash of the decoded pixels cannot see (issue 25).
 
-Self-contained (numpy + PIL, no Ray, no other ``pipelines`` module) so it can run inside ingest's
-decode worker processes.
+numpy + PIL (and the union-find of ``splits``), no Ray: it runs inside ingest's decode worker
+processes and inside the served model.
 
 - ``fingerprint(img)``: the image in grey, resized to 16×16 with PIL's Lanczos filter, mean
   removed, scaled so the largest |value| is 127, stored as 256 int8 values (``FINGERPRINT_BYTES``).
@@ -119,28 +119,18 @@ def near_duplicate_groups(n: int, pairs: np.ndarray, base_groups: Sequence[int] 
     """Per row, the id of its near-duplicate group: the smallest row index in the group (joined
     transitively over ``pairs``). ``base_groups`` (optional, per row, e.g. ingest's hash/manifest
     split groups) are merged in: rows sharing a base group also share the result's group."""
-    parent = np.arange(n, dtype=np.int64).tolist()
+    from pipelines.data.splits import UnionFind
 
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def union(a: int, b: int) -> None:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-
+    groups = UnionFind(n)
     if base_groups is not None:
         if len(base_groups) != n:
             raise ValueError(f"base_groups has {len(base_groups)} rows, expected {n}")
         first: dict = {}
         for row, g in enumerate(base_groups):
-            union(first.setdefault(g, row), row)
+            groups.union(first.setdefault(g, row), row)
     for a, b in zip(np.asarray(pairs["i"]).tolist(), np.asarray(pairs["j"]).tolist(), strict=True):
-        union(a, b)
-    return np.array([find(x) for x in range(n)], dtype=np.int64)
+        groups.union(a, b)
+    return np.array([groups.find(x) for x in range(n)], dtype=np.int64)
 
 
 def best_match(reference_fps: np.ndarray | Sequence[bytes], query_fps: np.ndarray | Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
