@@ -9,6 +9,7 @@ anywhere below becomes that one line. ``--debug`` (or ``MSMAE_DEBUG=1``) re-rais
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -28,10 +29,12 @@ _KNOWN: tuple[tuple[str, str, int, str], ...] = (
     ("pipelines.data.ingest_options", "IngestOptionError", USAGE, ""),
     ("pipelines.outputs", "OutputPathError", USAGE, ""),
     ("pipelines.train.run", "ResumeError", USAGE, ""),
+    ("pipelines.train.run", "WorkdirBusy", USAGE, ""),
     ("pipelines.data.sources", "ManifestError", FAILURE, ""),
     ("pipelines.data.ingest_options", "IngestError", FAILURE, ""),
     ("pipelines.tracking", "TrackingUnreachable", FAILURE, ""),
     ("pipelines.local_ray", "LocalResourcesError", USAGE, ""),
+    ("pipelines.checkpoint", "CheckpointError", FAILURE, ""),
     ("yaml", "YAMLError", USAGE, "not valid YAML: "),
     ("mlflow.exceptions", "MlflowException", FAILURE, "MLflow: "),
     ("polars.exceptions", "PolarsError", FAILURE, "cannot read the table: "),
@@ -46,7 +49,9 @@ _interrupt_hint: Callable[[], str] | None = None
 
 def fail(message: str, code: int) -> typer.Exit:
     """Print ``error: message`` on stderr; raise what this returns to exit with ``code``."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    from pipelines.redact import mask_text
+
+    typer.secho(f"error: {mask_text(message)}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
 
 
@@ -64,6 +69,10 @@ def one_line(text: str) -> str:
 
 def describe(exc: BaseException) -> tuple[str, int]:
     """The one-line message and exit code for ``exc``; an unknown exception is named as one (a bug to report)."""
+    if _disk_full(exc):  # first: a full disk, whichever layer noticed it (OSError, SQLite, Ray's wrapper)
+        where = f" writing {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+        return (f"no space left on device{where}; free some space (or choose another --out / --workdir) and run the "
+                "command again (a training run continues from its last complete checkpoint with --resume)"), FAILURE
     for module, name, code, prefix in _KNOWN:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and isinstance(exc, cls):
@@ -73,6 +82,19 @@ def describe(exc: BaseException) -> tuple[str, int]:
             return f"{exc.strerror}: {exc.filename}", FAILURE
         return one_line(str(exc)), FAILURE
     return f"unexpected {type(exc).__name__}: {one_line(str(exc))} (re-run with --debug for the traceback)", FAILURE
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC anywhere in the exception's chain, or SQLite's own words for it."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "database or disk is full" in str(exc) or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def debugging(ctx: Any) -> bool:

@@ -50,6 +50,9 @@ def ingest(
     workers: Annotated[int | None, typer.Option(help="Decode processes (default: the CPUs this process may use, a container's CPU limit included).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail (write no dataset, keep the one in --out) if any file is quarantined.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a dataset in --out that was ingested from another source.")] = False,
+    near_dup: Annotated[float, typer.Option("--near-dup", help="Fingerprint similarity (0.5-1) above which two images are near-copies (re-encoded, resized, slightly cropped) held in one split.")] = 0.98,
+    no_near_dup: Annotated[bool, typer.Option("--no-near-dup", help="Join only pixel-identical images (not recommended: near-copies leak across splits).")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Hash the shards of an up-to-date dataset against their recorded digests; rebuild it if one differs.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Validate, de-duplicate and split images into Parquet shards (a no-op when already up to date)."""
@@ -69,14 +72,17 @@ def ingest(
     else:
         source = src
     opts = IngestOptions(
-        mode=mode, max_side=max_side, min_side=min_side, val=val, test=test, seed=seed, strict=strict, force=force,
+        mode=mode, max_side=max_side, min_side=min_side, val=val, test=test, seed=seed, strict=strict, force=force, verify=verify, near_dup=None if no_near_dup else near_dup,
         rows_per_shard=rows_per_shard, classes=[c.strip() for c in classes.split(",")] if classes is not None else None,
         workers=workers if workers is not None else usable_cpus(),
     )
     result = run_ingest(source, out, opts, progress=progress, log=typer.echo)
     s = result.summary
+    near = s.get("near_duplicates") or {}
     typer.echo(f"{s['num_images']} images kept, {s['quarantined']} quarantined, {s['duplicate_groups']} duplicate groups "
-               f"({s['duplicate_images']} images), {s['label_conflict_groups']} label conflicts → {out}")
+               f"({s['duplicate_images']} images), {near.get('images', 0)} near-copies held with their copies "
+               f"({near.get('pairs', 0)} pairs in near_duplicates.parquet), "
+               f"{s['label_conflict_groups']} label conflicts → {out}")
     for split, counts in s["counts"].items():
         typer.echo(f"  {split:5s} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
 
@@ -237,12 +243,12 @@ def predict(
 ) -> None:
     """Predict every file of a folder (at the model's own size) with Ray Data batch inference; write path, class, calibrated probabilities."""
     _folder_arg(input_dir, "--input")
-    from pipelines.serve.predict import PredictSettings, check_predictions_out, predict_folder
+    from pipelines.serve.predict import PredictSettings, check_heatmaps_out, check_predictions_out, predict_folder
 
     check_predictions_out(out)
     _model_tracking(tracking_uri, model)
-    if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
-        raise fail(f"--heatmaps {heatmaps} is a file; give a folder", USAGE)
+    if heatmaps is not None:
+        check_heatmaps_out(heatmaps, input_dir)
     summary = predict_folder(model, input_dir, out, PredictSettings(batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor),
                              heatmaps=heatmaps)
     reasons = f" {summary['reasons']}" if summary["reasons"] else ""

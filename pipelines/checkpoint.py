@@ -17,7 +17,11 @@ apply when given the checkpoint folder instead of the registered model.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,14 @@ import torch
 import msmae
 
 STATE_FILE = "state.pt"
+DIGEST_KEY = "state_sha256"  # in meta.json: the digest of state.pt as written, checked on every load
 META_FILE = "meta.json"
 INFERENCE_FILE = "inference.json"
+SEEN_FILE = "seen_fingerprints.npz"  # fingerprints of the images trained and selected on (pipelines.serve.contamination)
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be used: truncated, altered, not ours, or holding more than tensors and plain values."""
 
 
 def is_checkpoint(directory: str | Path) -> bool:
@@ -43,15 +53,36 @@ def write_checkpoint(
     directory: str | Path, *, stage: str, model_state: dict, optimizer_state: dict, table: msmae.AttentionTable,
     epoch: int, best: float | None, preset: msmae.ViTPreset, class_names: list[str], metrics: dict, config: dict,
 ) -> Path:
-    """Write one stage's checkpoint into ``directory`` (created if missing)."""
+    """Write one stage's checkpoint into ``directory`` (created if missing).
+
+    Each file is written whole or not at all (a temporary file, flushed to disk, renamed), and
+    ``meta.json`` — written last — records ``state.pt``'s digest: a full disk or a kill leaves no
+    ``state.pt`` that passes for a checkpoint, and a file changed afterwards is refused on load."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {**model_payload(model_state, preset, class_names),
              "optimizer": optimizer_state, "table": table.state_dict(), "epoch": epoch, "best": best}
-    torch.save(state, directory / STATE_FILE)
-    meta = {"stage": stage, "metrics": metrics, "class_names": class_names, "config": config}
-    (directory / META_FILE).write_text(json.dumps(meta, default=str))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    _write_whole(directory / STATE_FILE, data)
+    meta = {"stage": stage, "metrics": metrics, "class_names": class_names, "config": config,
+            DIGEST_KEY: hashlib.sha256(data).hexdigest()}
+    _write_whole(directory / META_FILE, json.dumps(meta, default=str).encode())
     return directory
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def read_state(directory: str | Path) -> dict[str, Any]:
@@ -59,14 +90,42 @@ def read_state(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a checkpoint folder (no {STATE_FILE}); `msmae pretrain` prints one")
+    expected = _recorded_digest(Path(directory))
+    if expected is not None:
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != expected:
+            raise CheckpointError(f"{path} does not match the digest in its {META_FILE} (truncated or changed after it was "
+                                  "written); use another checkpoint, or resume from an earlier one")
     return read_weights(path)
+
+
+def _recorded_digest(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / META_FILE).read_text()).get(DIGEST_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None  # a checkpoint from before digests, or a folder made by hand: loaded on weights_only alone
 
 
 def read_weights(path: str | Path) -> dict[str, Any]:
     """A weights file (a checkpoint's ``state.pt`` or the registered model's) as tensors and plain values, on CPU.
 
-    ``weights_only=True``: unpickling anything else (a class, a function, a ``__reduce__``) is refused."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    ``weights_only=True``: unpickling anything else (a class, a function, a ``__reduce__``) is refused, so a
+    file someone hands over cannot run code here. Every way a file can be unusable ends in one
+    ``CheckpointError`` naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} was refused: it is not a weights file as msmae writes them — damaged, or holding objects "
+                              "beyond tensors and plain values, which could run code when loaded, so it is never unpickled; "
+                              "use a checkpoint written by msmae") from None
+    except (RuntimeError, EOFError, ValueError, OSError, UnicodeDecodeError, KeyError, IndexError) as e:
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise CheckpointError(f"{path} is not a readable weights file ({type(e).__name__}: {str(e)[:160]}); it may be "
+                              "truncated (a full disk, a copy cut short): use another checkpoint") from None
+    if not isinstance(state, dict) or not {"model", "preset", "class_names"} <= set(state):
+        raise CheckpointError(f"{path} holds no msmae weights (expected model, preset and class_names); use a checkpoint written by msmae")
+    return state
 
 
 def save_classifier(path: str | Path, model: msmae.MSMAEClassifier, class_names: list[str], **extra: Any) -> None:
@@ -109,6 +168,33 @@ def write_inference(directory: str | Path, *, temperature: float, preprocessing:
     path = Path(directory) / INFERENCE_FILE
     path.write_text(json.dumps({"temperature": temperature, "preprocessing": preprocessing, "calibration": calibration}, indent=2))
     return path
+
+
+def write_seen(directory: str | Path, state: dict[str, Any]) -> Path:
+    """Store ``SeenImages.to_state()`` beside the weights (numpy's format, read back without pickle)."""
+    import numpy as np
+
+    path = Path(directory) / SEEN_FILE
+    buffer = io.BytesIO()
+    np.savez(buffer, fingerprints=state["seen_fingerprints"], threshold=np.float64(state["seen_threshold"]),
+             version=np.str_(state["seen_fingerprint_version"]))
+    _write_whole(path, buffer.getvalue())
+    return path
+
+
+def read_seen(directory: str | Path) -> dict[str, Any]:
+    """The seen-images state of a checkpoint folder; ``{}`` for one without (trained before fingerprints)."""
+    import numpy as np
+
+    path = Path(directory) / SEEN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {"seen_fingerprints": data["fingerprints"], "seen_threshold": float(data["threshold"]),
+                    "seen_fingerprint_version": str(data["version"])}
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it to evaluate without the contamination check") from None
 
 
 def read_inference(directory: str | Path) -> dict[str, Any]:

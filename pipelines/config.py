@@ -17,16 +17,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import msmae
 from msmae import defaults
+from pipelines.redact import mask_uri
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `epochs: true` or `epochs: 2.5` is refused, not read as 1 or 2; no inf/nan anywhere (blr: .inf
+    # would only show as a NaN loss inside the workers, minutes later)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -144,8 +147,18 @@ class CheckpointConfig(_Section):
 
 class TrackingConfig(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db or $MLFLOW_TRACKING_URI")
-    experiment: str = "msmae"
-    model_name: str = "msmae-classifier"
+    experiment: str = Field("msmae", min_length=1)
+    # MLflow refuses '/' and ':' in a registered model's name, and '..' path segments, but only at registration,
+    # after training: refused here instead
+    model_name: str = Field("msmae-classifier", description="registered model name: no '/', ':', '\\' or '..'")
+
+    @field_validator("model_name")
+    @classmethod
+    def _registrable(cls, name: str) -> str:
+        if not name.strip() or any(c in name for c in "/:\\") or ".." in name:
+            raise ValueError("MLflow cannot register a model under this name: use letters, digits, '-', '_', '.' or spaces "
+                             "(no '/', ':', '\\' or '..'), e.g. msmae-btmd")
+        return name
 
 
 class RunConfig(_Section):
@@ -184,8 +197,15 @@ class RunConfig(_Section):
         return msmae.get_preset(self.model.preset, self.data.img_size, self.model.patch_size, self.model.reg_tokens)
 
     def flat(self) -> dict[str, Any]:
-        """``{"pretrain.masking.mask_ratio": 0.45, ...}`` for logging as parameters."""
-        return _flatten(self.model_dump())
+        """``{"pretrain.masking.mask_ratio": 0.45, ...}`` for logging as parameters (credentials masked)."""
+        return _flatten(self.public_dump())
+
+    def public_dump(self) -> dict[str, Any]:
+        """The configuration as it may be printed, logged or stored beside a model: JSON types, the tracking
+        URI's password masked (``--tracking-uri`` and ``tracking.uri`` may carry one)."""
+        tree = self.model_dump(mode="json")
+        tree["tracking"]["uri"] = mask_uri(tree["tracking"]["uri"])
+        return tree
 
     def with_values(self, values: Mapping[str, Any], source: str = "overrides") -> "RunConfig":
         """A new, validated config with ``{dotted key: value}`` applied (how a sweep trial gets its config)."""
@@ -249,13 +269,33 @@ def preset_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{key!r} is given twice (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: Path) -> Any:
+    """A YAML file the way every config and sweep space is read: safe, and with no key given twice."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+
+
 def load_config(preset: str | Path = "demo", sets: Sequence[str] = (), values: Mapping[str, Any] | None = None) -> RunConfig:
     """Load a preset (or YAML file), apply ``--set`` strings, then typed ``values``; validate once."""
     path = preset_path(preset)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    tree = load_yaml(path) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for key, value in {**parse_assignments(sets), **(values or {})}.items():

@@ -7,6 +7,7 @@ swapped) in one file. The model registry (log a model, the ``champion`` alias) i
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import os
@@ -15,11 +16,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
+
+from pipelines.redact import mask_text, mask_uri, split_credentials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,27 +53,57 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme in ("http", "https"):
+        bare, user, password = split_credentials(uri)  # MLflow sends user:password as basic auth; so does this check
+        request = urllib.request.Request(bare.rstrip("/") + "/health")
+        if user is not None:
+            token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            with urllib.request.urlopen(request, timeout=timeout):
                 return
         except urllib.error.HTTPError:
             return  # it answered
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
             reason = getattr(e, "reason", None) or e
             raise TrackingUnreachable(
-                f"MLflow tracking server {uri} is not reachable ({reason}); start it, or pass another --tracking-uri "
+                f"MLflow tracking server {mask_uri(uri)} is not reachable ({reason}); start it, or pass another --tracking-uri "
                 "(or unset MLFLOW_TRACKING_URI to log to SQLite in --workdir)"
             ) from None
     elif parsed.scheme == "sqlite" and uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         ancestor = next(p for p in (db.parent, *db.parent.parents) if p.exists() or p == p.parent)
         if db.is_dir() or not ancestor.is_dir():
-            raise TrackingUnreachable(f"tracking URI {uri}: {db if db.is_dir() else ancestor} is not a file under a folder; "
+            raise TrackingUnreachable(f"tracking URI {mask_uri(uri)}: {db if db.is_dir() else ancestor} is not a file under a folder; "
                                       "choose another --tracking-uri or --workdir")
+    elif parsed.scheme.split("+")[0] in _DATABASE_SCHEMES:
+        _check_database_driver(uri)
+
+
+# Database back ends MLflow reaches through SQLAlchemy: their driver must be importable here, or MLflow
+# fails only after ingest and Ray start-up.
+_DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "oracle")
+
+
+def _check_database_driver(uri: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        dialect = make_url(uri).get_dialect()
+        dialect.import_dbapi()
+    except ImportError as e:
+        raise TrackingUnreachable(
+            f"tracking URI {mask_uri(uri)}: its database driver ({dialect.name}+{dialect.driver}) is not installed ({e}); "
+            "install it, or name an installed one in the URI (the `server` extra installs psycopg2: postgresql+psycopg2://...), "
+            "or choose another --tracking-uri"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - a malformed URL or unknown dialect: say which, in one line
+        raise TrackingUnreachable(f"tracking URI {mask_uri(uri)} is not a database URL SQLAlchemy can use ({e})") from None
 
 
 def set_experiment(tracking_uri: str, experiment: str, workdir: Path) -> None:
     """Select (creating if needed) the experiment; with SQLite its artifacts live in ``workdir``."""
+    if split_credentials(tracking_uri)[2] is not None:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # MLflow would print the URI with its password
     mlflow.set_tracking_uri(tracking_uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         artifacts = (workdir / "mlartifacts").as_uri() if tracking_uri.startswith("sqlite:") else None
@@ -133,12 +166,26 @@ class EpochLogger:
     older than the last logged epoch (a driver interrupted mid-epoch, then ``--resume``) trains
     that epoch again, and MLflow cannot replace a logged value, so the epoch's first values stay
     and the re-run's are not logged a second time at the same step.
+
+    The tracking server going away does not stop training: a batch that cannot be written is kept
+    and sent with the next epoch's (in order, each at its own step), the loss of contact is said
+    once, and MLflow's own retries are cut from minutes to seconds in this process so an epoch
+    never waits long on a dead server.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, stage: str) -> None:
+    def __init__(self, tracking_uri: str, run_id: str, stage: str, say: Callable[[str], None] = print) -> None:
+        # this process only logs metrics: seconds of retrying, not MLflow's default minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.run_id, self.stage = run_id, stage
-        self.logged = {m.step for m in self.client.get_metric_history(run_id, f"{stage}/epoch")}
+        self.run_id, self.stage, self.say = run_id, stage, say
+        self.pending: list = []  # metrics not yet written, oldest first
+        self.unreachable = False
+        try:
+            self.logged = {m.step for m in self.client.get_metric_history(run_id, f"{stage}/epoch")}
+        except Exception as e:  # noqa: BLE001 - no contact at start: log what comes, MLflow keeps the first value per step
+            self.logged = set()
+            self._lost(e)
 
     def log(self, metrics: Mapping[str, float], epoch: int) -> None:
         from mlflow.entities import Metric
@@ -147,8 +194,30 @@ class EpochLogger:
             return
         self.logged.add(epoch)
         now = int(time.time() * 1000)
-        values = [Metric(f"{self.stage}/{k}", float(v), now, epoch) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
-        self.client.log_batch(self.run_id, metrics=values)
+        self.pending += [Metric(f"{self.stage}/{k}", float(v), now, epoch) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send what is pending; True when nothing is left (MLflow takes at most 1,000 metrics a batch)."""
+        while self.pending:
+            batch = self.pending[:1000]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as e:  # noqa: BLE001 - any failure to reach the server: keep the metrics, keep training
+                self._lost(e)
+                return False
+            del self.pending[:len(batch)]
+        if self.unreachable:
+            self.unreachable = False
+            self.say(f"[{self.stage}] tracking server reachable again: buffered metrics written")
+        return True
+
+    def _lost(self, error: Exception) -> None:
+        if not self.unreachable:
+            self.unreachable = True
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            self.say(f"[{self.stage}] warning: tracking server unreachable ({mask_text(first)}); training goes on, "
+                     "metrics are kept and sent when it answers again")
 
 
 def log_params(params: dict) -> None:

@@ -32,9 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipelines.config import SELECTION_METRICS, ConfigError, RunConfig
+from pipelines.config import SELECTION_METRICS, ConfigError, RunConfig, load_yaml
 
 DISTRIBUTIONS = ("float", "log", "int", "choice")
 STAGES = ("pretrain", "finetune")
@@ -141,9 +139,9 @@ def load_space(path: str | Path) -> SearchSpace:
     if not path.is_file():
         raise SpaceError(f"search space {path} does not exist (the everyday one is configs/space-masking.yaml)")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        tree = load_yaml(path) or {}  # the config's reader: a key given twice is refused, not silently the last
+    except ConfigError as e:
+        raise SpaceError(" ".join(str(e).split())) from None
     _mapping(path, "", tree, TOP_LEVEL)
     objective = tree.get("objective", "val_macro_f1")
     if objective not in SELECTION_METRICS:  # what a run selects its model on, so what a sweep can maximise

@@ -16,6 +16,7 @@ from typing import Any
 
 SUMMARY_FILE = "dataset.json"
 SPLITS = ("train", "val", "test")
+REQUIRED_KEYS = ("classes", "fractions", "counts", "shards")  # what every reader below relies on
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,12 @@ class IngestedDataset:
             summary = json.loads(summary_path.read_text())
         except ValueError as e:
             raise ValueError(f"{summary_path} is not valid JSON ({e}); re-run `msmae ingest` into {path}") from None
+        if not isinstance(summary, dict):
+            raise ValueError(f"{summary_path} is not an msmae dataset summary (a JSON object); re-run `msmae ingest` into {path}")
+        missing = [key for key in REQUIRED_KEYS if key not in summary]
+        if missing:
+            raise ValueError(f"{summary_path} lacks {', '.join(missing)}: it was not written by `msmae ingest`, or was edited; "
+                             f"re-run `msmae ingest` into {path}")
         return cls(path, summary)
 
     @staticmethod
@@ -83,6 +90,26 @@ class IngestedDataset:
 
         for file in self.shard_files(split):
             yield from pq.read_table(file).to_pylist()
+
+    def fingerprints(self, splits: tuple[str, ...]) -> tuple[Any, Any]:
+        """``(index [N], fingerprints [N, 256] int8)`` of the images of ``splits`` (``near_duplicates``), read
+        from the shards' ``fingerprint`` column alone. A dataset ingested before fingerprints has none: ([], [])."""
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        from pipelines.data import near_duplicates
+
+        index, fps = [], []
+        for split in splits:
+            if split not in self.summary["fractions"]:
+                continue
+            for file in self.shard_files(split):
+                if "fingerprint" not in pq.read_schema(file).names:
+                    return np.zeros(0, np.int64), np.zeros((0, near_duplicates.FINGERPRINT_BYTES), np.int8)
+                table = pq.read_table(file, columns=["index", "fingerprint"])
+                index += table.column("index").to_pylist()
+                fps += table.column("fingerprint").to_pylist()
+        return np.asarray(index, dtype=np.int64), near_duplicates.as_array(fps)
 
     def shard_files(self, split: str) -> list[Path]:
         """The Parquet shards of ``split`` (what the streams read); [] when it is empty."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from pipelines.data import sources
 from pipelines.data.dataset import SUMMARY_FILE, IngestedDataset
 from pipelines.data.ingest_options import IngestOptionError
 
-INGEST_OUTPUTS = (SUMMARY_FILE, "quarantine.csv", "shards")  # all an output folder holds
+INGEST_OUTPUTS = (SUMMARY_FILE, "quarantine.csv", "shards", "near_duplicates.parquet")  # all an output folder holds
 
 
 def overlaps(a: Path, b: Path) -> bool:
@@ -63,7 +64,8 @@ def check_destination(out: Path, source_info: dict, force: bool) -> None:
 def staging(out: Path) -> Iterator[Path]:
     """A fresh folder beside `out` (same file system, so publishing it is a rename), removed unless published."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.ingest-", dir=out.parent))
+    remove_stale_staging(out)
+    stage = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would become the published folder's mode
@@ -71,6 +73,34 @@ def staging(out: Path) -> Iterator[Path]:
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # gone already when it was published
+
+
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}.ingest-{socket.gethostname()}-"
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Staging folders beside ``out`` left by an ingest that was killed (its process is gone), removed.
+
+    Only this host's: a folder's name carries the host and process id that made it, and a live
+    process (or another host's, on a shared file system) keeps its folder."""
+    prefix, removed = _staging_prefix(out), []
+    for folder in out.parent.glob(f"{prefix}*"):
+        pid = folder.name.removeprefix(prefix).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def publish(stage: Path, out: Path) -> None:

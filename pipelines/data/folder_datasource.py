@@ -22,7 +22,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipelines.data.images import UNREADABLE
-from pipelines.data.sources import LINK_LOOP, NOT_A_FILE, TreeEntry, _unstattable, scan_tree
+from pipelines.data.sources import LINK_LOOP, NOT_A_FILE, TreeEntry, _unstattable, scan_tree, unstorable_name
 
 LISTING_SCHEMA = pa.schema([("path", pa.string()), ("problem", pa.string()), ("detail", pa.string())])
 _ROWS_PER_BLOCK = 1024  # a task walking a huge sub-folder emits bounded blocks, not one giant one
@@ -73,6 +73,9 @@ def _list_chunk(root: str, root_key: tuple[int, int], names: list[str]) -> Itera
 
 def _entries_of(root: str, root_key: tuple[int, int], name: str) -> list[TreeEntry]:
     """One top-level name: a file, a problem, or a folder walked (loops back to ``root`` included)."""
+    bad_name = unstorable_name(name)
+    if bad_name is not None:
+        return [bad_name]
     path = os.path.join(root, name)
     try:
         st = os.stat(path)  # follows symlinks, as scan_tree does

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from pipelines.data import near_duplicates
+
 # Quarantine reasons (the `reason` column of quarantine.csv).
 MISSING_FILE = "missing_file"
 ZERO_BYTE = "zero_byte"
@@ -47,6 +49,7 @@ class Accepted:
     height: int
     source_format: str
     source_mode: str
+    fingerprint: bytes = b""  # near_duplicates.fingerprint of the stored image (near-copies across re-encodes)
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ def process_file(path: str, mode: str = "RGB", max_side: int | None = None, min_
         data = raw
     else:
         data = encode_png(resized)
-    return Accepted(pixel_hash(normalised), data, resized.width, resized.height, fmt, src_mode)
+    return Accepted(pixel_hash(normalised), data, resized.width, resized.height, fmt, src_mode,
+                    near_duplicates.fingerprint(resized).tobytes())
 
 
 def _decodes_same(src_mode: str, mode: str) -> bool:

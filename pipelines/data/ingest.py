@@ -30,9 +30,10 @@ from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
-from pipelines.data import destination, images, shards, sources, splits
+from pipelines.data import destination, images, near_duplicates, shards, sources, splits
 from pipelines.data.dataset import SUMMARY_FILE, IngestedDataset
 from pipelines.data.ingest_options import IngestError, IngestOptionError, IngestOptions, check_options, output_options
 
@@ -84,9 +85,10 @@ def ingest(
     destination.check_destination(out, source_info, opts.force)
     listing = source.listing(opts.classes)
     fp = _fingerprint(listing, source, opts)
-    existing = _load_if_current(out, fp)
+    existing = _load_if_current(out, fp, opts.verify, log)
     if existing is not None:
-        log(f"{out} is up to date with its source and options: nothing rewritten")
+        checked = "its shards match their digests" if opts.verify else "--verify checks its shards' digests"
+        log(f"{out} is up to date with its source and options ({checked}): nothing rewritten")
         return IngestResult(out, existing, wrote=False)
 
     quarantine, kept, conflicts = _sort_out(listing, opts, progress)
@@ -138,12 +140,16 @@ def _write_dataset(
     """Split the kept images, write shards and dataset.json into the staging folder; returns the summary."""
     class_ids = _class_ids(listing, opts)
     labels = [class_ids[k["label_name"]] for k in kept]
-    group_ids = splits.split_groups([k["res"].content_hash for k in kept], [k["group"] for k in kept])
+    pairs = _near_copy_pairs(kept, opts)
+    group_ids = splits.split_groups([k["res"].content_hash for k in kept], [k["group"] for k in kept], zip(pairs["i"], pairs["j"]))
     split_of = splits.assign_splits(group_ids, labels, fractions, opts.seed)
     table = shards.build_table(kept, labels, group_ids, split_of, list(fractions))
     written = shards.write_shards(stage, out, table, opts.rows_per_shard)
+    near = shards.near_duplicates_table(kept, pairs, split_of, list(fractions))
+    shards.write_file(stage, shards.NEAR_DUPLICATES_FILE, shards.table_bytes(near), out)
 
     dup_sizes = Counter(k["res"].content_hash for k in kept)
+    near_rows = set(near.column("index_a").to_pylist()) | set(near.column("index_b").to_pylist())
     summary = {
         "format_version": FORMAT_VERSION,
         "tool": "msmae-ray",
@@ -164,12 +170,28 @@ def _write_dataset(
         "duplicate_groups": sum(1 for n in dup_sizes.values() if n > 1),
         "duplicate_images": sum(n for n in dup_sizes.values() if n > 1),
         "label_conflict_groups": conflicts,
+        "near_duplicates": {
+            "threshold": opts.near_dup, "fingerprint": near_duplicates.FINGERPRINT_VERSION, "pairs": near.num_rows,
+            "images": len(near_rows),  # images with a near-copy (a different pixel hash), all held in their copies' split
+            "groups": len(set(group_ids[i] for i in pairs["i"])),
+            "labels_differ": int(sum(labels[int(a)] != labels[int(b)] for a, b in zip(pairs["i"], pairs["j"]))),
+        },
         "split_groups": len(set(group_ids)),
         "shards": written,
         "warnings": _class_size_warnings(Counter(labels), class_ids, list(fractions)),
     }
     shards.write_file(stage, SUMMARY_FILE, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode(), out)
     return summary
+
+
+def _near_copy_pairs(kept: list[dict], opts: IngestOptions):
+    """Pairs of kept rows that are near-copies (different pixel hashes, fingerprint similarity >= --near-dup)."""
+    if opts.near_dup is None or not kept:
+        return np.empty(0, dtype=near_duplicates.PAIR_DTYPE)
+    pairs = near_duplicates.find_near_duplicate_pairs([k["res"].fingerprint for k in kept], opts.near_dup)
+    same = np.array([kept[int(a)]["res"].content_hash == kept[int(b)]["res"].content_hash for a, b in zip(pairs["i"], pairs["j"])],
+                    dtype=bool)
+    return pairs[~same] if len(pairs) else pairs  # pixel-identical copies are counted as duplicates already
 
 
 def _class_size_warnings(per_class: Counter, class_ids: dict[str, int], split_names: list[str]) -> list[str]:
@@ -216,7 +238,11 @@ def _fingerprint(listing: pl.DataFrame, source: sources.Source, opts: IngestOpti
     return h.hexdigest()
 
 
-def _load_if_current(out: Path, fp: str) -> dict | None:
+def _load_if_current(out: Path, fp: str, verify: bool = False, log: Callable[[str], None] = print) -> dict | None:
+    """The summary of a dataset in ``out`` that this ingest would write again as it is; None to rebuild.
+
+    ``verify``: every shard's bytes are hashed against the digest recorded at ingest (a shard damaged on
+    disk is rebuilt, not trusted); otherwise files are only checked to exist, which is instant."""
     try:
         summary = IngestedDataset.load(out).summary
     except (OSError, ValueError):
@@ -225,6 +251,11 @@ def _load_if_current(out: Path, fp: str) -> dict | None:
         return None
     if not all((out / s["file"]).is_file() for s in summary.get("shards", [])):
         return None
+    if verify:
+        damaged = [s["file"] for s in summary["shards"] if shards.file_digest(out / s["file"]) != s.get("sha256")]
+        if damaged:
+            log(f"{len(damaged)} shard(s) of {out} do not match their digests ({', '.join(damaged[:3])}): rebuilding the dataset")
+            return None
     return summary
 
 
@@ -237,8 +268,23 @@ def _decode_all(paths: list[str], opts: IngestOptions, progress: bool) -> list[i
     if opts.workers <= 1 or len(paths) < _PARALLEL_MIN_FILES:
         return list(bar(map(fn, paths)))
     # spawn, not fork: the caller may hold threads (Ray, tqdm) that fork would copy mid-state.
-    with ProcessPoolExecutor(max_workers=opts.workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=opts.workers, mp_context=get_context("spawn"),
+                             initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         return list(bar(pool.map(fn, paths, chunksize=32)))
+
+
+def _die_with_parent(parent: int) -> None:
+    """In each decode process: end when the ingest that started it ends, however it ends (a killed ingest
+    would otherwise leave its decoders running, blocked on a queue nobody reads)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        return  # not Linux: the executor's own clean-up is all there is
+    if os.getppid() != parent:  # the parent died before the line above ran
+        os._exit(1)
 
 
 def _drop_label_conflicts(kept: list[dict], quarantine: list[dict]) -> tuple[list[dict], int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from pipelines.data import images, splits
+from pipelines.data import images, near_duplicates, splits
 
 
 class IngestError(RuntimeError):
@@ -42,11 +42,13 @@ class IngestOptions:
     rows_per_shard: int = 2048
     strict: bool = False
     force: bool = False  # replace a dataset ingested from another source
+    near_dup: float | None = near_duplicates.DEFAULT_THRESHOLD  # fingerprint similarity that joins near-copies; None: off
+    verify: bool = False  # check the shards' sha256 before calling an existing dataset up to date (repairs a damaged one)
     workers: int = field(default_factory=usable_cpus, compare=False)
 
 
 
-RUN_ONLY_OPTIONS = ("workers", "strict", "force")  # how ingest runs, not what it writes
+RUN_ONLY_OPTIONS = ("workers", "strict", "force", "verify")  # how ingest runs, not what it writes
 
 
 def check_options(opts: IngestOptions) -> dict[str, float]:
@@ -62,6 +64,8 @@ def check_options(opts: IngestOptions) -> dict[str, float]:
     need(opts.rows_per_shard >= 1, f"--rows-per-shard must be at least 1, got {opts.rows_per_shard}")
     need(opts.workers >= 1, f"--workers must be at least 1, got {opts.workers}")
     need(opts.min_side >= 1, f"--min-side must be at least 1 pixel, got {opts.min_side}")
+    need(opts.near_dup is None or 0.5 <= opts.near_dup <= 1.0,
+         f"--near-dup must be a similarity between 0.5 and 1.0 (default {near_duplicates.DEFAULT_THRESHOLD}), got {opts.near_dup}")
     need(opts.max_side is None or opts.max_side >= opts.min_side,
          f"--max-side must be at least --min-side ({opts.min_side} px), got {opts.max_side}")
     if opts.classes is not None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.data import images
+from pipelines.data import images, near_duplicates
 from pipelines.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise, resize_whole
 
 Source = str | Path | bytes | bytearray | np.ndarray
@@ -77,8 +77,10 @@ class Preprocessing:
     def __call__(self, source: Source, suffix: str = "") -> np.ndarray | images.Rejected:
         """Path, bytes or array -> ``[3, S, S]`` model input, or why not."""
         img = self.decode(source, suffix)
-        if isinstance(img, images.Rejected):
-            return img
+        return img if isinstance(img, images.Rejected) else self.safe_pixels(img)
+
+    def safe_pixels(self, img: Image.Image) -> np.ndarray | images.Rejected:
+        """``pixels``, or the image's rejection when resizing it fails (a truncated file decodes lazily)."""
         try:
             return self.pixels(img)
         except (OSError, ValueError, MemoryError) as e:
@@ -107,6 +109,7 @@ def load_for_predict(batch: dict[str, np.ndarray], preprocessing: dict, max_file
     paths = batch["path"]
     n = len(paths)
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    fingerprints = np.zeros((n, near_duplicates.FINGERPRINT_BYTES), dtype=np.int8)  # for the seen_in_training flag
     ok = np.zeros(n, dtype=bool)
     reason, detail = text_column(batch["problem"]), text_column(batch["detail"])
     for k in range(n):
@@ -122,9 +125,10 @@ def load_for_predict(batch: dict[str, np.ndarray], preprocessing: dict, max_file
                 reason[k], detail[k] = image.reason, image.detail
                 continue
             pixels[k] = np.asarray(resize_whole(image.convert("RGB"), size))
+            fingerprints[k] = near_duplicates.fingerprint(image)
             ok[k] = True
         except MemoryError as e:
             reason[k], detail[k] = images.TOO_LARGE, f"MemoryError: {e}"
         except Exception as e:  # noqa: BLE001 - one file's failure, whatever it is, is that file's row
             reason[k], detail[k] = images.CORRUPT, f"{type(e).__name__}: {e}"
-    return {"path": paths, "pixels": pixels, "ok": ok, "reason": reason, "detail": detail}
+    return {"path": paths, "pixels": pixels, "fingerprint": fingerprints, "ok": ok, "reason": reason, "detail": detail}

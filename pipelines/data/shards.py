@@ -28,14 +28,25 @@ SHARD_SCHEMA = pa.schema(
         ("split", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("fingerprint", pa.binary()),  # near_duplicates.fingerprint: what the contamination check compares
     ]
 )
+NEAR_DUPLICATES_FILE = "near_duplicates.parquet"  # the near-copy pairs that were held together, beside the shards
+NEAR_DUPLICATES_SCHEMA = pa.schema([
+    ("index_a", pa.int64()), ("index_b", pa.int64()), ("source_a", pa.string()), ("source_b", pa.string()),
+    ("similarity", pa.float32()), ("split", pa.string()),
+])
+
+
+def dense_order(kept: list[dict], split_of: list[str], split_names: list[str]) -> list[int]:
+    """The kept rows in ``index`` order: by (split, source), so `index` is dense, stable and train-first."""
+    rank = {s: i for i, s in enumerate(split_names)}
+    return sorted(range(len(kept)), key=lambda i: (rank[split_of[i]], kept[i]["source"], kept[i]["path"]))
 
 
 def build_table(kept: list[dict], labels: list[int], group_ids: list[int], split_of: list[str], split_names: list[str]) -> pa.Table:
-    """Rows ordered by (split, source), so `index` is dense, stable and train-first."""
-    rank = {s: i for i, s in enumerate(split_names)}
-    order = sorted(range(len(kept)), key=lambda i: (rank[split_of[i]], kept[i]["source"], kept[i]["path"]))
+    """The shard rows, in ``dense_order``."""
+    order = dense_order(kept, split_of, split_names)
     group_name = {g: kept[g]["group"] or kept[g]["res"].content_hash for g in set(group_ids)}
     cols: dict[str, list] = {f.name: [] for f in SHARD_SCHEMA}
     for idx, i in enumerate(order):
@@ -44,9 +55,28 @@ def build_table(kept: list[dict], labels: list[int], group_ids: list[int], split
             ("index", idx), ("image_id", res.content_hash), ("source", k["source"]), ("image", res.data),
             ("label", labels[i]), ("label_name", k["label_name"]), ("group", group_name[group_ids[i]]),
             ("source_group", k["group"]), ("split", split_of[i]), ("width", res.width), ("height", res.height),
+            ("fingerprint", res.fingerprint),
         ):
             cols[name].append(value)
     return pa.table(cols, schema=SHARD_SCHEMA)
+
+
+def near_duplicates_table(kept: list[dict], pairs, split_of: list[str], split_names: list[str]) -> pa.Table:
+    """The near-copy pairs (kept-row indices ``i``, ``j``) as the dataset's ``index`` values and sources:
+    what a user audits to see which copies were held together, and in which split."""
+    position = {row: idx for idx, row in enumerate(dense_order(kept, split_of, split_names))}
+    i, j = [int(x) for x in pairs["i"]], [int(x) for x in pairs["j"]]
+    return pa.table({
+        "index_a": [position[a] for a in i], "index_b": [position[b] for b in j],
+        "source_a": [kept[a]["source"] for a in i], "source_b": [kept[b]["source"] for b in j],
+        "similarity": [float(s) for s in pairs["similarity"]], "split": [split_of[a] for a in i],
+    }, schema=NEAR_DUPLICATES_SCHEMA)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
 def write_shards(stage: Path, previous: Path, table: pa.Table, rows_per_shard: int) -> list[dict]:
@@ -65,6 +95,15 @@ def write_shards(stage: Path, previous: Path, table: pa.Table, rows_per_shard: i
             write_file(stage, rel, data, previous)
             written.append({"file": rel, "split": split, "rows": chunk.num_rows, "sha256": hashlib.sha256(data).hexdigest()})
     return written
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (what ``write_shards`` records per shard)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_file(stage: Path, rel: str, data: bytes, previous: Path) -> None:

@@ -34,6 +34,7 @@ DUPLICATE_ROW = "duplicate_manifest_row"
 MISSING_FILE = "missing_file"
 BROKEN_LINK = "broken_symlink"
 LINK_LOOP = "symlink_loop"
+BAD_FILE_NAME = "file_name_not_utf8"  # its path cannot be stored (Parquet, JSON and CSV are UTF-8)
 NOT_A_FILE = "not_a_regular_file"  # a FIFO, socket or device: reading it could block forever
 
 # What a spreadsheet or pandas writes for "no value" (pandas' default na_values, compared
@@ -182,6 +183,10 @@ def scan_tree(root: Path, *, outer: tuple[tuple[int, int], ...] = ()) -> list[Tr
             continue
         for entry in entries:
             rel = prefix + entry.name
+            bad_name = unstorable_name(rel)
+            if bad_name is not None:
+                found.append(bad_name)
+                continue
             try:
                 st = os.stat(entry.path)  # follows symlinks
             except OSError as e:
@@ -198,6 +203,18 @@ def scan_tree(root: Path, *, outer: tuple[tuple[int, int], ...] = ()) -> list[Tr
             else:
                 found.append(TreeEntry(rel, NOT_A_FILE, "not a regular file (FIFO, socket or device)"))
     return sorted(found, key=lambda e: e.rel)
+
+
+def unstorable_name(rel: str) -> TreeEntry | None:
+    """A quarantine entry for a name that is not valid UTF-8 (the OS hands such bytes back as surrogate
+    escapes, which polars, Parquet, JSON and CSV cannot hold); None for a good name. One such file must
+    not abort a listing of thousands."""
+    try:
+        rel.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+        return TreeEntry(shown, BAD_FILE_NAME, f"the name is not valid UTF-8 ({shown!r}); rename it (e.g. convmv -f latin1 -t utf8)")
 
 
 def _unstattable(path: str, rel: str, error: OSError) -> TreeEntry:

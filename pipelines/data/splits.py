@@ -1,23 +1,26 @@
 """Group-aware, stratified, seeded train/val(/test) split.
 
 A *split group* is the unit that may not be divided between splits. Two images share one
-when they are pixel-identical (same content hash) or when the manifest puts them in the
-same group (e.g. one HAM10000 lesion), transitively: a lesion whose photo is duplicated
-under another lesion pulls both lesions into one group. Splitting by group instead of by
-image is what keeps near-copies out of validation.
+when they are pixel-identical (same content hash), when they are near-copies (the same
+picture re-encoded, resized, slightly cropped or brightened: ``near_duplicates``), or when
+the manifest puts them in the same group (e.g. one HAM10000 lesion), transitively: a lesion
+whose photo is duplicated under another lesion pulls both lesions into one group. Splitting
+by group instead of by image is what keeps near-copies out of validation and test.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 SPLIT_NAMES = ("train", "val", "test")
 
 
-class _UnionFind:
+class UnionFind:
+    """Disjoint sets over rows 0..n-1; a set's id is its smallest row (stable across runs)."""
+
     def __init__(self, n: int) -> None:
         self.parent = list(range(n))
 
@@ -33,9 +36,13 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)  # smallest row wins: stable group ids
 
 
-def split_groups(hashes: Sequence[str], manifest_groups: Sequence[str | None]) -> list[int]:
-    """Per row, the id of its split group (the smallest row index in the group)."""
-    uf = _UnionFind(len(hashes))
+def split_groups(hashes: Sequence[str], manifest_groups: Sequence[str | None],
+                 near_pairs: Iterable[tuple[int, int]] = ()) -> list[int]:
+    """Per row, the id of its split group (the smallest row index in the group); ``near_pairs``:
+    rows (i, j) that are near-copies of each other (``near_duplicates.find_near_duplicate_pairs``)."""
+    uf = UnionFind(len(hashes))
+    for i, j in near_pairs:
+        uf.union(int(i), int(j))
     first_by_key: dict[tuple[str, str], int] = {}
     for i, (h, g) in enumerate(zip(hashes, manifest_groups, strict=True)):
         for key in (("hash", h), ("group", g)):

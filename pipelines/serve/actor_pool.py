@@ -82,22 +82,24 @@ class EvalBatchScorer:
         import msmae
 
         images = torch.from_numpy(np.asarray(batch["image"])).to(self.device, non_blocking=True)
-        return {"probs": msmae.predict_probs(self.model, images).float().cpu().numpy(), "label": np.asarray(batch["label"])}
+        return {"probs": msmae.predict_probs(self.model, images).float().cpu().numpy(), "label": np.asarray(batch["label"]),
+                "index": np.asarray(batch["index"])}
 
 
-def cluster_probabilities(ds: ray.data.Dataset, model: torch.nn.Module, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities ``[N, C]`` and labels ``[N]`` of an eval stream, scored by an actor pool sized to the cluster
-    (as ``predict``'s). Only those N·(C + 1) numbers reach the driver: what the metrics need."""
+def cluster_probabilities(ds: ray.data.Dataset, model: torch.nn.Module, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Probabilities ``[N, C]``, labels ``[N]`` and dataset indices ``[N]`` of an eval stream, scored by an actor pool
+    sized to the cluster (as ``predict``'s). Only those N·(C + 2) numbers reach the driver: what the metrics need."""
     pool = pool_for_cluster(PredictSettings(batch_size=batch_size))
     scored = ds.map_batches(
         EvalBatchScorer, fn_constructor_args=(model.cpu(),), batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         num_gpus=pool.gpus_per_actor, num_cpus=pool.cpus_per_actor,
     )
-    probs, labels = [], []
+    probs, labels, index = [], [], []
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
         probs.append(batch["probs"])
         labels.append(batch["label"])
+        index.append(batch["index"])
     if not probs:
         raise ValueError("evaluation got no batches: is the split empty?")
-    return torch.from_numpy(np.concatenate(probs)), torch.from_numpy(np.concatenate(labels).astype(np.int64))
+    return torch.from_numpy(np.concatenate(probs)), torch.from_numpy(np.concatenate(labels).astype(np.int64)), np.concatenate(index)

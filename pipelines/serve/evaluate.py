@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import msmae
@@ -25,17 +26,29 @@ def evaluate_split(
 
     Returns the report (with its ECE before and after ``temperature``) and the temperature-scaled
     probabilities and labels behind it (for plots)."""
+    raw, labels, _ = split_probabilities(model, dataset, split, batch_size)
+    return calibrated_report(raw, labels, model.num_classes, temperature)
+
+
+def split_probabilities(model: msmae.MSMAEClassifier, dataset: IngestedDataset, split: str, batch_size: int = 64,
+                        ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Uncalibrated probabilities ``[N, C]``, labels ``[N]`` and each row's dataset ``index`` ``[N]`` (stream order)."""
     from pipelines.serve.actor_pool import cluster_probabilities, score_on_actors
 
     stream = eval_stream(dataset, split, model.preset.img_size)
     if score_on_actors(dataset.split_size(split)):  # large splits: an actor pool, GPUs of the cluster
-        raw, labels = cluster_probabilities(stream, model, batch_size)
-        return calibrated_report(raw, labels, model.num_classes, temperature)
+        return cluster_probabilities(stream, model, batch_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    batches = ((b["image"], b["label"]) for b in stream.iter_torch_batches(batch_size=batch_size, device=device))
-    _, raw, labels = msmae.evaluate(model, batches, model.num_classes)
-    return calibrated_report(raw, labels, model.num_classes, temperature)
+    index: list[np.ndarray] = []
+
+    def batches():
+        for b in stream.iter_torch_batches(batch_size=batch_size, device=device):
+            index.append(b["index"].cpu().numpy())
+            yield b["image"], b["label"]
+
+    _, raw, labels = msmae.evaluate(model, batches(), model.num_classes)
+    return raw, labels, np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
 
 
 def calibrated_report(raw: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float,
@@ -123,7 +136,33 @@ def _evaluate_ingested(loaded: LoadedModel, model_ref: str, dataset: IngestedDat
     ensure_ray()
     results = {}
     for name in splits:
-        report, _, _ = evaluate_split(loaded.model, dataset, name, temperature=loaded.temperature)
+        raw, labels, index = split_probabilities(loaded.model, dataset, name)
+        report, _, _ = calibrated_report(raw, labels, len(names), loaded.temperature)
         log(format_report(report, names, f"{model_ref} on {shown_as or data} [{name}]"))
-        results[name] = {"class_names": names, **report.__dict__}
+        results[name] = {"class_names": names, **report.__dict__, **_contamination(loaded, dataset, name, raw, labels, index, log)}
     return results
+
+
+def _contamination(loaded: LoadedModel, dataset: IngestedDataset, split: str, raw: torch.Tensor, labels: torch.Tensor,
+                   index: np.ndarray, log) -> dict:
+    """How many evaluated images are near-copies of images the model was trained or selected on, and the
+    metrics on the rest: an outside test set that overlaps the training data shows at a glance."""
+    if loaded.seen is None:
+        log("contamination check: skipped (the model carries no fingerprints of its training images: trained before them)")
+        return {"seen_in_training": None}
+    shard_index, fps = dataset.fingerprints((split,))
+    if not len(fps):
+        log("contamination check: skipped (the data was ingested before fingerprints; re-ingest it)")
+        return {"seen_in_training": None}
+    row_of = {int(i): k for k, i in enumerate(shard_index)}
+    seen = loaded.seen.flags(fps[[row_of[int(i)] for i in index]])
+    n_seen, n = int(seen.sum()), len(seen)
+    log(f"contamination check: {n_seen} of {n} images are near-copies of images the model was trained or selected on "
+        f"(fingerprint similarity >= {loaded.seen.threshold})")
+    out: dict = {"seen_in_training": n_seen, "unseen_images": n - n_seen}
+    if n_seen and n - n_seen:
+        keep = torch.from_numpy(~seen)
+        unseen, _, _ = calibrated_report(raw[keep], labels[keep], len(loaded.class_names), loaded.temperature)
+        log(format_report(unseen, loaded.class_names, f"  the {n - n_seen} unseen images only [{split}]"))
+        out["unseen"] = unseen.__dict__
+    return out

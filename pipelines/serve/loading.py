@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import msmae
 from pipelines import checkpoint
 from pipelines.data.preprocessing import Preprocessing
+from pipelines.serve.contamination import SeenImages
 
 
 @dataclass
@@ -22,6 +23,7 @@ class LoadedModel:
     class_names: list[str]
     temperature: float  # 1.0: uncalibrated (a checkpoint from a run that did not finish)
     preprocessing: Preprocessing
+    seen: SeenImages | None = None  # the images it was trained and selected on (None: a model from before fingerprints)
 
 
 def load(ref: str) -> LoadedModel:
@@ -39,13 +41,13 @@ def load(ref: str) -> LoadedModel:
             model = registry.load_pytorch(ref).eval()
             return LoadedModel(model, names, 1.0, Preprocessing(img_size=model.preset.img_size))
         scorer = registry.load_pyfunc(ref).unwrap_python_model().scorer
-        return LoadedModel(scorer.model, scorer.class_names, scorer.temperature, scorer.preprocessing)
+        return LoadedModel(scorer.model, scorer.class_names, scorer.temperature, scorer.preprocessing, scorer.seen)
     if not checkpoint.is_checkpoint(ref):
         raise FileNotFoundError(f"{ref} is neither an MLflow model URI (models:/NAME@alias) nor a checkpoint folder with {checkpoint.STATE_FILE}")
     model, names = checkpoint.load_classifier(ref)
     inference = checkpoint.read_inference(ref)
     preprocessing = Preprocessing.from_dict({"img_size": model.preset.img_size, **inference.get("preprocessing", {})})
-    return LoadedModel(model, names, float(inference.get("temperature", 1.0)), preprocessing)
+    return LoadedModel(model, names, float(inference.get("temperature", 1.0)), preprocessing, SeenImages.from_state(checkpoint.read_seen(ref)))
 
 
 def load_model(ref: str) -> tuple[msmae.MSMAEClassifier, list[str]]:

@@ -40,7 +40,8 @@ def model_description() -> str:
         "MSMAE ViT image classifier (masked-autoencoder pre-training with supervised attention masking, then fine-tuning), "
         "trained with msmae-ray.\n\n" + NOT_FOR_DIAGNOSIS + "\n\n"
         "Load any version with `mlflow.pyfunc.load_model(\"models:/<name>@champion\")` and call "
-        "`predict(pandas.DataFrame({\"path\": [\"scan.png\"]}))`: labelled, temperature-calibrated probabilities `prob_<class>` "
+        "`predict(pandas.DataFrame({\"image\": [open(\"scan.png\", \"rb\").read()]}))`: labelled, temperature-calibrated "
+        "probabilities `prob_<class>` "
         "and `predicted_class`. Each version's description is its model card (data, metrics, calibration, configuration). "
         "See docs/model.md in the msmae-ray repository."
     )

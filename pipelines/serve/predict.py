@@ -56,6 +56,7 @@ class PredictBatchScorer:
             mlflow.set_tracking_uri(tracking_uri)  # this actor is another process than the driver
         loaded = load(model_ref)
         self.class_names, self.temperature = loaded.class_names, loaded.temperature  # fitted on validation (issue 17)
+        self.seen = loaded.seen  # the training and validation images' fingerprints (None: a model from before them)
         self.heatmaps = heatmaps  # (input folder, heatmaps folder) for --heatmaps
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray hides GPUs it did not assign
         self.model = loaded.model.to(self.device).eval()
@@ -85,7 +86,10 @@ class PredictBatchScorer:
             if self.heatmaps:
                 still = ok[rows]
                 self._write_heatmaps(batch, rows[still], pixels[torch.from_numpy(still)], probs)
-        return result_table(batch["path"], ok, reason, detail, probs, self.class_names)
+        seen = np.full(len(ok), None, dtype=object)
+        if self.seen is not None and ok.any():
+            seen[ok] = self.seen.flags(np.asarray(batch["fingerprint"])[ok])
+        return result_table(batch["path"], ok, reason, detail, probs, self.class_names, seen)
 
     def _write_heatmaps(self, batch: dict[str, np.ndarray], rows: np.ndarray, pixels: torch.Tensor, probs: np.ndarray) -> None:
         """``--heatmaps DIR``: per image, ``DIR/<path under --input>.png`` (the occlusion map over the image)
@@ -110,8 +114,9 @@ class PredictBatchScorer:
         return self.score(pixels.to(self.device, non_blocking=True)).float().cpu().numpy()
 
 
-def result_table(path, ok: np.ndarray, reason, detail, probs: np.ndarray, class_names: list[str]) -> pa.Table:
-    """The row contract: path, predicted_class, ok, reason, detail, prob_<class> (null where ok is false)."""
+def result_table(path, ok: np.ndarray, reason, detail, probs: np.ndarray, class_names: list[str], seen=None) -> pa.Table:
+    """The row contract: path, predicted_class, ok, reason, detail, seen_in_training, prob_<class> (null where ok is false;
+    seen_in_training null where not ok, or when the model carries no fingerprints of its training images)."""
     names = np.asarray(class_names, dtype=object)
     predicted = np.where(ok, names[np.nan_to_num(probs, nan=0.0).argmax(1)], None)
     return pa.table({
@@ -120,6 +125,7 @@ def result_table(path, ok: np.ndarray, reason, detail, probs: np.ndarray, class_
         "ok": pa.array(ok, pa.bool_()),
         "reason": pa.array(list(reason), pa.string()),
         "detail": pa.array(list(detail), pa.string()),
+        "seen_in_training": pa.array(list(seen) if seen is not None else [None] * len(ok), pa.bool_()),
         **{f"prob_{name}": pa.array(probs[:, c].astype(np.float64), pa.float64(), mask=~ok) for c, name in enumerate(class_names)},
     })
 
@@ -131,6 +137,22 @@ def check_predictions_out(out: Path, option: str = "--out") -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise OutputPathError(f"{option} {out} is a folder holding other files; give a new folder (predict writes Parquet shards there)")
     check_output_dir(out, option)
+
+
+HEATMAPS_MARKER = "_msmae_heatmaps.json"  # a finished heatmaps folder (so a later run may replace it whole)
+
+
+def check_heatmaps_out(heatmaps: Path, input_dir: Path) -> None:
+    """Before any work, as for ``--out``: a new or empty folder, or an earlier heatmaps folder (replaced whole),
+    never the input folder or anything overlapping it — maps written there would land among the user's images."""
+    if heatmaps.exists() and not heatmaps.is_dir():
+        raise OutputPathError(f"--heatmaps {heatmaps} is a file; give a folder")
+    a, b = heatmaps.resolve(), input_dir.resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        raise OutputPathError(f"--heatmaps {heatmaps} overlaps --input {input_dir}; give a folder outside the images")
+    if heatmaps.is_dir() and any(heatmaps.iterdir()) and not (heatmaps / HEATMAPS_MARKER).is_file():
+        raise OutputPathError(f"--heatmaps {heatmaps} is a folder holding other files; give a new folder (predict writes a map per image there)")
+    check_output_dir(heatmaps, "--heatmaps")
 
 
 def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: PredictSettings = PredictSettings(),
@@ -154,11 +176,15 @@ def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: Predict
     if not listing.names:
         raise FileNotFoundError(f"--input {input_dir} holds no files")
     check_predictions_out(out)
+    if heatmaps is not None:
+        check_heatmaps_out(heatmaps, input_dir)
     loaded = load(model_ref)
     class_names, preprocessing = loaded.class_names, loaded.preprocessing  # size, mode, max-side: carried by the model
     img_size = preprocessing.img_size
     del loaded
     tracking_uri = _tracking_uri(model_ref)
+    # the maps are written beside --heatmaps and swapped in with the predictions: nothing there is overwritten mid-way
+    maps_staging = heatmaps.parent / f".{heatmaps.name}.tmp-{os.getpid()}" if heatmaps is not None else None
     ensure_ray()
     pool = pool_for_cluster(settings)
     ds = ray.data.read_datasource(listing).map_batches(
@@ -170,7 +196,7 @@ def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: Predict
         # other instead of CPU tasks decoding in parallel beside it.
         memory=DECODE_TASK_MEMORY + settings.batch_size * img_size * img_size * 3,
     ).map_batches(
-        PredictBatchScorer, fn_constructor_args=(model_ref, tracking_uri, (os.path.abspath(input_dir), os.path.abspath(heatmaps)) if heatmaps else None),
+        PredictBatchScorer, fn_constructor_args=(model_ref, tracking_uri, (os.path.abspath(input_dir), os.path.abspath(maps_staging)) if heatmaps else None),
         batch_size=settings.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         num_gpus=pool.gpus_per_actor, num_cpus=pool.cpus_per_actor, udf_modifying_row_count=False,
@@ -184,9 +210,15 @@ def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: Predict
         summary.update(out=str(out), model=model_ref, input=str(input_dir), class_names=class_names, pool=asdict(pool),
                        shards=sum(1 for p in staging.iterdir() if p.suffix == ".parquet"))
         (staging / MARKER).write_text(json.dumps(summary, indent=2))
+        if maps_staging is not None:
+            maps_staging.mkdir(parents=True, exist_ok=True)
+            (maps_staging / HEATMAPS_MARKER).write_text(json.dumps({"predictions": str(out), "model": model_ref}, indent=2))
+            _swap_into_place(maps_staging, heatmaps)
         _swap_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if maps_staging is not None:
+            shutil.rmtree(maps_staging, ignore_errors=True)
     return summary
 
 

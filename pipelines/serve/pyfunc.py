@@ -7,10 +7,13 @@ bytes (PNG, JPEG, TIFF, 16-bit PNG, DICOM; base64 in JSON when served) or pixel 
 size. It decodes with ingest's own code (``pipelines.data.preprocessing``), so the served model sees
 what training saw.
 
-Input: a table with a ``path`` column (strings) and/or an ``image`` column (bytes, or a numpy
-array per row); a row uses ``image`` when it has one, else ``path``. Output, one row per input
-row: ``prob_<class>`` per class (temperature-scaled), ``predicted_class``, ``ok`` and, for an
-unusable input, ``reason``/``detail`` (ingest's quarantine vocabulary) with null probabilities
+Input: a table with an ``image`` column (bytes, or a numpy array per row) and/or a ``path`` column
+(strings); a row uses ``image`` when it has one, else ``path``. Paths are read only where the
+operator allowed them (``pipelines.serve.path_guard``: off by default, a served model must not
+open files a client names). Output, one row per input
+row: ``prob_<class>`` per class (temperature-scaled), ``predicted_class``, ``ok``,
+``seen_in_training`` (the input is a near-copy of an image the model was trained or selected on;
+``pipelines.serve.contamination``) and, for an unusable input, ``reason``/``detail`` (ingest's quarantine vocabulary) with null probabilities
 rather than a plausible-looking row. With the parameter ``heatmaps=True`` each row also gets
 ``heatmap``: the patch-occlusion map of its prediction (``pipelines.serve.explain``), rows of patches.
 
@@ -29,8 +32,9 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from pipelines.data import images
+from pipelines.data import images, near_duplicates
 from pipelines.data.preprocessing import Preprocessing
+from pipelines.serve.contamination import SeenImages
 
 WEIGHTS_ARTIFACT = "classifier"  # the artifact key of the weights file (state dict + preset + names + temperature)
 INPUT_COLUMNS = ("image", "path")
@@ -46,23 +50,31 @@ class Scored:
     reason: list[str | None]
     detail: list[str | None]
     heatmaps: list[np.ndarray | None] | None = None
+    seen: list[bool | None] | None = None  # per row: a near-copy of a training/validation image (None: unknown)
 
 
 class ImageScorer:
     """Preprocess, run the classifier at its temperature, optionally explain: shared by the pyfunc and ``msmae predict``."""
 
-    def __init__(self, model, class_names: list[str], temperature: float, preprocessing: Preprocessing) -> None:
+    def __init__(self, model, class_names: list[str], temperature: float, preprocessing: Preprocessing,
+                 seen: SeenImages | None = None) -> None:
         self.model, self.class_names = model.eval(), list(class_names)
-        self.temperature, self.preprocessing = float(temperature), preprocessing
+        self.temperature, self.preprocessing, self.seen = float(temperature), preprocessing, seen
 
     def score(self, sources: list[Any], suffixes: list[str] | None = None, heatmaps: bool = False) -> Scored:
         import torch
 
         from pipelines.serve import explain
 
-        prepared = [self.preprocessing(s, (suffixes or [""] * len(sources))[k]) if s is not None
-                    else images.Rejected(NO_INPUT, "the row has neither an image nor a path") for k, s in enumerate(sources)]
+        decoded = [s if isinstance(s, images.Rejected)
+                   else self.preprocessing.decode(s, (suffixes or [""] * len(sources))[k]) if s is not None
+                   else images.Rejected(NO_INPUT, "the row has neither an image nor a path") for k, s in enumerate(sources)]
+        prepared = [d if isinstance(d, images.Rejected) else self.preprocessing.safe_pixels(d) for d in decoded]
         ok = np.array([not isinstance(p, images.Rejected) for p in prepared], dtype=bool)
+        seen: list[bool | None] = [None] * len(prepared)
+        if self.seen is not None and ok.any():
+            flags = iter(self.seen.flags(np.stack([near_duplicates.fingerprint(d) for d, good in zip(decoded, ok) if good])))
+            seen = [bool(next(flags)) if good else None for good in ok]
         probs = np.full((len(prepared), len(self.class_names)), np.nan, dtype=np.float64)
         maps: list[np.ndarray | None] | None = [None] * len(prepared) if heatmaps else None
         if ok.any():
@@ -74,17 +86,22 @@ class ImageScorer:
                 maps = [next(grids) if good else None for good in ok]
         reason = [p.reason if isinstance(p, images.Rejected) else None for p in prepared]
         detail = [p.detail if isinstance(p, images.Rejected) else None for p in prepared]
-        return Scored(probs, ok, reason, detail, maps)
+        return Scored(probs, ok, reason, detail, maps, seen)
 
     def table(self, scored: Scored) -> pd.DataFrame:
         """The labelled output: prob_<class>..., predicted_class, ok, reason, detail (, heatmap)."""
         names = np.asarray(self.class_names, dtype=object)
         best = np.nan_to_num(scored.probs, nan=-1.0).argmax(1)
-        out = {f"prob_{name}": scored.probs[:, c] for c, name in enumerate(self.class_names)}
+        if scored.ok.all():
+            out: dict[str, Any] = {f"prob_{name}": scored.probs[:, c] for c, name in enumerate(self.class_names)}
+        else:  # a failed row's probabilities are None, not NaN: served as JSON null (NaN is not valid strict JSON)
+            out = {f"prob_{name}": pd.Series([float(p) if good else None for p, good in zip(scored.probs[:, c], scored.ok)], dtype=object)
+                   for c, name in enumerate(self.class_names)}
         # object columns: a missing class or reason stays None (pandas 3 would make a string column's None NaN)
         out["predicted_class"] = pd.Series([names[b] if good else None for b, good in zip(best, scored.ok)], dtype=object)
         out["ok"] = scored.ok
         out["reason"], out["detail"] = pd.Series(scored.reason, dtype=object), pd.Series(scored.detail, dtype=object)
+        out["seen_in_training"] = pd.Series(scored.seen if scored.seen is not None else [None] * len(scored.ok), dtype=object)
         if scored.heatmaps is not None:
             out["heatmap"] = [m.tolist() if m is not None else None for m in scored.heatmaps]
         return pd.DataFrame(out)
@@ -127,7 +144,10 @@ class MSMAEPyfunc(mlflow.pyfunc.PythonModel):
 
         state = checkpoint.read_weights(context.artifacts[WEIGHTS_ARTIFACT])
         model = checkpoint.classifier_from(state)
-        self.scorer = ImageScorer(model, state["class_names"], state["temperature"], Preprocessing.from_dict(state["preprocessing"]))
+        if state.get("seen_fingerprints") is not None:
+            state["seen_fingerprints"] = state["seen_fingerprints"].numpy()
+        self.scorer = ImageScorer(model, state["class_names"], state["temperature"], Preprocessing.from_dict(state["preprocessing"]),
+                                  SeenImages.from_state(state))
 
     # The classifier and its settings, for callers in this project (``pipelines.serve.loading.load``).
     @property
@@ -135,9 +155,20 @@ class MSMAEPyfunc(mlflow.pyfunc.PythonModel):
         return self.scorer.model
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Bad requests (no image or path column) end in an ``MlflowException``: the scoring server then
+        answers 400 with the message alone, no server-side stack trace."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from pipelines.serve import path_guard
+
         heatmaps = bool((params or {}).get("heatmaps", False))
-        sources = _sources(model_input)
+        try:
+            sources = _sources(model_input)
+        except ValueError as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
         suffixes = [_suffix(s) for s in sources]
+        sources = [path_guard.read_path(s) if isinstance(s, str) else s for s in sources]
         return self.scorer.table(self.scorer.score(sources, suffixes, heatmaps=heatmaps))
 
 
@@ -145,11 +176,19 @@ def _suffix(source: Any) -> str:
     return "." + source.rsplit(".", 1)[-1] if isinstance(source, str) and "." in source else ""
 
 
-def weights_file(path, model, class_names: list[str], temperature: float, preprocessing: Preprocessing) -> None:
-    """The pyfunc's one artifact, in the checkpoint format (``pipelines.checkpoint``) plus temperature and preprocessing."""
+def weights_file(path, model, class_names: list[str], temperature: float, preprocessing: Preprocessing,
+                 seen: SeenImages | None = None) -> None:
+    """The pyfunc's one artifact, in the checkpoint format (``pipelines.checkpoint``) plus temperature, preprocessing
+    and the fingerprints of the images it was trained and selected on (an int8 tensor: ``weights_only`` loads it)."""
+    import torch
+
     from pipelines import checkpoint
 
-    checkpoint.save_classifier(path, model, class_names, temperature=float(temperature), preprocessing=preprocessing.to_dict())
+    extra = {}
+    if seen is not None:
+        state = seen.to_state()
+        extra = {**state, "seen_fingerprints": torch.from_numpy(state["seen_fingerprints"])}
+    checkpoint.save_classifier(path, model, class_names, temperature=float(temperature), preprocessing=preprocessing.to_dict(), **extra)
 
 
 def example_image(width: int = 96, height: int = 80) -> bytes:

@@ -21,6 +21,7 @@ import msmae
 from pipelines import tracking
 from pipelines.data.preprocessing import Preprocessing
 from pipelines.serve import pyfunc
+from pipelines.serve.contamination import SeenImages
 from pipelines.serve.model_card import NOT_FOR_DIAGNOSIS
 
 CHAMPION = "champion"
@@ -47,6 +48,7 @@ class ModelToRegister:
     version_description: str  # the model card (markdown)
     model_description: str  # the registered model's description (what every version is)
     tags: Mapping[str, str] = field(default_factory=dict)
+    seen: SeenImages | None = None  # fingerprints of the training and validation images, for the contamination check
 
 
 def register_model(spec: ModelToRegister, model_name: str) -> tuple[str, bool]:
@@ -66,13 +68,14 @@ def register_model(spec: ModelToRegister, model_name: str) -> tuple[str, bool]:
 
     model = spec.model.cpu().eval()
     example = pd.DataFrame({"image": [pyfunc.example_image()]})
-    scorer = pyfunc.ImageScorer(model, spec.class_names, spec.temperature, spec.preprocessing)
+    scorer = pyfunc.ImageScorer(model, spec.class_names, spec.temperature, spec.preprocessing, spec.seen)
     output = scorer.table(scorer.score(pyfunc._sources(example)))
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)]),
         outputs=Schema([ColSpec("double", f"prob_{n}") for n in spec.class_names]
                        + [ColSpec("string", "predicted_class", required=False), ColSpec("boolean", "ok"),
                           ColSpec("string", "reason", required=False), ColSpec("string", "detail", required=False),
+                          ColSpec("boolean", "seen_in_training", required=False),
                           ColSpec(Array(Array("double")), "heatmap", required=False)]),  # with params heatmaps=True
         params=ParamSchema([ParamSpec("heatmaps", "boolean", False)]),
     )
@@ -80,7 +83,7 @@ def register_model(spec: ModelToRegister, model_name: str) -> tuple[str, bool]:
         raise AssertionError(f"pyfunc output columns {list(output.columns)} differ from its signature")
     with tempfile.TemporaryDirectory(prefix="msmae-model-") as tmp, tracking.without_expected_mlflow_warnings():
         weights = Path(tmp) / "classifier.pt"
-        pyfunc.weights_file(weights, model, spec.class_names, spec.temperature, spec.preprocessing)
+        pyfunc.weights_file(weights, model, spec.class_names, spec.temperature, spec.preprocessing, spec.seen)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=pyfunc.MSMAEPyfunc(),

@@ -20,6 +20,7 @@ from pipelines.config import RunConfig
 from pipelines.data.dataset import IngestedDataset
 from pipelines.data.preprocessing import Preprocessing
 from pipelines.serve import calibration, model_card, registry
+from pipelines.serve.contamination import SeenImages
 from pipelines.serve.evaluate import calibrated_report, evaluate_split, format_report
 
 
@@ -74,6 +75,9 @@ def evaluate_and_register(
     prep = Preprocessing(img_size=model.preset.img_size, mode=dataset.summary.get("mode", "RGB"),
                          max_side=(dataset.summary.get("options") or {}).get("max_side"))
     checkpoint.write_inference(best_dir, temperature=temperature, preprocessing=prep.to_dict(), calibration=cal)
+    seen = SeenImages.from_dataset(dataset)  # what the model was trained and chosen on: carried for the contamination check
+    if seen is not None:
+        checkpoint.write_seen(best_dir, seen.to_state())
     tracking.log_dataset_input(dataset)
     tracking.log_report(named_scalars(val, names, "final_val/"), {"class_names": names, **val.__dict__}, "final_val_report.json", step=epoch)
     if test is not None:
@@ -85,7 +89,7 @@ def evaluate_and_register(
     card = model_card.render(model_card.CardFacts(
         model_name=cfg.tracking.model_name, class_names=names, dataset_path=str(dataset.path), dataset_summary=dataset.summary,
         val=val, test=test, calibration=cal, selection_metric=cfg.checkpoint.metric, selected_epoch=epoch,
-        config=cfg.model_dump(mode="json"), preset=msmae.preset_dict(model.preset), preprocessing=prep.to_dict(),
+        config=cfg.public_dump(), preset=msmae.preset_dict(model.preset), preprocessing=prep.to_dict(),
         run_id=tracking.active_run_id(), git_commit=tracking.git_commit(),
     ))
     tracking.log_text(card, "model_card.md")
@@ -93,7 +97,7 @@ def evaluate_and_register(
         model=model, class_names=names, temperature=temperature, preprocessing=prep,
         selection_metric=cfg.checkpoint.metric, selection_value=getattr(val, cfg.checkpoint.metric.removeprefix("val_")),
         dataset_fingerprint=dataset.fingerprint, step=epoch, version_description=card,
-        model_description=model_card.model_description(), tags=version_tags or {},
+        model_description=model_card.model_description(), tags=version_tags or {}, seen=seen,
     ), cfg.tracking.model_name)
     return FinalReport(version, champion, val, test, temperature)
 

@@ -8,9 +8,13 @@ when the run finished, so resuming a finished run registers nothing a second tim
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +23,23 @@ import yaml
 from pipelines import tracking
 from pipelines.config import RunConfig
 from pipelines.data.dataset import IngestedDataset
-from pipelines.data.ingest_options import IngestError
+from pipelines.data.ingest_options import IngestError, IngestOptionError
 from pipelines.local_ray import ensure_ray
+from pipelines.redact import mask_uri
 from pipelines.train.finish import evaluate_and_register
 from pipelines.train.stages import train_stages
 from pipelines.train.worker import Stage
 
 STATE_NAME = "last_run.json"
+LOCK_NAME = "run.lock"
 
 
 class ResumeError(RuntimeError):
     """``--resume`` found nothing to continue (a usage error: start a new run instead)."""
+
+
+class WorkdirBusy(RuntimeError):
+    """Another msmae command holds the working folder (a usage error: wait, or use another --workdir)."""
 
 
 @dataclass
@@ -45,7 +55,8 @@ class RunOutcome:
     already_finished: bool = False  # --resume of a run that had finished: nothing was done
 
 
-def prepare_data(source: Path, cfg: RunConfig, workdir: Path, log: Callable[[str], None] = print) -> IngestedDataset:
+def prepare_data(source: Path, cfg: RunConfig, workdir: Path, log: Callable[[str], None] = print,
+                 stages: tuple[Stage, ...] = ("pretrain", "finetune")) -> IngestedDataset:
     """An ingested folder as is, or a raw ImageFolder ingested into ``workdir/data``; checked for training."""
     if IngestedDataset.is_ingested(source):
         dataset = IngestedDataset.load(source)
@@ -54,21 +65,32 @@ def prepare_data(source: Path, cfg: RunConfig, workdir: Path, log: Callable[[str
 
         out = workdir / "data"
         opts = IngestOptions(val=cfg.data.val_fraction, test=cfg.data.test_fraction, seed=cfg.data.seed)
-        summary = ingest(source, out, opts, progress=True, log=log).summary
+        dataset = ingest(source, out, opts, progress=True, log=log).dataset
+        summary = dataset.summary
         log(f"ingest: {summary['num_images']} images, {summary['quarantined']} quarantined, "
-            f"{summary['duplicate_groups']} duplicate groups -> {out}")
-        dataset = IngestedDataset.load(out)
-    check_trainable(dataset)
+            f"{summary['duplicate_groups']} duplicate groups, {summary['near_duplicates']['images']} near-copies held with their copies -> {out}")
+    check_trainable(dataset, cfg, stages)
     return dataset
 
 
-def check_trainable(dataset: IngestedDataset) -> None:
+def check_trainable(dataset: IngestedDataset, cfg: RunConfig | None = None, stages: tuple[Stage, ...] = ("pretrain", "finetune")) -> None:
     """What a Ray worker would trip over minutes later (after retries), checked before Ray starts."""
     if dataset.num_classes < 2:
         raise IngestError(f"{dataset.path} has {dataset.num_classes} class(es); a classifier needs at least 2")
     for split in ("train", "val"):
         if not dataset.split_size(split):
             raise IngestError(f"{dataset.path}: the {split} split is empty; ingest more images or another --val")
+    if cfg is None:
+        return
+    num_train = dataset.split_size("train")
+    for stage in stages:
+        batch = (cfg.pretrain if stage == "pretrain" else cfg.finetune).batch_size
+        per_step = max(1, batch // cfg.scaling.workers) * cfg.scaling.workers  # what the workers take per step, together
+        if num_train < per_step:
+            raise IngestError(
+                f"{dataset.path}: the train split has {num_train} images, fewer than one {stage} batch ({per_step} over "
+                f"{cfg.scaling.workers} workers), so no step would run; lower {stage}.batch_size (e.g. --set "
+                f"{stage}.batch_size={max(1, num_train // 2)}) or ingest more images")
 
 
 def _run_state(workdir: Path, resume: bool, prefix: str, log: Callable[[str], None]) -> dict:
@@ -127,11 +149,55 @@ def run_pipeline(
     """
     start = time.time()
     workdir = workdir.resolve()
+    check_workdir(source, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lock(workdir):
+        return _run_locked(source, cfg, workdir, tracking_uri, resume, fail_at_epoch, log, stages, init_checkpoint, start)
+
+
+def check_workdir(source: Path, workdir: Path) -> None:
+    """A raw source is ingested into ``workdir/data``: a workdir inside the source (or holding it) is refused
+    before anything is made, so no folder appears among the user's images."""
+    if IngestedDataset.is_ingested(source):
+        return
+    src = source.resolve()
+    if workdir == src or workdir.is_relative_to(src) or src.is_relative_to(workdir):
+        raise IngestOptionError(f"--workdir {workdir} overlaps SOURCE {src}; choose a --workdir outside the images (e.g. beside them)")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """One run per working folder at a time: a second one would train beside the first and overwrite its resume state.
+
+    An advisory ``flock`` on ``workdir/run.lock``, released by the kernel when the process ends, however it ends."""
+    path = workdir / LOCK_NAME
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise WorkdirBusy(f"--workdir {workdir} is in use by a running msmae command ({holder}); wait for it to finish, "
+                          "or choose another --workdir") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def _run_locked(
+    source: Path, cfg: RunConfig, workdir: Path, tracking_uri: str, resume: bool, fail_at_epoch: int | None,
+    log: Callable[[str], None], stages: tuple[Stage, ...], init_checkpoint: str | None, start: float,
+) -> RunOutcome:
     state = _run_state(workdir, resume, "-".join(stages), log)
     if state.get("finished"):
         return _already_finished(state, workdir, log)
-    dataset = prepare_data(source, cfg, workdir, log)
+    dataset = prepare_data(source, cfg, workdir, log, stages)
     ensure_ray(scaling=cfg.scaling)
 
     tracking.set_experiment(tracking_uri, cfg.tracking.experiment, workdir)
@@ -140,10 +206,10 @@ def run_pipeline(
         _save_state(workdir, state)
         if not resume:
             tracking.log_run_inputs(
-                cfg.model_dump(), cfg.flat(), dataset.summary_file,
+                cfg.public_dump(), cfg.flat(), dataset.summary_file,
                 {"msmae.stages": ",".join(stages), "msmae.init_checkpoint": init_checkpoint or ""},
             )
-        log("resolved configuration:\n" + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        log("resolved configuration:\n" + yaml.safe_dump(cfg.public_dump(), sort_keys=False))
 
         def pretrained(path: str) -> None:
             state["pretrain_checkpoint"] = path
@@ -164,7 +230,7 @@ def run_pipeline(
         _save_state(workdir, state)
     seconds = time.time() - start
     log(f"registered {cfg.tracking.model_name} version {final.version}" + (" as @champion" if final.champion else " (champion kept)"))
-    log(f"done in {seconds:.0f} s. Open the MLflow UI with:\n  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
+    log(f"done in {seconds:.0f} s. Open the MLflow UI with:\n  .venv/bin/mlflow ui --backend-store-uri {mask_uri(tracking_uri)} --host 127.0.0.1 --port 5000")
     return RunOutcome(
         state["run_name"], run.info.run_id, result.pretrain_checkpoint, final.version, final.champion,
         final.val.scalars(), final.test.scalars() if final.test else None, seconds,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -227,7 +228,7 @@ def train_loop(loop_config: dict) -> None:
     if rank == 0 and spec.mlflow_uri and spec.mlflow_run_id:
         from pipelines.tracking import EpochLogger
 
-        logger = EpochLogger(spec.mlflow_uri, spec.mlflow_run_id, spec.stage)
+        logger = EpochLogger(spec.mlflow_uri, spec.mlflow_run_id, spec.stage, say=lambda line: print(line, file=sys.__stdout__, flush=True))
     refresh_metrics: dict[str, float] = {}
 
     def refresh(epoch: int) -> int:
@@ -265,19 +266,24 @@ def train_loop(loop_config: dict) -> None:
         if score is not None and (best is None or score > best):
             best = score
         metrics["best_" + cfg.checkpoint.metric] = best if best is not None else float("nan")
-        ckpt = None
+        ckpt, local = None, None
         if rank == 0 and (epoch == stage_cfg.epochs - 1 or (epoch + 1) % cfg.checkpoint.every == 0):
-            directory = checkpoint.write_checkpoint(
-                tempfile.mkdtemp(prefix="msmae-ckpt-"), stage=spec.stage, model_state=raw.state_dict(),
+            local = tempfile.mkdtemp(prefix="msmae-ckpt-")
+            checkpoint.write_checkpoint(
+                local, stage=spec.stage, model_state=raw.state_dict(),
                 optimizer_state=optimizer.state_dict(), table=table, epoch=epoch, best=best, preset=raw.preset,
-                class_names=spec.class_names, metrics=metrics, config=cfg.model_dump(mode="json"),
+                class_names=spec.class_names, metrics=metrics, config=cfg.public_dump(),
             )
-            ckpt = ray.train.Checkpoint.from_directory(str(directory))
+            ckpt = ray.train.Checkpoint.from_directory(local)
         if logger:
             logger.log(metrics, epoch)
         if rank == 0:
             _print_progress(spec.stage, epoch, stage_cfg.epochs, metrics)
-        ray.train.report(metrics, checkpoint=ckpt)
+        try:
+            ray.train.report(metrics, checkpoint=ckpt)  # SYNC upload: the copy in storage is complete when this returns
+        finally:
+            if local is not None:  # Ray leaves the local copy; a 400-epoch run would fill the node's disk
+                shutil.rmtree(local, ignore_errors=True)
 
 
 def _print_progress(stage: str, epoch: int, epochs: int, m: dict) -> None:

@@ -322,16 +322,31 @@ def test_the_champion_loads_in_a_fresh_python_without_the_project_and_predicts_a
     image = sorted((data_sample_btmd / "glioma").iterdir())[0]
     script = tmp_path / "fresh.py"
     script.write_text(_FRESH)
-    done = subprocess.run([sys.executable, "-I", str(script), deliverable_registered.uri, f"models:/{MODEL}@champion", str(image), "/nope.png"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MSMAE_SERVE_PATH_ROOT"] = str(data_sample_btmd)  # paths are read only under a folder the operator names
+    done = subprocess.run([sys.executable, "-I", str(script), deliverable_registered.uri, f"models:/{MODEL}@champion", str(image),
+                           str(data_sample_btmd / "nope.png")], capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert "/code/msmae/" in result["msmae"] and not result["msmae"].startswith(str(REPO))  # the model's own copy
     row, missing = result["rows"]
     assert row["ok"] and row["predicted_class"] in CLASSES
     assert sum(row[f"prob_{c}"] for c in CLASSES) == pytest.approx(1.0, abs=1e-5)
-    assert not missing["ok"] and missing["reason"] == "missing_file" and missing["predicted_class"] is None
+    assert not missing["ok"] and missing["reason"] == "path_refused" and missing["predicted_class"] is None
     assert all(pd.isna(missing[f"prob_{c}"]) for c in CLASSES)  # no plausible-looking row for a file that is not there
+
+
+def _invoke_raw(url: str, body: dict) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _no_nan(constant: str):
+    raise AssertionError(f"the response holds {constant}, which strict JSON does not allow")
 
 
 def _free_port() -> int:
@@ -357,6 +372,7 @@ def test_mlflow_models_serve_from_the_documented_command_answers_with_labelled_p
     assert "--host 127.0.0.1" in command and "--env-manager local" in command
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "MLFLOW_TRACKING_URI")}
     env["PATH"] = "/usr/bin:/bin"  # no venv on PATH: the documented command must bring it
+    env["MSMAE_SERVE_PATH_ROOT"] = str(data_sample_btmd)  # the operator allows paths under the sample only
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(["bash", "-c", command], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -384,6 +400,18 @@ def test_mlflow_models_serve_from_the_documented_command_answers_with_labelled_p
         for c in CLASSES:  # bytes and path of the same file: the same numbers
             assert rows[0][f"prob_{c}"] == pytest.approx(rows[1][f"prob_{c}"], abs=1e-6)
         assert sum(rows[0][f"prob_{c}"] for c in CLASSES) == pytest.approx(1.0, abs=1e-5)
+        # a path outside the allowed folder: the same refusal whether the file exists or not, and strict JSON (null, not NaN)
+        secret = tmp_path / "secret.png"
+        secret.write_bytes(image.read_bytes())
+        answers = [_invoke_raw(url, {"dataframe_split": {"columns": ["path"], "data": [[p]]}})
+                   for p in (str(secret), str(tmp_path / "no-such.png"), "/dev/urandom", str(data_sample_btmd / "no-such.png"))]
+        assert all(status == 200 for status, _ in answers), answers
+        refused = [json.loads(body, parse_constant=_no_nan)["predictions"][0] for _, body in answers]
+        assert all(r == refused[0] for r in refused), refused  # nothing tells an existing file from a missing one
+        assert refused[0]["ok"] is False and refused[0]["reason"] == "path_refused" and refused[0][f"prob_{CLASSES[0]}"] is None
+        # a malformed request: 400 with the message only, no server-side stack trace or path
+        status, body = _invoke_raw(url, {"dataframe_split": {"columns": ["img"], "data": [["x"]]}})
+        assert status == 400 and b"'image'" in body and b"Traceback" not in body and b"stack_trace" not in body, body[:2000]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -396,7 +424,7 @@ def test_mlflow_models_serve_from_the_documented_command_answers_with_labelled_p
 
 @pytest.mark.slow
 def test_msmae_predict_and_the_pyfunc_agree_on_16_bit_png_and_dicom_and_predict_writes_heatmaps(
-    deliverable_registered, deliverable_uri, data_sample_btmd, tmp_path,
+    deliverable_registered, deliverable_uri, data_sample_btmd, tmp_path, monkeypatch,
 ):
     import mlflow
     import pyarrow.dataset as pads
@@ -419,6 +447,7 @@ def test_msmae_predict_and_the_pyfunc_agree_on_16_bit_png_and_dicom_and_predict_
     assert not table.loc[str(folder / "broken.jpg"), "ok"] and pd.isna(table.loc[str(folder / "broken.jpg"), "prob_glioma"])
     paths = [p for p in table.index if table.loc[p, "ok"]]
     assert {Path(p).name for p in paths} >= {"scan16.png", "ct.dcm"}  # predict accepts 16-bit PNG and DICOM
+    monkeypatch.setenv("MSMAE_SERVE_PATH_ROOT", str(folder))  # the pyfunc reads paths only under an allowed folder
     served = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(pd.DataFrame({"path": paths}))
     for c in CLASSES:
         np.testing.assert_allclose(table.loc[paths, f"prob_{c}"].to_numpy(), served[f"prob_{c}"].to_numpy(), atol=1e-5)
@@ -465,3 +494,43 @@ def test_hiding_the_maps_top_patches_costs_the_prediction_more_than_hiding_rando
     assert grid.shape == model.preset.grid
     expected, _ = explain.occlusion_maps(model, torch.from_numpy(loaded.preprocessing(buf.getvalue())[None]), t)
     np.testing.assert_allclose(grid.ravel(), expected[0].numpy(), atol=1e-6)
+
+
+# --- the contamination check: which evaluated images the model has seen ---------------------------------
+
+@pytest.mark.slow
+def test_evaluate_reports_which_images_the_model_was_trained_on_and_metrics_on_the_rest(
+    deliverable_registered, deliverable_uri, data_sample_ingested, data_sample_btmd, tmp_path,
+):
+    """A folder of 20 of the model's training images and 20 it never saw (the sample's test split): evaluate
+    says 20 were seen and gives the metrics of the 20 unseen; predict flags the same 20 row by row."""
+    import pyarrow.dataset as pads
+    from typer.testing import CliRunner
+
+    from msmae_cli import app
+    from pipelines.data.dataset import IngestedDataset
+
+    dataset = IngestedDataset.load(data_sample_ingested)
+    train = sorted(r["source"] for r in dataset.rows("train"))[::20][:20]
+    unseen = sorted(r["source"] for r in dataset.rows("test"))[::3][:20]
+    assert len(train) == len(unseen) == 20
+    folder = tmp_path / "outside"
+    for source in train + unseen:
+        (folder / source).parent.mkdir(parents=True, exist_ok=True)
+        (folder / source).write_bytes((data_sample_btmd / source).read_bytes())
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["evaluate", "--model", f"models:/{MODEL}@champion", "--data", str(folder),
+                                      "--tracking-uri", deliverable_uri, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "contamination check: 20 of 40 images are near-copies of images the model was trained or selected on" in result.output
+    report = json.loads(out.read_text())["train"]  # a raw folder is evaluated whole, as one split
+    assert report["num_samples"] == 40 and report["seen_in_training"] == 20 and report["unseen_images"] == 20
+    assert report["unseen"]["num_samples"] == 20
+
+    preds = tmp_path / "preds"
+    result = CliRunner().invoke(app, ["predict", "--model", f"models:/{MODEL}@champion", "--input", str(folder), "--out", str(preds),
+                                      "--tracking-uri", deliverable_uri])
+    assert result.exit_code == 0, result.output
+    table = pads.dataset(str(preds), format="parquet").to_table().to_pandas()
+    flagged = {str(Path(p).relative_to(folder)) for p in table.loc[table["seen_in_training"] == True, "path"]}  # noqa: E712
+    assert flagged == set(train)

@@ -31,6 +31,7 @@ class ResumedRun:
     mlflow_run_id: str
     resumed: subprocess.CompletedProcess
     args: list[str]  # the command's arguments after `msmae` (without --resume)
+    leaked_checkpoint_copies: set[str]  # local checkpoint folders the resumed run left in the temp folder
 
 
 def _history(uri, run_id, key):
@@ -72,8 +73,16 @@ def train_resumed_run(train_mlflow_server, data_sample_ingested, ray_local_env, 
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies without any clean-up; the cluster lives on
     proc.wait(timeout=30)
     state = json.loads((work / "last_run.json").read_text())
+    before = _checkpoint_copies()  # the killed driver's workers may have died mid-write; the resumed run may leave none
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=900, env=ray_local_env)
-    return ResumedRun(uri, state["mlflow_run_id"], resumed, cmd[1:])
+    return ResumedRun(uri, state["mlflow_run_id"], resumed, cmd[1:], _checkpoint_copies() - before)
+
+
+def _checkpoint_copies() -> set[str]:
+    """The workers' local checkpoint folders (``msmae-ckpt-*``) in the machine's temp folder."""
+    import tempfile
+
+    return {p.name for p in Path(tempfile.gettempdir()).glob("msmae-ckpt-*")}
 
 
 @pytest.mark.slow
@@ -87,6 +96,7 @@ def test_a_killed_worker_and_a_killed_driver_both_resume_and_every_epoch_is_logg
     # (MLflow keeps one value per step whatever happens, so the console is where a re-run would show.)
     assert "[pretrain] epoch 1/4" not in run.resumed.stdout + run.resumed.stderr, "the resumed run trained epoch 0 again"
     assert [s for s, _ in _history(run.uri, run.mlflow_run_id, "finetune/epoch")] == [0, 1]
+    assert run.leaked_checkpoint_copies == set(), "every local checkpoint copy is removed once Ray has stored it"
     console = run.resumed.stdout + run.resumed.stderr
     # Rank 0's progress line reaches the driver's console once (Ray Train's print patch would double it).
     assert console.count("[pretrain] epoch 4/4") == 1
