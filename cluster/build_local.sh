@@ -53,7 +53,11 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 WORK=${MSMAE_BUILD_WORK:-/var/tmp/msmae-build-local}
 PODMAN=(podman --runtime runc)
-ULIMITS=(--ulimit nofile=65536:65536 --ulimit nproc=32768:32768)
+# Explicit limits (podman's defaults fail on such VMs), no higher than this shell's hard limits
+# (runc cannot raise them: "error setting rlimit type 7").
+NOFILE=$(ulimit -Hn); [ "$NOFILE" = unlimited ] || [ "$NOFILE" -gt 65536 ] && NOFILE=65536
+NPROC=$(ulimit -Hu); [ "$NPROC" = unlimited ] || [ "$NPROC" -gt 32768 ] && NPROC=32768
+ULIMITS=(--ulimit "nofile=$NOFILE:$NOFILE" --ulimit "nproc=$NPROC:$NPROC")
 # How every check container runs: as the pods do (uid 10001, read-only root, no capabilities).
 SECURE=(--user 10001:10001 --read-only --cap-drop ALL --security-opt no-new-privileges
         --tmpfs /tmp:rw,size=4g,mode=1777 --tmpfs /home/msmae:rw,size=1g,uid=10001,gid=10001,mode=0700 "${ULIMITS[@]}")
@@ -125,10 +129,20 @@ if [ "$BUILD" = 1 ]; then
 
   # ---------------------------------------------------------------- images
 
+  # The host's CA bundle for pip, mounted into the build's RUN steps only (not into the image):
+  # where TLS to the package index is intercepted, the base's own bundle does not trust it.
+  HOST_CA=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
+  BUILD_MOUNTS=()
+  if [ -f "$HOST_CA" ]; then
+    PIP_CONF_DIR=$(mktemp -d)
+    printf '[global]\ncert = /run/host-ca.crt\n' > "$PIP_CONF_DIR/pip.conf"
+    chmod 755 "$PIP_CONF_DIR" && chmod 644 "$PIP_CONF_DIR/pip.conf"
+    BUILD_MOUNTS=(-v "$(readlink -f "$HOST_CA"):/run/host-ca.crt:ro" -v "$PIP_CONF_DIR/pip.conf:/etc/pip.conf:ro")
+  fi
   build() {  # build TAG [build args...]
     local tag=$1
     shift
-    "${PODMAN[@]}" build --layers --from "$BASE" "${ULIMITS[@]}" -f cluster/Dockerfile "$@" -t "$tag" .
+    "${PODMAN[@]}" build --layers --from "$BASE" "${ULIMITS[@]}" "${BUILD_MOUNTS[@]}" -f cluster/Dockerfile "$@" -t "$tag" .
   }
   say "building $IMAGE (torch from PyPI: the CUDA wheels)"
   timed "build GPU image" build "$IMAGE"
