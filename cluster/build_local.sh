@@ -193,7 +193,12 @@ test -f "$WORK/solo/demo/last_run.json" || { echo "the run left no last_run.json
 say "check 3: Ray head + worker containers, MLflow in a third, msmae run submitted with ray job submit"
 TOKEN_ENV=$(mktemp)
 chmod 600 "$TOKEN_ENV"
-printf 'RAY_AUTH_MODE=token\nRAY_AUTH_TOKEN=%s\nRAY_USAGE_STATS_ENABLED=0\n' "$(python3 -c 'import secrets; print(secrets.token_hex(32))')" > "$TOKEN_ENV"
+# Every ray command carries the token (token auth, as the manifests' authOptions). The agent
+# timeout: a raylet gives up when its dashboard agent has not written its port file within
+# 15 s, which a busy 2-core machine misses; Ray reads this knob for that wait (and for the
+# agent's registration).
+printf 'RAY_AUTH_MODE=token\nRAY_AUTH_TOKEN=%s\nRAY_USAGE_STATS_ENABLED=0\nRAY_agent_register_timeout_ms=120000\n' \
+    "$(python3 -c 'import secrets; print(secrets.token_hex(32))')" > "$TOKEN_ENV"
 trap 'rc=$?; cleanup_containers; rm -f "$TOKEN_ENV"; finish $rc' EXIT
 NET=(--network "container:$PREFIX-head")
 # Fixed ports: the two nodes share one network namespace, so no port may be shared.
@@ -201,12 +206,6 @@ node_ports() {  # node_ports BASE: the ports a node opens besides its GCS/dashbo
   echo --node-manager-port $(( $1 + 1 )) --object-manager-port $(( $1 + 2 )) --dashboard-agent-listen-port $(( $1 + 3 )) \
        --dashboard-agent-grpc-port $(( $1 + 4 )) --runtime-env-agent-port $(( $1 + 5 )) --metrics-export-port $(( $1 + 6 ))
 }
-# Any HTTP answer (401 included: the job server wants the token) means the server is up.
-HTTP_UP='import sys, urllib.error, urllib.request
-try:
-    urllib.request.urlopen(sys.argv[1], timeout=10)
-except urllib.error.HTTPError:
-    pass'
 wait_for() {  # wait_for SECONDS CONTAINER COMMAND...: until the command succeeds in the container (false if it exits)
   local deadline=$((SECONDS + $1)) name=$2
   shift 2
@@ -214,6 +213,15 @@ wait_for() {  # wait_for SECONDS CONTAINER COMMAND...: until the command succeed
     [ "$("${PODMAN[@]}" inspect --format '{{.State.Running}}' "$name" 2>/dev/null)" = true ] || return 1
     "${PODMAN[@]}" exec --env-file "$TOKEN_ENV" "$name" "$@" >/dev/null 2>&1 && return 0
     sleep 3
+  done
+  return 1
+}
+wait_for_log() {  # wait_for_log SECONDS CONTAINER TEXT: until the container's output shows TEXT (false if it exits)
+  local deadline=$((SECONDS + $1)) name=$2 text=$3
+  while [ $SECONDS -lt $deadline ]; do
+    "${PODMAN[@]}" logs "$name" 2>&1 | grep -qF "$text" && return 0
+    [ "$("${PODMAN[@]}" inspect --format '{{.State.Running}}' "$name" 2>/dev/null)" = true ] || return 1
+    sleep 2
   done
   return 1
 }
@@ -230,25 +238,29 @@ start_cluster() {
       start --head --block --node-ip-address 127.0.0.2 --port 6379 --dashboard-host 127.0.0.1 --dashboard-port 8265 \
       --ray-client-server-port 10001 --num-cpus 0 --num-gpus 0 --object-store-memory 300000000 --disable-usage-stats \
       $(node_ports 20000) >/dev/null
-  # The worker joins once the head's job server answers (a worker racing a head that is still
-  # starting only adds load: on a busy 2-core machine Ray's 30 s start-up deadline is tight).
-  wait_for 180 "$PREFIX-head" python -c "$HTTP_UP" http://127.0.0.1:8265/api/version || return 1
-  "${PODMAN[@]}" run -d --name "$PREFIX-mlflow" "${NET[@]}" "${SECURE[@]}" -v "$WORK/mlflow:/mnt/mlflow" --entrypoint mlflow "$IMAGE" \
-      server --backend-store-uri sqlite:////mnt/mlflow/mlflow.db --artifacts-destination /mnt/mlflow/artifacts \
-      --host 127.0.0.1 --port 5000 --workers 1 >/dev/null
+  # One at a time: each node's start-up (a dozen Python processes importing Ray) must meet
+  # Ray's fixed 30 s deadline, and on a busy 2-core machine two at once can miss it. The head
+  # first, fully started ("Ray runtime started", not only its job server), then the worker,
+  # then MLflow.
+  wait_for_log 180 "$PREFIX-head" "Ray runtime started" || return 1
   # The worker: 4 logical CPUs on 2 cores (2 Train workers + Ray Data's tasks; see STACK.md).
   "${PODMAN[@]}" run -d --name "$PREFIX-worker" "${NET[@]}" "${SECURE[@]}" --shm-size 2g --env-file "$TOKEN_ENV" \
       -v "$WORK/shared:/mnt/shared" -v "$WORK/ray-worker:/tmp/ray" --entrypoint ray "$IMAGE" \
       start --block --address 127.0.0.2:6379 --node-ip-address 127.0.0.3 --num-cpus 4 --object-store-memory 500000000 \
       --disable-usage-stats $(node_ports 21000) >/dev/null
-  local deadline=$((SECONDS + 180)) name
+  wait_for_log 180 "$PREFIX-worker" "Ray runtime started" || return 1
+  local deadline=$((SECONDS + 120)) name
   while [ $SECONDS -lt $deadline ] && [ "$(alive_nodes)" != 2 ]; do
     for name in head worker; do  # `ray start --block` exits when its node gives up
       [ "$("${PODMAN[@]}" inspect --format '{{.State.Running}}' "$PREFIX-$name" 2>/dev/null)" = true ] || return 1
     done
     sleep 3
   done
-  [ "$(alive_nodes)" = 2 ] && wait_for 120 "$PREFIX-mlflow" wget -q -O /dev/null http://127.0.0.1:5000/health
+  [ "$(alive_nodes)" = 2 ] || return 1
+  "${PODMAN[@]}" run -d --name "$PREFIX-mlflow" "${NET[@]}" "${SECURE[@]}" -v "$WORK/mlflow:/mnt/mlflow" --entrypoint mlflow "$IMAGE" \
+      server --backend-store-uri sqlite:////mnt/mlflow/mlflow.db --artifacts-destination /mnt/mlflow/artifacts \
+      --host 127.0.0.1 --port 5000 --workers 1 >/dev/null
+  wait_for 180 "$PREFIX-mlflow" wget -q -O /dev/null http://127.0.0.1:5000/health
 }
 # Three tries: on a loaded 2-core machine (and under `nice`) a Ray node can miss its fixed 30 s
 # start-up deadline (its dashboard agent too slow to write its port file): the node gives up.
