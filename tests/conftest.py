@@ -19,6 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_BTMD = REPO / "data" / "sample" / "btmd"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``image`` (a cold container build: root, podman, ~25 GB, 20-30 min) run only when
+    asked for by name in ``-m`` (``pytest -m image``); the default suite deselects them."""
+    if "image" in (config.getoption("markexpr", "") or ""):
+        return
+    keep = [item for item in items if item.get_closest_marker("image") is None]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("image") is not None])
+        items[:] = keep
+
+
 @pytest.fixture(autouse=True)
 def mlflow_uri_isolated(monkeypatch: pytest.MonkeyPatch):
     """Each test starts with MLflow pointing nowhere in particular, and leaves it so.

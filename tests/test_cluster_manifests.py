@@ -3,7 +3,7 @@
 Nothing here needs a Kubernetes cluster. The overlays are rendered with kustomize (the
 ``kubectl`` that the ``test`` extra installs into .venv), core kinds are validated against the
 Kubernetes schemas shipped by ``kubernetes-validate``, RayCluster/RayJob against the KubeRay
-CRDs in ``../shared/schemas/kuberay``, and the RayJob entrypoints are parsed by the real
+CRDs vendored in ``tests/schemas/kuberay``, and the RayJob entrypoints are parsed by the real
 ``msmae`` command line. The security defaults are checked twice: by checkov (installed in
 .venv-tools by scripts/setup.sh; its exceptions are ``checkov.io/skip`` annotations with the
 reason, next to what they excuse) and by the explicit assertions below, which also cover the
@@ -28,7 +28,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-KUBERAY_SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
+KUBERAY_SCHEMAS = REPO / "tests" / "schemas" / "kuberay"  # vendored (KubeRay v1.7 CRDs, Apache-2.0; see its README.md)
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 IMAGE = f"ghcr.io/msmae-ray/msmae-ray:{VERSION}"
 IMAGE_ROOT = "/opt/msmae-ray"  # where the Dockerfile puts the source tree (WORKDIR)
@@ -151,10 +151,7 @@ def _strict(schema: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster_kuberay_schemas() -> dict[str, dict]:
-    """{kind: OpenAPI v3 schema of ray.io/v1} from the KubeRay CRDs in ../shared/schemas/kuberay."""
-    if not KUBERAY_SCHEMAS.is_dir():
-        pytest.skip(f"KubeRay CRD schemas not found at {KUBERAY_SCHEMAS}: the RayCluster/RayJob schema check needs "
-                    "ray.io_rayclusters.yaml and ray.io_rayjobs.yaml there (KubeRay's ray-operator/config/crd/bases)")
+    """{kind: OpenAPI v3 schema of ray.io/v1} from the KubeRay CRDs vendored in tests/schemas/kuberay."""
     schemas = {}
     for path in sorted(KUBERAY_SCHEMAS.glob("ray.io_*.yaml")):
         crd = yaml.safe_load(path.read_text())
@@ -368,7 +365,7 @@ def test_dockerfile_installs_the_pinned_package_as_a_non_root_user_with_msmae_as
     lines = [line.strip() for line in (CLUSTER / "Dockerfile").read_text().splitlines() if line.strip() and not line.startswith("#")]
     (base,) = [line for line in lines if line.startswith("FROM ")]
     assert ":" in base and not base.endswith(":latest")
-    assert "COPY pyproject.toml" in "\n".join(lines) and 'pip install -e ".[server]"' in "\n".join(lines)
+    assert "COPY pyproject.toml" in "\n".join(lines) and '--no-deps --no-build-isolation -e ".[server]"' in "\n".join(lines)
     user = [line for line in lines if line.startswith("USER ")]
     assert user and user[-1].split()[1].split(":")[0] not in ("0", "root")
     assert lines[-2:] == ['ENTRYPOINT ["msmae"]', 'CMD ["--help"]']
@@ -458,3 +455,167 @@ def test_checkov_passes_on_every_overlay_and_the_dockerfile(cluster_rendered, tm
                 assert len(skipped["check_result"].get("suppress_comment", "")) > 40, skipped["check_id"]
             skipped_ids = {s["check_id"] for s in report["results"].get("skipped_checks", [])}
             assert skipped_ids <= {"CKV_K8S_8", "CKV_K8S_9", "CKV_K8S_35", "CKV_K8S_38", "CKV_K8S_43"}, skipped_ids  # the README's list
+
+
+# ---------------------------------------------------------------- the image's build context and layers
+
+
+def _dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    out, pending = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):  # a comment inside a continued instruction
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        if line:
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _copy_sources(dockerfile: str) -> list[str]:
+    """The build-context paths every COPY/ADD of the Dockerfile reads (not those of `COPY --from`)."""
+    sources = []
+    for word, rest in _dockerfile_instructions(dockerfile):
+        if word not in ("COPY", "ADD"):
+            continue
+        args = json.loads(rest) if rest.startswith("[") else shlex.split(rest)
+        flags = [a for a in args if a.startswith("--")]
+        if any(f.startswith("--from") for f in flags):
+            continue
+        sources += [a for a in args if not a.startswith("--")][:-1]
+    return sources
+
+
+def _ignore_regex(pattern: str):
+    """One .dockerignore pattern as Docker's matcher reads it (moby/patternmatcher): `*` and `?` stay
+    inside one path element, `**` crosses them, the pattern is anchored at the context root."""
+    import re
+
+    pattern = str(Path(pattern.strip("/"))) if pattern.strip("/") else "."
+    out, i = "", 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out, i = out + "(.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif c == "*":
+            out, i = out + "[^/]*", i + 1
+        elif c == "?":
+            out, i = out + "[^/]", i + 1
+        elif c == "[":
+            end = pattern.index("]", i)
+            out, i = out + "[" + pattern[i + 1:end].replace("!", "^", 1) + "]", end + 1
+        else:
+            out, i = out + re.escape(c), i + 1
+    return re.compile(f"^{out}$")
+
+
+def _ignored(path: str, ignore_text: str) -> bool:
+    """Whether Docker leaves ``path`` (relative to the context root) out of the build context:
+    the last pattern matching the path or one of its parent folders decides; `!` re-includes."""
+    patterns = []
+    for line in ignore_text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            negated = line.startswith("!")
+            patterns.append((negated, _ignore_regex(line[1:].strip() if negated else line)))
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for negated, regex in patterns:
+        if any(regex.match(c) for c in candidates):
+            excluded = not negated
+    return excluded
+
+
+def _context_files(source: str) -> list[str]:
+    """The repository's files under one COPY source (git's list when there is one, else the tree)."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "--", source], capture_output=True, text=True)
+    if listed.returncode == 0 and listed.stdout.strip():
+        return listed.stdout.split()
+    root = REPO / source
+    files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+    return [str(p.relative_to(REPO)) for p in files if "__pycache__" not in p.parts and p.suffix != ".pyc"]
+
+
+def _lost_copy_sources(dockerfile: str, ignore_text: str) -> dict[str, list[str]]:
+    """{COPY source: its files the ignore file keeps out of the build context} (empty: all survive)."""
+    lost = {}
+    for source in _copy_sources(dockerfile):
+        files = _context_files(source)
+        assert files, f"COPY {source}: no such file or folder in the repository"
+        dropped = [f for f in files if _ignored(f, ignore_text)]
+        if dropped:
+            lost[source] = dropped
+    return lost
+
+
+# The ignore file as it was before issue 31: no `!msmae_cli/`, so `COPY msmae_cli` found nothing.
+IGNORE_BEFORE_ISSUE_31 = """*
+!pyproject.toml
+!README.md
+!msmae/
+!pipelines/
+!tuning/
+!configs/
+!data/sample/
+**/__pycache__
+**/*.pyc
+"""
+
+
+def test_every_copy_source_of_the_dockerfile_survives_its_ignore_file():
+    """Every file the Dockerfile copies reaches the build context (a build would fail, or worse,
+    build without it). No build needed: both files are parsed with Docker's rules."""
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    sources = _copy_sources(dockerfile)
+    assert {"pyproject.toml", "msmae", "msmae_cli", "pipelines", "configs"} <= set(sources), sources
+    assert _lost_copy_sources(dockerfile, (CLUSTER / "Dockerfile.dockerignore").read_text()) == {}
+
+
+def test_the_copy_check_catches_a_missing_allow_line():
+    """The check above is not vacuous: the ignore file from before issue 31 loses msmae_cli/ (and the
+    requirements helper), and Docker's rules for folders, `**` and `!` are read as Docker reads them."""
+    lost = _lost_copy_sources((CLUSTER / "Dockerfile").read_text(), IGNORE_BEFORE_ISSUE_31)
+    assert set(lost) == {"msmae_cli", "cluster/pyproject_requirements.py"}, lost
+    assert "msmae_cli/__init__.py" in lost["msmae_cli"]
+    rules = "*\n!msmae/\n**/__pycache__\n!keep/**/x.py\n"
+    assert not _ignored("msmae/data/stream.py", rules)
+    assert _ignored("msmae/__pycache__/a.pyc", rules) and _ignored("msmae_cli/main.py", rules)
+    assert not _ignored("keep/x.py", rules) and not _ignored("keep/a/b/x.py", rules) and _ignored("keep/a/y.py", rules)
+
+
+def test_dependencies_install_from_pyproject_alone_before_the_sources():
+    """The big layer (torch, Ray, MLflow: ~7 GB, ~10 min) is built from pyproject.toml alone, so a
+    source change rebuilds only the layers after it (seconds)."""
+    steps = _dockerfile_instructions((CLUSTER / "Dockerfile").read_text())
+    deps = [i for i, (word, rest) in enumerate(steps) if word == "RUN" and "pip install -r" in rest]
+    sources = [i for i, (word, rest) in enumerate(steps) if word in ("COPY", "ADD")
+               and not set(_copy_sources(f"COPY {rest}")) <= {"pyproject.toml", "cluster/pyproject_requirements.py"}]
+    install = [i for i, (word, rest) in enumerate(steps) if word == "RUN" and "-e \".[server]\"" in rest]
+    assert len(deps) == 1 and sources and len(install) == 1
+    assert deps[0] < min(sources) and install[0] > max(sources), steps
+    assert "pyproject_requirements.py pyproject.toml --extra server --build-system" in steps[deps[0]][1]
+    assert "--no-deps" in steps[install[0]][1]  # the sources' layer downloads nothing
+
+
+def test_the_requirements_helper_prints_pyprojects_pins_extras_and_build_backend(tmp_path):
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    done = subprocess.run([sys.executable, str(CLUSTER / "pyproject_requirements.py"), str(REPO / "pyproject.toml"),
+                           "--extra", "server", "--build-system"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    expected = [*pyproject["project"]["dependencies"], *pyproject["project"]["optional-dependencies"]["server"],
+                *pyproject["build-system"]["requires"]]
+    assert done.stdout.split("\n")[:-1] == expected
+    assert "torch==" in done.stdout and "torchvision==" in done.stdout  # what the CPU build's first step greps for
+    bad = subprocess.run([sys.executable, str(CLUSTER / "pyproject_requirements.py"), str(REPO / "pyproject.toml"), "--extra", "nope"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "no extra 'nope'" in bad.stderr
