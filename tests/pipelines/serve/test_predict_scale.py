@@ -71,8 +71,9 @@ def test_multi_actor_predict_writes_every_file_once_as_parquet_shards(ray_local,
     summary = predict_folder(str(model), incoming, out, settings)
 
     table = pq.read_table(out)
-    assert table.column_names == ["path", "predicted_class", "ok", "reason", "detail", "prob_x", "prob_y", "prob_z"]
+    assert table.column_names == ["path", "predicted_class", "ok", "reason", "detail", "seen_in_training", "prob_x", "prob_y", "prob_z"]
     rows = table.to_pylist()
+    assert all(r["seen_in_training"] is None for r in rows)  # a checkpoint made by hand carries no training fingerprints
     names = Counter(Path(r["path"]).relative_to(incoming).as_posix() for r in rows)
     assert set(names) == {e.rel for e in scan_tree(incoming)} and set(names.values()) == {1}
     failed = {Path(r["path"]).name: r for r in rows if not r["ok"]}
