@@ -1,11 +1,13 @@
 """`msmae ingest`: a folder or manifest of images → validated, de-duplicated, split Parquet shards.
 
-Flow (one function per step, in `ingest`): list (polars) → decode + validate + hash each
-image once (process pool) → quarantine failures and label conflicts → split groups →
-group-aware stratified split → dense `index` → shards, `quarantine.csv`, `dataset.json`.
+Flow (one function per step, in `ingest`): list (polars) → decode + validate + hash and
+fingerprint each image once (process pool) → quarantine failures and label conflicts →
+near-copy pairs → split groups → group-aware stratified split → dense `index` → shards,
+`near_duplicates.parquet`, `quarantine.csv`, `dataset.json`.
 
 Output layout in DIR:
     shards/<split>-<nnnnn>.parquet   one split per file, rows sorted by `index`
+    near_duplicates.parquet         the near-copy pairs held together (index, source, similarity, split)
     quarantine.csv                  path, reason, detail — every listed file not kept
     dataset.json                    classes, counts, quarantine and duplicate summary, seed, ...
 
@@ -42,8 +44,6 @@ __all__ = ["IngestError", "IngestOptionError", "IngestOptions", "IngestResult", 
 FORMAT_VERSION = 1
 LABEL_CONFLICT = "duplicate_label_conflict"
 _PARALLEL_MIN_FILES = 256  # below this a process pool costs more than it saves
-
-
 
 
 @dataclass
@@ -143,9 +143,10 @@ def _write_dataset(
     pairs = _near_copy_pairs(kept, opts)
     group_ids = splits.split_groups([k["res"].content_hash for k in kept], [k["group"] for k in kept], zip(pairs["i"], pairs["j"]))
     split_of = splits.assign_splits(group_ids, labels, fractions, opts.seed)
-    table = shards.build_table(kept, labels, group_ids, split_of, list(fractions))
+    order = shards.dense_order(kept, split_of, list(fractions))  # row of each dataset index
+    table = shards.build_table(kept, labels, group_ids, split_of, order)
     written = shards.write_shards(stage, out, table, opts.rows_per_shard)
-    near = shards.near_duplicates_table(kept, pairs, split_of, list(fractions))
+    near = shards.near_duplicates_table(kept, pairs, split_of, order)
     shards.write_file(stage, shards.NEAR_DUPLICATES_FILE, shards.table_bytes(near), out)
 
     dup_sizes = Counter(k["res"].content_hash for k in kept)

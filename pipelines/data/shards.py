@@ -44,9 +44,8 @@ def dense_order(kept: list[dict], split_of: list[str], split_names: list[str]) -
     return sorted(range(len(kept)), key=lambda i: (rank[split_of[i]], kept[i]["source"], kept[i]["path"]))
 
 
-def build_table(kept: list[dict], labels: list[int], group_ids: list[int], split_of: list[str], split_names: list[str]) -> pa.Table:
-    """The shard rows, in ``dense_order``."""
-    order = dense_order(kept, split_of, split_names)
+def build_table(kept: list[dict], labels: list[int], group_ids: list[int], split_of: list[str], order: list[int]) -> pa.Table:
+    """The shard rows, in ``order`` (``dense_order``)."""
     group_name = {g: kept[g]["group"] or kept[g]["res"].content_hash for g in set(group_ids)}
     cols: dict[str, list] = {f.name: [] for f in SHARD_SCHEMA}
     for idx, i in enumerate(order):
@@ -61,10 +60,10 @@ def build_table(kept: list[dict], labels: list[int], group_ids: list[int], split
     return pa.table(cols, schema=SHARD_SCHEMA)
 
 
-def near_duplicates_table(kept: list[dict], pairs, split_of: list[str], split_names: list[str]) -> pa.Table:
+def near_duplicates_table(kept: list[dict], pairs, split_of: list[str], order: list[int]) -> pa.Table:
     """The near-copy pairs (kept-row indices ``i``, ``j``) as the dataset's ``index`` values and sources:
     what a user audits to see which copies were held together, and in which split."""
-    position = {row: idx for idx, row in enumerate(dense_order(kept, split_of, split_names))}
+    position = {row: idx for idx, row in enumerate(order)}
     i, j = [int(x) for x in pairs["i"]], [int(x) for x in pairs["j"]]
     return pa.table({
         "index_a": [position[a] for a in i], "index_b": [position[b] for b in j],

@@ -2,18 +2,18 @@
 
 Why a pyfunc and not the pytorch flavour: a user (or ``mlflow models serve``) should not have to
 know the model's image size, resize, mean/std, channel mode, class order or temperature.
-``MSMAEPyfunc`` carries all of them and accepts what people have: file paths, encoded image
-bytes (PNG, JPEG, TIFF, 16-bit PNG, DICOM; base64 in JSON when served) or pixel arrays of any
-size. It decodes with ingest's own code (``pipelines.data.preprocessing``), so the served model sees
+``MSMAEPyfunc`` carries all of them and accepts what people have: encoded image bytes (PNG,
+JPEG, TIFF, 16-bit PNG, DICOM; base64 in JSON when served), pixel arrays of any size, or file
+paths where the operator allows them. It decodes with ingest's own code (``pipelines.data.preprocessing``), so the served model sees
 what training saw.
 
 Input: a table with an ``image`` column (bytes, or a numpy array per row) and/or a ``path`` column
 (strings); a row uses ``image`` when it has one, else ``path``. Paths are read only where the
 operator allowed them (``pipelines.serve.path_guard``: off by default, a served model must not
-open files a client names). Output, one row per input
-row: ``prob_<class>`` per class (temperature-scaled), ``predicted_class``, ``ok``,
-``seen_in_training`` (the input is a near-copy of an image the model was trained or selected on;
-``pipelines.serve.contamination``) and, for an unusable input, ``reason``/``detail`` (ingest's quarantine vocabulary) with null probabilities
+open files a client names). Output, one row per input row: ``prob_<class>`` per class
+(temperature-scaled), ``predicted_class``, ``ok``, ``seen_in_training`` (the input is a near-copy
+of an image the model was trained or selected on; ``pipelines.serve.contamination``) and, for an
+unusable input, ``reason``/``detail`` (ingest's quarantine vocabulary) with null probabilities
 rather than a plausible-looking row. With the parameter ``heatmaps=True`` each row also gets
 ``heatmap``: the patch-occlusion map of its prediction (``pipelines.serve.explain``), rows of patches.
 
