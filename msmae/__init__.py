@@ -15,6 +15,7 @@ Public API:
     StageTrainer, StageSchedule              the epoch skeleton any loop shares (msmae.loop)
     build_optimizer                          each stage's AdamW (msmae.optim)
     Stage, MaskingStrategy, STRATEGIES       the vocabulary: stage names and each stage's masking rules (msmae.loop)
+    ClsLoss, CLS_LOSSES, cls_cross_entropy   the CLS term on logits or the released code's softmax first (msmae.losses)
     report_from_probs, RefreshedMaps,
     encode, encoder_of, autocast,
     patchify, unpatchify, preset_dict        what clients (pipelines, comparison) build on
@@ -39,7 +40,7 @@ from msmae.engine import (
     report_from_probs,
 )
 from msmae.geometry import crop_flip_maps
-from msmae.losses import balanced_class_weights, patchify, unpatchify
+from msmae.losses import CLS_LOSSES, ClsLoss, balanced_class_weights, cls_cross_entropy, patchify, unpatchify
 from msmae.map_quality import MapQuality, foreground_patches, map_quality
 from msmae.loop import STRATEGIES, EpochOutcome, EpochPlan, EpochTotals, MaskingStrategy, Stage, StageSchedule, StageTrainer, train_one_epoch
 from msmae.masking import MaskSplit, mask_counts, random_masking, sam_masking
@@ -64,6 +65,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "defaults",
+    "CLS_LOSSES",
+    "ClsLoss",
+    "cls_cross_entropy",
     "HEADLINE_METRICS",
     "STRATEGIES",
     "MaskingStrategy",

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from msmae import defaults
 from msmae.attention import attention_maps
-from msmae.losses import pretrain_loss
+from msmae.losses import ClsLoss, pretrain_loss
 from msmae.map_quality import foreground_patches
 from msmae.masking import MaskSplit, random_masking, sam_masking
 from msmae.metrics import ClassificationReport, classification_report
@@ -83,13 +83,15 @@ def pretrain_step(
     amp: bool = True,
     grad_clip: float | None = None,
     class_weights: torch.Tensor | None = None,
+    cls_loss: ClsLoss = "logits",
 ) -> PretrainStepOutput:
     """Forward on the kept tokens, loss on the masked ones, one optimiser step."""
     model.train()
     with autocast(images.device, amp):
         pred, logits = model(images, split)
     patch_size = _unwrap(model).preset.patch_size
-    loss, recon, cls = pretrain_loss(pred, logits, images, labels, split.masked, patch_size, cls_weight, norm_pix_loss, class_weights)
+    loss, recon, cls = pretrain_loss(pred, logits, images, labels, split.masked, patch_size, cls_weight, norm_pix_loss, class_weights,
+                                      cls_loss)
     _backward_step(loss, model, optimizer, grad_clip)
     return PretrainStepOutput(loss.detach(), recon.detach(), cls.detach())
 

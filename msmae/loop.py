@@ -17,6 +17,7 @@ import torch
 
 from msmae import defaults
 from msmae.engine import MaskRatios, _unwrap, check_finite, draw_masks, finetune_step, pretrain_step
+from msmae.losses import CLS_LOSSES, ClsLoss
 from msmae.schedules import MaskingPhase, MaskingSchedule, cosine_lr, set_lr
 from msmae.table import AttentionTable
 
@@ -47,6 +48,7 @@ class EpochPlan:
     align_maps: bool = True
     cls_weight: float = defaults.CLS_WEIGHT
     norm_pix_loss: bool = defaults.NORM_PIX_LOSS
+    cls_loss: ClsLoss = "logits"  # pre-training's CLS term: on logits, or the released code's softmax first
     label_smoothing: float = defaults.LABEL_SMOOTHING
     grad_clip: float | None = None
     # per-class cross-entropy weights [C] (msmae.balanced_class_weights) for imbalanced data; None: unweighted
@@ -55,6 +57,8 @@ class EpochPlan:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES[self.stage]:
             raise ValueError(f"{self.stage} masking strategy {self.strategy!r}: choose one of {STRATEGIES[self.stage]}")
+        if self.cls_loss not in CLS_LOSSES:
+            raise ValueError(f"cls_loss {self.cls_loss!r}: choose one of {CLS_LOSSES}")
 
     @property
     def uses_maps(self) -> bool:
@@ -123,7 +127,7 @@ def train_one_epoch(
             split = draw_masks(plan.phase, plan.ratios, len(images), num_patches, weights, generator, images.device)
             kept = split.kept
             out = pretrain_step(model, optimizer, images, labels, split, plan.cls_weight, plan.norm_pix_loss, grad_clip=plan.grad_clip,
-                                class_weights=class_weights)
+                                class_weights=class_weights, cls_loss=plan.cls_loss)
             losses = {"loss": out.loss, "loss_recon": out.reconstruction, "loss_cls": out.classification}
         else:
             kept = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,28 @@ def reconstruction_loss(
     return F.mse_loss(pred.float(), target.float())
 
 
+# How the CLS term reads the classifier's output: "logits" (cross-entropy on raw logits, ours) or
+# "softmax_ce" (the released code's: softmax, then CrossEntropyLoss, which applies log-softmax again).
+ClsLoss = Literal["logits", "softmax_ce"]
+CLS_LOSSES: tuple[str, ...] = ("logits", "softmax_ce")
+
+
+def cls_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, cls_loss: ClsLoss = "logits", class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The CLS term's cross-entropy, on logits or, as the released code, on softmax outputs.
+
+    ``softmax_ce`` feeds probabilities in [0, 1] to a cross-entropy that treats them as
+    logits: the loss can never fall below log(C) - (1 - 1/C)-ish and its gradient shrinks as
+    the head grows confident (defect 1). Kept so ``msmae_released`` trains as the released code.
+    """
+    if cls_loss == "logits":
+        return F.cross_entropy(logits.float(), labels, weight=class_weights)
+    if cls_loss == "softmax_ce":
+        return F.cross_entropy(logits.float().softmax(dim=-1), labels, weight=class_weights)
+    raise ValueError(f"cls_loss {cls_loss!r}: choose one of {CLS_LOSSES}")
+
+
 def pretrain_loss(
     pred: torch.Tensor,
     logits: torch.Tensor,
@@ -56,15 +80,17 @@ def pretrain_loss(
     cls_weight: float = defaults.CLS_WEIGHT,
     norm_pix_loss: bool = defaults.NORM_PIX_LOSS,
     class_weights: torch.Tensor | None = None,
+    cls_loss: ClsLoss = "logits",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(total, reconstruction, classification)``; total = MSE + λ · CE.
 
-    Cross-entropy takes raw logits: the reference code applied softmax first and so
-    squashed the classifier's gradient (defect 1). ``class_weights`` (``[C]``) weight each
-    image's cross-entropy by its class (``balanced_class_weights``).
+    Cross-entropy takes raw logits by default: the reference code applied softmax first and
+    so squashed the classifier's gradient (defect 1); ``cls_loss="softmax_ce"`` reproduces
+    it. ``class_weights`` (``[C]``) weight each image's cross-entropy by its class
+    (``balanced_class_weights``).
     """
     recon = reconstruction_loss(pred, images, masked, patch_size, norm_pix_loss)
-    cls = F.cross_entropy(logits.float(), labels, weight=class_weights)
+    cls = cls_cross_entropy(logits, labels, cls_loss, class_weights)
     return recon + cls_weight * cls, recon, cls
 
 

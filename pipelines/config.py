@@ -93,6 +93,9 @@ class PretrainConfig(OptimConfig):
     random_mask_ratio: float = Field(defaults.RANDOM_MASK_RATIO, gt=0, lt=1, description="MAE masking before SAM starts")
     cls_weight: float = Field(defaults.CLS_WEIGHT, ge=0, description="lambda: weight of the CLS cross-entropy")
     norm_pix_loss: bool = defaults.NORM_PIX_LOSS
+    cls_loss: msmae.ClsLoss = Field(
+        "logits", description="the CLS term's cross-entropy: on logits (ours), or softmax_ce (the released code's: softmax first)",
+    )
 
 
 class FinetuneConfig(OptimConfig):

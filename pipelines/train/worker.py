@@ -129,7 +129,7 @@ def epoch_plan(spec: StageSpec) -> msmae.EpochPlan:
         ratios = msmae.MaskRatios(p.masking.mask_ratio, p.masking.throw_ratio, p.random_mask_ratio)
         return msmae.EpochPlan(
             "pretrain", "random", ratios, strategy=p.masking.strategy, align_maps=p.masking.align_maps,
-            cls_weight=p.cls_weight, norm_pix_loss=p.norm_pix_loss, class_weights=class_weights(spec, p.class_weights),
+            cls_weight=p.cls_weight, norm_pix_loss=p.norm_pix_loss, cls_loss=p.cls_loss, class_weights=class_weights(spec, p.class_weights),
         )
     f = spec.config.finetune
     ratios = msmae.MaskRatios(f.masking.mask_ratio, f.masking.throw_ratio)

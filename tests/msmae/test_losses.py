@@ -84,3 +84,24 @@ def test_class_weights_reweight_the_cls_term(generator):
     _, _, cls = pretrain_loss(pred, logits, images, labels, split.masked, 8, class_weights=weights)
     per_image = F.cross_entropy(logits, labels, reduction="none")
     torch.testing.assert_close(cls, (per_image * weights[labels]).sum() / weights[labels].sum())
+
+
+def test_softmax_ce_is_the_released_codes_cls_term(generator):
+    """cls_loss="softmax_ce": softmax, then a cross-entropy that treats the probabilities as logits
+    (the released code); the default stays on logits, and an unknown name is refused."""
+    from msmae.losses import cls_cross_entropy
+
+    images = torch.randn(2, 3, 64, 64)
+    split = sam_masking(torch.rand(2, 64), 0.45, 0.3, generator)
+    pred = torch.zeros(2, split.masked.shape[1], 192)
+    logits, labels = torch.tensor([[4.0, 0.0, -1.0], [0.5, 0.2, 3.0]]), torch.tensor([0, 1])
+    _, _, released = pretrain_loss(pred, logits, images, labels, split.masked, 8, cls_loss="softmax_ce")
+    probs = logits.softmax(-1)
+    by_hand = -(probs[torch.arange(2), labels] - probs.exp().sum(-1).log()).mean()  # CE on probs as logits
+    torch.testing.assert_close(released, by_hand)
+    torch.testing.assert_close(cls_cross_entropy(logits, labels), F.cross_entropy(logits, labels))
+    # bounded: a perfectly confident right answer still costs about log(C) - 1 + ..., never near 0
+    confident = cls_cross_entropy(torch.tensor([[50.0, 0.0, 0.0]]), torch.tensor([0]), "softmax_ce")
+    assert confident.item() == pytest.approx(-(1 - torch.tensor([1.0, 0.0, 0.0]).exp().sum().log()).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="cls_loss"):
+        cls_cross_entropy(logits, labels, "hinge")

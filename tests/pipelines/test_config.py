@@ -127,5 +127,11 @@ def test_balanced_class_weights_reach_the_training_rule_of_both_stages(data_samp
         assert weights.tolist() == pytest.approx([sum(counts) / (len(counts) * n) for n in counts])
     plain = StageSpec("finetune", load_config("demo"), dataset.class_names, sum(counts), class_counts=tuple(counts))
     assert epoch_plan(plain).class_weights is None
+    assert epoch_plan(plain).cls_loss == "logits"  # pretrain.cls_loss: logits by default, the released code's on request
+    released = load_config("demo", ["pretrain.cls_loss=softmax_ce"])
+    spec = StageSpec("pretrain", released, dataset.class_names, sum(counts), class_counts=tuple(counts))
+    assert epoch_plan(spec).cls_loss == "softmax_ce" and released.flat()["pretrain.cls_loss"] == "softmax_ce"
+    with pytest.raises(ConfigError, match="pretrain.cls_loss"):
+        load_config("demo", ["pretrain.cls_loss=hinge"])
     with pytest.raises(ConfigError, match="finetune.class_weights"):
         load_config("demo", ["finetune.class_weights=inverse"])
