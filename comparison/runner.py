@@ -8,15 +8,26 @@ the same epoch skeleton the Ray workers run, with the same optimisers
 refreshes as ``pipelines/train/worker.py``.
 
 Methods (``METHODS``), each on its own recipe where its authors' differs (``Method.adapt``):
-    supervised        ViT from random init on all tokens, no pre-training, no layer decay
-    mae               MAE pre-training on MAE's own defaults (random 75 %, no CLS loss, blr 1.5e-4,
-                      norm_pix_loss, 5 % warm-up) + all-token fine-tuning
-    msmae             MSMAE pre-training (random warm-up, then SAM by attention) + SAM fine-tuning
-    msmae_ft_all      MSMAE pre-training (attention rule) + all-token fine-tuning
-    msmae_released    the released code's rule: uniform weights in both stages
+    supervised            ViT from random init on all tokens, no pre-training, no layer decay
+    supervised_eqflops    the same at the training FLOPs of msmae_ft_all (epochs from comparison.flops)
+    resnet18              timm ResNet-18 from random init, supervised, the supervised ViT's epochs
+    mae                   MAE pre-training on MAE's own settings (random 75 %, no CLS loss,
+                          norm_pix_loss, 5 % warm-up) + all-token fine-tuning
+    mae_cls               random 75 % masking throughout + the CLS term (control: no SAM)
+    msmae                 MSMAE pre-training (random warm-up, then SAM by attention) + SAM fine-tuning
+    msmae_frozen_maps     as msmae, but fine-tuning keeps the pre-training's last maps (no refresh)
+    msmae_ft_all          MSMAE pre-training (attention rule) + all-token fine-tuning
+    msmae_uniform_ft_all  MSMAE pre-training with the uniform rule (CLS term kept) + all-token fine-tuning
+    msmae_released        the released code: uniform weights in both stages, softmax before the CLS cross-entropy
+
+attention (msmae_ft_all) vs uniform (msmae_uniform_ft_all) vs random (mae_cls) differ in the
+pre-training masking rule only: CLS term, loss, recipe and fine-tuning are the same.
 
 Protocol: validate on whole images after every fine-tuning epoch, keep the state with the
-best validation macro-F1, evaluate it once on the test split.
+best validation macro-F1, evaluate it once on the test split; the selected state's per-image
+validation and test predictions go into the record (``comparison.stats`` pairs them).
+A learning rate per method comes from a grid chosen on validation (``blr`` of ``run_method``,
+``Method.tuned_lr``; the grid loop is ``benchmarks/compare.py``'s).
 """
 
 from __future__ import annotations
@@ -32,12 +43,14 @@ from typing import Literal
 import torch
 
 import msmae
+from comparison import flops as flops_mod
 from comparison.augment import TrainBatches, eval_batches, resize_whole
 from comparison.bundle import Bundle, decode_all
 from msmae import defaults
-from msmae import MaskingStrategy, MaskRatios, evaluate, report_from_probs
+from msmae import ClsLoss, MaskingStrategy, MaskRatios, evaluate, report_from_probs
 
 PretrainKind = Literal["none", "mae", "msmae"]
+Arch = Literal["vit", "resnet18"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,13 @@ class Method:
     ``finetune`` is the fine-tuning masking strategy (``msmae.loop.MaskingStrategy``: the
     paper's attention rule, the released code's uniform draw, or all tokens);
     ``pretrain_strategy`` the same choice for MSMAE pre-training's SAM phase.
+    ``cls_term``: pre-training adds λ · CLS cross-entropy (None: MSMAE yes, MAE no), computed
+    on logits or, as the released code, on softmax outputs (``cls_loss``). ``frozen_maps``:
+    SAM fine-tuning draws from the maps the pre-trained model gives at the end of
+    pre-training, never refreshed (fine-tuning's own maps come from the last block's CLS
+    query, which a mean-pooling head never trains). ``arch``: "vit", or a timm CNN trained
+    supervised (no patches, no masks). ``equal_flops``: a supervised row whose epochs match the
+    training FLOPs of msmae_ft_all (``comparison.flops.equal_flops_epochs``).
     """
 
     name: str
@@ -56,6 +76,17 @@ class Method:
     align_maps: bool = True
     description: str = ""
     adapt: Callable[["Recipe"], "Recipe"] | None = None  # the method's own recipe, from the shared one
+    cls_term: bool | None = None
+    cls_loss: ClsLoss = "logits"
+    frozen_maps: bool = False
+    arch: Arch = "vit"
+    equal_flops: bool = False
+
+    def __post_init__(self) -> None:
+        if self.frozen_maps and (self.pretrain != "msmae" or self.pretrain_strategy != "attention" or self.finetune != "attention"):
+            raise ValueError(f"{self.name}: frozen maps need MSMAE pre-training and SAM fine-tuning by attention")
+        if (self.arch != "vit" or self.equal_flops) and (self.pretrain != "none" or self.finetune != "all"):
+            raise ValueError(f"{self.name}: a CNN or an equal-FLOPs row trains supervised on all tokens")
 
     def recipe_for(self, recipe: "Recipe") -> "Recipe":
         """The recipe this method trains with: the shared one, changed where its authors' differs."""
@@ -67,20 +98,34 @@ class Method:
         return self.finetune != "all"
 
     @property
+    def uses_cls_term(self) -> bool:
+        return self.pretrain == "msmae" if self.cls_term is None else self.cls_term
+
+    @property
+    def tuned_lr(self) -> str:
+        """The recipe field the learning-rate grid sets: pre-training's blr, or the only stage's."""
+        return "finetune_blr" if self.pretrain == "none" else "pretrain_blr"
+
+    @property
     def pretrain_key(self) -> tuple:
         """What determines the pre-training (methods that share it can share one run of it)."""
-        return (self.pretrain, self.pretrain_strategy, self.align_maps)
+        if self.pretrain != "msmae":  # MAE masks at random throughout: the SAM strategy plays no part
+            return (self.pretrain, "random", self.align_maps, self.uses_cls_term, self.cls_loss)
+        return (self.pretrain, self.pretrain_strategy, self.align_maps, self.uses_cls_term, self.cls_loss)
 
 
-# MAE's official pre-training defaults (facebookresearch/mae, PRETRAIN.md): blr 1.5e-4, per-patch
-# normalised pixel targets, 40 warm-up epochs of 800 (5 %); masking 75 % is already the recipe's.
-MAE_PRETRAIN_BLR = 1.5e-4
+# MAE's official pre-training settings (facebookresearch/mae, PRETRAIN.md): per-patch normalised
+# pixel targets, 40 warm-up epochs of 800 (5 %); masking 75 % is already the recipe's. Its blr
+# 1.5e-4 is tuned for batch 4,096 over 800 epochs; at batch 64 over tens of epochs it left the
+# encoder untrained (peak lr 3.75e-5, 6.7x below MSMAE's), so MAE's lr comes from the shared
+# recipe or the learning-rate grid like every other method's.
+MAE_OFFICIAL_BLR = 1.5e-4  # for reference only: not applied
 MAE_WARMUP_FRACTION = 0.05
 
 
 def mae_official(recipe: "Recipe") -> "Recipe":
     warmup = float(max(1, round(MAE_WARMUP_FRACTION * recipe.pretrain_epochs)))
-    return replace(recipe, pretrain_blr=MAE_PRETRAIN_BLR, norm_pix_loss=True, pretrain_warmup=warmup)
+    return replace(recipe, norm_pix_loss=True, pretrain_warmup=warmup)
 
 
 def no_layer_decay(recipe: "Recipe") -> "Recipe":
@@ -93,15 +138,33 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("supervised", "none", "all", adapt=no_layer_decay,
-               description="ViT from random init, all tokens, no layer decay"),
+               description="ViT from random init, all tokens, no layer decay, pre-training + fine-tuning epochs"),
+        Method("supervised_eqflops", "none", "all", adapt=no_layer_decay, equal_flops=True,
+               description="ViT from random init, all tokens, no layer decay, at msmae_ft_all's training FLOPs"),
+        Method("resnet18", "none", "all", adapt=no_layer_decay, arch="resnet18",
+               description="timm ResNet-18 from random init, supervised, the supervised ViT's epochs"),
         Method("mae", "mae", "all", adapt=mae_official,
-               description="MAE pre-training on MAE's defaults (random 75 %, no CLS loss, blr 1.5e-4, norm_pix_loss) + all-token fine-tuning"),
+               description="MAE pre-training on MAE's settings (random 75 %, no CLS loss, norm_pix_loss, 5 % warm-up) + all-token fine-tuning"),
+        Method("mae_cls", "mae", "all", cls_term=True,
+               description="control: random 75 % masking throughout + the CLS term, all-token fine-tuning"),
         Method("msmae", "msmae", "attention", description="MSMAE as the paper describes it: attention rule in both stages"),
+        Method("msmae_frozen_maps", "msmae", "attention", frozen_maps=True,
+               description="MSMAE pre-training + SAM fine-tuning on the pre-trained model's maps, never refreshed"),
         Method("msmae_ft_all", "msmae", "all", description="MSMAE pre-training (attention rule) + all-token fine-tuning"),
-        Method("msmae_released", "msmae", "uniform", pretrain_strategy="uniform",
-               description="the released code's rule: uniform weights in both stages (random 45/30/25 %, random 25 % of tokens)"),
+        Method("msmae_uniform_ft_all", "msmae", "all", pretrain_strategy="uniform",
+               description="control: MSMAE pre-training with the uniform rule (CLS term kept) + all-token fine-tuning"),
+        Method("msmae_released", "msmae", "uniform", pretrain_strategy="uniform", cls_loss="softmax_ce",
+               description="the released code: uniform weights in both stages (random 45/30/25 %, random 25 % of tokens), "
+                           "softmax before the CLS cross-entropy"),
     ]
 }
+
+
+def effective_recipe(method: Method, recipe: "Recipe", blr: float | None = None) -> "Recipe":
+    """The recipe a run trains with: the method's own (``Method.adapt``), then the grid's
+    learning rate (``blr``, into ``Method.tuned_lr``) when one is given."""
+    adapted = method.recipe_for(recipe)
+    return adapted if blr is None else replace(adapted, **{method.tuned_lr: float(blr)})
 
 
 @dataclass(frozen=True)
@@ -259,6 +322,9 @@ Validate = Callable[[int], dict[str, float]]
 class StageResult:
     curve: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    # pre-training by attention: every training image's map from the final model ([N, L], CPU),
+    # which frozen-map fine-tuning draws from
+    maps: torch.Tensor | None = None
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -284,20 +350,26 @@ def refresh_maps(
 
 def run_stage(
     trainer: msmae.StageTrainer, batches: TrainBatches, data: DeviceData, recipe: Recipe, device: torch.device,
-    progress: Progress | None = None, validate: Validate | None = None,
+    progress: Progress | None = None, validate: Validate | None = None, frozen_maps: bool = False,
+    resume: StageResult | None = None, after_epoch: Callable[[int, StageResult], None] | None = None,
 ) -> StageResult:
     """Every epoch of the trainer's stage (one curve row each) and the stage's seconds.
 
-    Maps are refreshed from the trainer's model when its schedule says so. ``validate(epoch)``
-    (fine-tuning) gives the epoch's validation headline; such rows also time the training
-    alone (``train_seconds``). Epoch times count from before the map refresh.
+    Maps are refreshed from the trainer's model when its schedule says so (never with
+    ``frozen_maps``: the table keeps what it was given). ``validate(epoch)`` gives the
+    epoch's validation headline; such rows also time the training alone (``train_seconds``).
+    Epoch times count from before the map refresh. ``resume``: the stage so far (its curve's
+    epochs are skipped, its seconds carried on); ``after_epoch(epoch, result)`` runs after
+    each epoch's row is recorded and before ``progress`` (a checkpoint written there survives
+    whatever ``progress`` does).
     """
     quality: dict[str, float] = {}
-    refresh = partial(refresh_maps, trainer.model, trainer.table, data, recipe, quality)
+    refresh = (lambda epoch: 0) if frozen_maps else partial(refresh_maps, trainer.model, trainer.table, data, recipe, quality)
     stage, epochs = trainer.plan.stage, trainer.schedule.epochs
-    result = StageResult()
+    result = StageResult(list(resume.curve), resume.seconds) if resume is not None else StageResult()
+    prior = result.seconds
     start = time.perf_counter()
-    for epoch in range(epochs):
+    for epoch in range(len(result.curve), epochs):
         epoch_start = time.perf_counter()
         quality.clear()
         outcome = trainer.run_epoch(epoch, batches, len(batches), refresh)
@@ -310,21 +382,80 @@ def run_stage(
         row.update(lr=max(g["lr"] for g in trainer.optimizer.param_groups), **timing,
                    seconds=time.perf_counter() - epoch_start, images=outcome.totals.seen)
         result.curve.append(row)
+        if after_epoch is not None:
+            result.seconds = prior + time.perf_counter() - start
+            after_epoch(epoch, result)
         if progress:
             progress(row)
     _sync(device)
-    result.seconds = time.perf_counter() - start
+    result.seconds = prior + time.perf_counter() - start
     return result
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where one long pre-training keeps its state, so it survives an interruption.
+
+    Every ``every`` epochs the whole training state (model, optimiser, attention table, the
+    random generators, the SAM start, the curve) replaces ``<stem>-latest.pt``; at each epoch
+    count in ``snapshots`` the model and its curve go to ``<stem>-e<epochs>.pt``, to fine-tune
+    from (the pre-training-length curve). Files are written whole or not at all.
+    """
+
+    directory: Path
+    stem: str
+    every: int | None = None
+    snapshots: tuple[int, ...] = ()
+
+    @property
+    def latest(self) -> Path:
+        return self.directory / f"{self.stem}-latest.pt"
+
+    def snapshot(self, epochs: int) -> Path:
+        return self.directory / f"{self.stem}-e{epochs}.pt"
+
+    def load_latest(self, key: str) -> dict | None:
+        if not self.latest.is_file():
+            return None
+        state = torch.load(self.latest, map_location="cpu", weights_only=True)  # tensors and plain values only
+        if state["key"] != key:
+            raise ValueError(f"{self.latest} holds another pre-training ({state['key'][:120]}...); remove it")
+        return state
+
+    def due(self, epochs_done: int, total: int) -> bool:
+        return self.every is not None and (epochs_done % self.every == 0 or epochs_done == total)
+
+
+def save_atomic(payload: dict, path: Path) -> None:
+    """``torch.save`` to a side file, then rename: a killed process leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = path.with_suffix(".partial")
+    torch.save(payload, partial_path)
+    partial_path.replace(path)
+
+
+def _cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(v) for v in value)
+    return value
 
 
 def pretrain(
     method: Method, recipe: Recipe, data: DeviceData, seed: int, device: torch.device, progress: Progress | None = None,
+    checkpoints: Checkpointing | None = None, key: str = "",
 ) -> tuple[msmae.MSMAEPretrainModel, StageResult]:
-    """MAE (``method.pretrain="mae"``: random masking throughout, no CLS loss) or MSMAE pre-training
-    (random masking until SAM starts, then SAM by ``method.pretrain_strategy``).
+    """MAE (``method.pretrain="mae"``: random masking throughout) or MSMAE pre-training (random
+    masking until SAM starts, then SAM by ``method.pretrain_strategy``); the CLS term where
+    ``method.uses_cls_term``.
 
-    MSMAE epochs record the CLS head's validation balanced accuracy on whole images; with
-    ``recipe.sam_gate`` SAM starts once it reaches the gate (``SamGate``)."""
+    Epochs with the CLS term record its head's validation balanced accuracy on whole images;
+    with ``recipe.sam_gate`` SAM starts once it reaches the gate (``SamGate``). With
+    ``checkpoints`` (and the pre-training's ``key``) the state is saved as it goes and a run
+    starts from the latest saved epoch."""
     torch.manual_seed(seed)
     preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size, recipe.reg_tokens)
     model = msmae.build_pretrain_model(preset, data.num_classes).to(device)
@@ -332,20 +463,63 @@ def pretrain(
     batches = TrainBatches(data.train, data.train_labels, data.train_aspect, recipe.img_size, recipe.batch_size, _generator(device, seed * 1000 + 1))
     mask_generator = _generator(device, seed * 1000 + 2)
     sam = method.pretrain == "msmae"
-    gate = SamGate(recipe) if sam else None
+    cls = method.uses_cls_term
+    gate = SamGate(recipe) if cls else None
     schedule = msmae.StageSchedule(
         recipe.pretrain_epochs, msmae.scaled_lr(recipe.pretrain_blr, recipe.batch_size), recipe.pretrain_min_lr,
-        recipe.pretrain_warmup, msmae.MaskingSchedule(gate.first_start, recipe.refresh_every) if sam else None,
+        recipe.pretrain_warmup, msmae.MaskingSchedule(SamGate(recipe).first_start, recipe.refresh_every) if sam else None,
     )
     plan = msmae.EpochPlan(
-        "pretrain", "random", recipe.ratios, strategy=method.pretrain_strategy, align_maps=method.align_maps,
-        cls_weight=recipe.cls_weight if sam else 0.0, norm_pix_loss=recipe.norm_pix_loss,
-        class_weights=class_weights(recipe, data) if sam else None,
+        "pretrain", "random", recipe.ratios, strategy=method.pretrain_strategy if sam else "uniform", align_maps=method.align_maps,
+        cls_weight=recipe.cls_weight if cls else 0.0, norm_pix_loss=recipe.norm_pix_loss, cls_loss=method.cls_loss,
+        class_weights=class_weights(recipe, data) if cls else None,
     )
     table = msmae.AttentionTable(len(data.train), preset.grid, device=device) if sam and plan.uses_maps else None
     trainer = msmae.StageTrainer(model, optimizer, plan, schedule, table, mask_generator)
-    validate = partial(gate.check, trainer, data) if sam else None
-    return model, run_stage(trainer, batches, data, recipe, device, progress, validate)
+    validate = partial(gate.check, trainer, data) if cls else None
+    resume, after_epoch = None, None
+    if checkpoints is not None:
+        state = checkpoints.load_latest(key)
+        if state is not None:
+            resume = _restore(state, trainer, batches)
+        after_epoch = partial(_checkpoint, checkpoints, key, trainer, batches)
+    result = run_stage(trainer, batches, data, recipe, device, progress, validate, resume=resume, after_epoch=after_epoch)
+    if table is not None:  # the final model's maps, for fine-tuning that keeps them (frozen_maps)
+        index = torch.arange(len(data.train_plain), device=data.train_plain.device)
+        result.maps = msmae.refresh_maps(model, eval_batches(data.train_plain, index, recipe.eval_batch_size)).maps
+    return model, result
+
+
+def _checkpoint(checkpoints: Checkpointing, key: str, trainer: msmae.StageTrainer, batches: TrainBatches,
+                epoch: int, result: StageResult) -> None:
+    """Save what ``checkpoints`` asks for after ``epoch`` (the training state, a snapshot, both or nothing)."""
+    done, total = epoch + 1, trainer.schedule.epochs
+    if done in checkpoints.snapshots:
+        save_atomic({"key": key, "epochs": done, "encoder_state": _cpu(trainer.model.state_dict()),
+                     "curve": result.curve, "seconds": result.seconds}, checkpoints.snapshot(done))
+    if checkpoints.due(done, total):
+        masking = trainer.schedule.masking
+        save_atomic({
+            "key": key, "epochs_done": done, "model": _cpu(trainer.model.state_dict()), "optimizer": _cpu(trainer.optimizer.state_dict()),
+            "table": trainer.table.state_dict() if trainer.table is not None else None,
+            "generators": [batches.generator.get_state(), trainer.generator.get_state()], "rng": torch.get_rng_state(),
+            "sam_start": masking.sam_start if masking is not None else None, "curve": result.curve, "seconds": result.seconds,
+        }, checkpoints.latest)
+
+
+def _restore(state: dict, trainer: msmae.StageTrainer, batches: TrainBatches) -> StageResult:
+    """Put a saved training state back into ``trainer`` and ``batches``; the stage so far."""
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if trainer.table is not None and state["table"] is not None:
+        trainer.table.maps.copy_(state["table"]["maps"])
+        trainer.table.refreshed_at = state["table"]["refreshed_at"]
+    batches.generator.set_state(state["generators"][0])
+    trainer.generator.set_state(state["generators"][1])
+    torch.set_rng_state(state["rng"])
+    if state["sam_start"] is not None:
+        trainer.schedule = replace(trainer.schedule, masking=replace(trainer.schedule.masking, sam_start=state["sam_start"]))
+    return StageResult(list(state["curve"]), float(state["seconds"]))
 
 
 def class_weights(recipe: Recipe, data: DeviceData) -> torch.Tensor | None:
@@ -388,8 +562,8 @@ class SamGate:
 
     def check(self, trainer: msmae.StageTrainer, data: DeviceData, epoch: int) -> dict[str, float]:
         accuracy = cls_head_balanced_accuracy(trainer.model, data, self.recipe.eval_batch_size)
-        masking = trainer.schedule.masking
-        waiting = self.recipe.sam_gate is not None and masking.sam_start > epoch + 1
+        masking = trainer.schedule.masking  # None: random masking throughout (mae_cls), nothing to gate
+        waiting = self.recipe.sam_gate is not None and masking is not None and masking.sam_start > epoch + 1
         if waiting and epoch + 1 >= self.recipe.sam_start and accuracy >= self.recipe.sam_gate:
             trainer.schedule = replace(trainer.schedule, masking=replace(masking, sam_start=epoch + 1))
         return {"cls_balanced_accuracy": accuracy}
@@ -402,21 +576,33 @@ class _Selection:
     epoch: int = -1
     val: dict = field(default_factory=dict)
     state: dict | None = None
+    val_pred: list[int] = field(default_factory=list)
 
-    def consider(self, epoch: int, val: dict, model: torch.nn.Module) -> None:
+    def consider(self, epoch: int, val: dict, model: torch.nn.Module, probs: torch.Tensor) -> None:
         if val["macro_f1"] > self.val.get("macro_f1", -1.0):
             self.epoch, self.val = epoch, val
             self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.val_pred = probs.argmax(dim=1).tolist()
+
+
+def build_finetune_model(method: Method, preset: msmae.ViTPreset, num_classes: int, drop_path: float) -> torch.nn.Module:
+    """The classifier a method fine-tunes: the ViT, or a timm CNN from random weights."""
+    if method.arch == "vit":
+        return msmae.build_classifier(preset, num_classes, drop_path_rate=drop_path)
+    return flops_mod.build_cnn(method.arch, num_classes, preset, drop_path)
 
 
 def finetune(
     method: Method, recipe: Recipe, data: DeviceData, seed: int, device: torch.device,
     encoder_state: dict | None, epochs: int, warmup: float, progress: Progress | None = None,
+    maps: torch.Tensor | None = None,
 ) -> tuple[dict, StageResult]:
-    """Fine-tune (from ``encoder_state``, or from scratch when None); select by val macro-F1; test once."""
+    """Fine-tune (from ``encoder_state``, or from scratch when None); select by val macro-F1; test once.
+
+    ``maps`` ([N, L]): with ``method.frozen_maps``, the maps SAM draws from throughout."""
     torch.manual_seed(seed * 1000 + 3)
     preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size, recipe.reg_tokens)
-    model = msmae.build_classifier(preset, data.num_classes, drop_path_rate=recipe.drop_path)
+    model = build_finetune_model(method, preset, data.num_classes, recipe.drop_path)
     if encoder_state is not None:
         msmae.load_pretrained_encoder(model, encoder_state)
     model = model.to(device)
@@ -433,21 +619,28 @@ def finetune(
         label_smoothing=recipe.label_smoothing, class_weights=class_weights(recipe, data),
     )
     table = msmae.AttentionTable(len(data.train), preset.grid, device=device) if plan.uses_maps else None
+    if method.frozen_maps:
+        if maps is None:
+            raise ValueError(f"{method.name} fine-tunes on the pre-training's maps: pass them (pretrain's StageResult.maps)")
+        table.update(torch.arange(len(maps)), maps, epoch=-1)
     trainer = msmae.StageTrainer(model, optimizer, plan, schedule, table, mask_generator)
     best = _Selection()
 
     def validate(epoch: int) -> dict[str, float]:
-        report, _, _ = evaluate(model, eval_batches(data.val, data.val_labels, recipe.eval_batch_size), data.num_classes)
+        report, probs, _ = evaluate(model, eval_batches(data.val, data.val_labels, recipe.eval_batch_size), data.num_classes)
         val = _headline(report)
-        best.consider(epoch, val, model)
+        best.consider(epoch, val, model, probs)
         return val
 
-    result = run_stage(trainer, batches, data, recipe, device, progress, validate)
+    result = run_stage(trainer, batches, data, recipe, device, progress, validate, frozen_maps=method.frozen_maps)
     test_start = time.perf_counter()
     model.load_state_dict(best.state)
-    report, _, _ = evaluate(model, eval_batches(data.test, data.test_labels, recipe.eval_batch_size), data.num_classes)
+    report, probs, _ = evaluate(model, eval_batches(data.test, data.test_labels, recipe.eval_batch_size), data.num_classes)
+    # per-image predictions of the selected state, in the bundle's split order (labels: the bundle's), for paired tests
+    predictions = {"val_pred": best.val_pred, "test_pred": probs.argmax(dim=1).tolist(),
+                   "val_label": data.val_labels.cpu().tolist(), "test_label": data.test_labels.cpu().tolist()}
     selection = {"selected_epoch": best.epoch, "val": best.val, "test": _headline(report), "test_confusion": report.confusion,
-                 "test_seconds": time.perf_counter() - test_start}
+                 "test_seconds": time.perf_counter() - test_start, "predictions": predictions}
     return selection, result
 
 
@@ -462,57 +655,106 @@ def _headline(report: msmae.ClassificationReport) -> dict[str, float]:
 class PretrainCache:
     """Pre-trained encoders kept for reuse, keyed by what determines them.
 
-    ``msmae`` and ``msmae_ft_all`` pre-train identically (same seed, same recipe): the second
-    reuses the first's encoder, so their fine-tuning results differ only by fine-tuning. With a
-    ``directory`` every pre-training is also saved there and found by a later process: a GPU
-    box whose commands are capped at 10 minutes pre-trains in one call and fine-tunes in the
-    next (``compare.py --stage pretrain``, then the same command without it).
+    ``msmae``, ``msmae_frozen_maps`` and ``msmae_ft_all`` pre-train identically (same seed,
+    same recipe): the later ones reuse the first's encoder, so their results differ only by
+    fine-tuning. With a ``directory`` every pre-training is also saved there and found by a
+    later process: a GPU box whose commands are capped at 10 minutes pre-trains in one call
+    and fine-tunes in the next (``compare.py --stage pretrain``, then the same command
+    without it). With ``checkpoint_every`` and ``snapshots`` (both need the directory) a long
+    pre-training also saves its state as it goes and resumes after an interruption
+    (``Checkpointing``), and keeps encoders to fine-tune from at the ``snapshots`` epochs.
     """
 
-    entries: dict[tuple, tuple[dict, StageResult]] = field(default_factory=dict)
+    entries: dict[tuple, StageResult | tuple] = field(default_factory=dict)
     directory: Path | None = None
+    checkpoint_every: int | None = None
+    snapshots: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.directory is None and (self.checkpoint_every or self.snapshots):
+            raise ValueError("checkpoints and snapshots of pre-training need a directory (--pretrained-dir)")
 
     def path(self, key: tuple) -> Path:
-        return self.directory / f"pretrain-{hashlib.sha1(repr(key).encode()).hexdigest()[:16]}.pt"
+        return self.directory / f"pretrain-{self.stem(key)}.pt"
+
+    @staticmethod
+    def stem(key: tuple) -> str:
+        return hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+
+    def checkpointing(self, key: tuple) -> Checkpointing | None:
+        if self.directory is None or not (self.checkpoint_every or self.snapshots):
+            return None
+        return Checkpointing(self.directory, f"pretrain-{self.stem(key)}", self.checkpoint_every, tuple(self.snapshots))
 
     def get(self, key: tuple) -> tuple[dict, StageResult] | None:
         if key not in self.entries and self.directory is not None and self.path(key).is_file():
             saved = torch.load(self.path(key), map_location="cpu", weights_only=True)  # tensors and plain values only
             if saved["key"] != repr(key):
                 raise ValueError(f"{self.path(key)} holds another pre-training ({saved['key'][:120]}...); remove it")
-            self.entries[key] = (saved["encoder_state"], StageResult(saved["curve"], saved["seconds"]))
+            self.entries[key] = (saved["encoder_state"], StageResult(saved["curve"], saved["seconds"], saved.get("maps")))
         return self.entries.get(key)
 
     def put(self, key: tuple, encoder_state: dict, result: StageResult) -> None:
         self.entries[key] = (encoder_state, result)
         if self.directory is not None:  # written whole or not at all: a killed call leaves no half file
-            self.directory.mkdir(parents=True, exist_ok=True)
-            payload = {"key": repr(key), "encoder_state": {k: v.cpu() for k, v in encoder_state.items()},
-                       "curve": result.curve, "seconds": result.seconds}
-            partial_path = self.path(key).with_suffix(".partial")
-            torch.save(payload, partial_path)
-            partial_path.replace(self.path(key))
+            payload = {"key": repr(key), "encoder_state": _cpu(encoder_state), "curve": result.curve, "seconds": result.seconds,
+                       "maps": result.maps}
+            save_atomic(payload, self.path(key))
+            checkpoints = self.checkpointing(key)
+            if checkpoints is not None:  # finished: the training state is no longer needed
+                checkpoints.latest.unlink(missing_ok=True)
+
+    def snapshot(self, key: tuple, epochs: int) -> tuple[dict, StageResult]:
+        """The encoder saved after ``epochs`` epochs of the pre-training ``key`` (``snapshots``)."""
+        path = self.checkpointing(key).snapshot(epochs) if self.checkpointing(key) else None
+        if path is None or not path.is_file():
+            raise FileNotFoundError(f"no snapshot after {epochs} pre-training epochs ({path}); "
+                                    f"pre-train with snapshots {list(self.snapshots)} including {epochs}")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["key"] != repr(key):
+            raise ValueError(f"{path} holds another pre-training ({saved['key'][:120]}...); remove it")
+        return saved["encoder_state"], StageResult(saved["curve"], saved["seconds"])
 
 
 def pretrain_key(method: Method, recipe: Recipe, data: DeviceData, seed: int) -> tuple:
-    """What a pre-training depends on: the method's pre-training rule, its recipe, the data, the seed."""
-    return (*method.pretrain_key, seed, method.recipe_for(recipe), data.name, tuple(data.counts().items()))
+    """What a pre-training depends on: the method's pre-training rule, its recipe (as the run
+    trains with it: ``effective_recipe``), the data, the seed."""
+    return (*method.pretrain_key, seed, recipe, data.name, tuple(data.counts().items()))
 
 
 def pretrained_encoder(
     method: Method, recipe: Recipe, data: DeviceData, seed: int, device: torch.device,
     progress: Progress | None = None, cache: PretrainCache | None = None,
 ) -> tuple[dict, StageResult, bool]:
-    """The method's pre-trained encoder state, its curve, and whether it came from ``cache``."""
+    """The method's pre-trained encoder state, its curve, and whether it came from ``cache``.
+    ``recipe`` is the run's own (``effective_recipe``)."""
     key = pretrain_key(method, recipe, data, seed)
     found = cache.get(key) if cache is not None else None
     if found is not None:
         return *found, True
-    model, result = pretrain(method, method.recipe_for(recipe), data, seed, device, progress)
+    checkpoints = cache.checkpointing(key) if cache is not None else None
+    model, result = pretrain(method, recipe, data, seed, device, progress, checkpoints, repr(key))
     encoder_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if cache is not None:
         cache.put(key, encoder_state, result)
     return encoder_state, result, False
+
+
+def finetune_epochs(method: Method, recipe: Recipe, flops: flops_mod.StepFlops | None = None) -> tuple[int, float]:
+    """A method's fine-tuning epochs and warm-up: the recipe's after pre-training; from scratch,
+    pre-training + fine-tuning epochs, or (``equal_flops``) the epochs at msmae_ft_all's FLOPs."""
+    if method.pretrain != "none":
+        return recipe.finetune_epochs, recipe.finetune_warmup
+    if method.equal_flops:
+        epochs, _ = flops_mod.equal_flops_epochs(recipe.pretrain_epochs, recipe.sam_start, recipe.finetune_epochs, flops)
+    else:
+        epochs = recipe.supervised_epochs()
+    return epochs, float(max(1, round(0.1 * epochs)))
+
+
+def step_flops(recipe: Recipe, num_classes: int) -> flops_mod.StepFlops:
+    preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size, recipe.reg_tokens)
+    return flops_mod.measure(preset, num_classes, recipe.ratios)
 
 
 def run_method(
@@ -523,22 +765,38 @@ def run_method(
     device: torch.device | str,
     progress: Progress | None = None,
     cache: PretrainCache | None = None,
+    blr: float | None = None,
+    from_snapshot: int | None = None,
 ) -> dict:
-    """Pre-train (if the method does), fine-tune, select on val, test once: one JSON-able record."""
+    """Pre-train (if the method does), fine-tune, select on val, test once: one JSON-able record.
+
+    ``blr``: the learning-rate grid's value for ``method.tuned_lr`` (None: the recipe's).
+    ``from_snapshot``: fine-tune from the encoder after that many pre-training epochs (the
+    cache's ``snapshots``; the whole pre-training runs, or resumes, first)."""
     method = METHODS[method] if isinstance(method, str) else method
     device = torch.device(device)
     wall_start = time.perf_counter()
+    recipe = effective_recipe(method, recipe, blr)
+    flops = step_flops(recipe, data.num_classes)
     pre = StageResult()
     encoder_state, shared = None, False
     if method.pretrain != "none":
         encoder_state, pre, shared = pretrained_encoder(method, recipe, data, seed, device, progress, cache)
-    recipe = method.recipe_for(recipe)
-    if method.pretrain == "none":
-        ft_epochs, warmup = recipe.supervised_epochs(), float(max(1, round(0.1 * recipe.supervised_epochs())))
-    else:
-        ft_epochs, warmup = recipe.finetune_epochs, recipe.finetune_warmup
-    selection, ft = finetune(method, recipe, data, seed, device, encoder_state, ft_epochs, warmup, progress)
+        if from_snapshot is not None:
+            ran_here = 0.0 if shared else pre.seconds  # the whole pre-training, if this call ran it
+            if cache is None:
+                raise ValueError("fine-tuning from a pre-training snapshot needs a PretrainCache with a directory")
+            encoder_state, pre = cache.snapshot(pretrain_key(method, recipe, data, seed), from_snapshot)
+            if method.frozen_maps:
+                raise ValueError(f"{method.name}: snapshots keep no maps; fine-tune them on all tokens")
+    ft_epochs, warmup = finetune_epochs(method, recipe, flops)
+    selection, ft = finetune(method, recipe, data, seed, device, encoder_state, ft_epochs, warmup, progress, pre.maps)
     measured = time.perf_counter() - wall_start
+    if from_snapshot is not None:  # as if run alone: pre-training up to the snapshot, then fine-tuning
+        measured -= ran_here
+    refreshed = sum(len(data.train) for r in [*pre.curve, *ft.curve] if r.get("maps_refreshed"))
+    compute = flops_mod.run_flops(pre.curve, ft.curve, method.finetune, method.arch, flops, data.counts(), refreshed)
+    pretrain_epochs = len(pre.curve)
     return {
         "method": method.name,
         "description": method.description,
@@ -548,11 +806,16 @@ def run_method(
         "counts": data.counts(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "recipe": asdict(recipe),
-        "pretrain_epochs": recipe.pretrain_epochs if method.pretrain != "none" else 0,
+        "tuned_lr": {"field": method.tuned_lr, "blr": getattr(recipe, method.tuned_lr), "from_grid": blr is not None},
+        "pretrain_epochs": pretrain_epochs,
+        "pretrain_checkpoint_epoch": from_snapshot,
         # the first SAM epoch of pre-training (None: MAE, no pre-training, or SAM never started)
         "sam_started_epoch": next((r["epoch"] for r in pre.curve if r["phase"] == "sam"), None),
         "finetune_epochs": ft_epochs,
-        "image_passes": (recipe.pretrain_epochs if method.pretrain != "none" else 0) + ft_epochs,
+        "image_passes": pretrain_epochs + ft_epochs,
+        "flops": compute,
+        "train_flops": compute["train"],
+        "step_flops_per_image": flops.as_dict(),
         **selection,
         "pretrain_curve": pre.curve,
         "finetune_curve": ft.curve,
@@ -560,6 +823,6 @@ def run_method(
         "finetune_seconds": ft.seconds,
         "pretrain_shared": shared,
         # wall time of the method as if run alone: a reused pre-training counts its measured time
-        "wall_seconds": measured + (pre.seconds if shared else 0.0),
+        "wall_seconds": measured + (pre.seconds if shared or from_snapshot is not None else 0.0),
         "measured_seconds": measured,
     }
