@@ -22,13 +22,16 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_METHODS = ["supervised", "mae", "msmae", "msmae_ft_all", "msmae_released"]
+DEFAULT_METHODS = ["supervised", "supervised_eqflops", "resnet18", "mae", "mae_cls", "msmae", "msmae_frozen_maps", "msmae_ft_all",
+                   "msmae_uniform_ft_all", "msmae_released"]
 HEADLINE = [("test", "accuracy", "test acc"), ("test", "balanced_accuracy", "test bal. acc"),
             ("test", "macro_f1", "test macro-F1"), ("val", "macro_f1", "val macro-F1 (selected)")]
 
@@ -72,6 +75,16 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--pretrained-dir", type=Path,
                    help="save every pre-training here and reuse the ones found (a later command with the same arguments)")
+    p.add_argument("--lr-grid", nargs="+", type=float, metavar="BLR",
+                   help="choose each method's learning rate on validation from these base lrs (lr = blr * batch / 256): the "
+                        "pre-training blr of pre-trained methods, the only stage's of supervised ones; every method at every value "
+                        "on --lr-select-seed, then the other seeds at the value with the best validation macro-F1")
+    p.add_argument("--lr-select-seed", type=int, help="the seed whose runs choose the learning rate (default: the first of --seeds)")
+    p.add_argument("--checkpoint-every", type=int,
+                   help="save each pre-training's whole state into --pretrained-dir every N epochs; a later command resumes from it")
+    p.add_argument("--snapshots", nargs="+", type=int, metavar="EPOCHS",
+                   help="keep the pre-trained encoder after these epochs (into --pretrained-dir) and fine-tune each pre-trained "
+                        "method from every one of them (the pre-training-length curve)")
     p.add_argument("--stage", choices=["all", "pretrain"], default="all",
                    help="pretrain: only run the methods' pre-trainings into --pretrained-dir (for 10-minute command caps); "
                         "then run the same command without --stage")
@@ -119,6 +132,66 @@ class Clock:
         return in_run + self.remaining_estimate
 
 
+class Job(NamedTuple):
+    """One planned run: a method and seed, the grid's learning rate (None: the recipe's;
+    CHOSEN: the one the selection seed chose) and the pre-training snapshot to fine-tune from."""
+
+    seed: int
+    method: object  # comparison.runner.Method
+    blr: float | str | None = None
+    snapshot: int | None = None
+
+
+CHOSEN = "chosen"
+
+
+def run_identity(dataset: str, counts: dict, method: str, seed: int, recipe: dict, snapshot: int | None) -> str:
+    """What makes a run the same run: finished ones found in --out are not run again."""
+    return json.dumps([dataset, counts, method, seed, recipe, snapshot], sort_keys=True)
+
+
+def record_identity(record: dict) -> str:
+    return run_identity(record["dataset"], record["counts"], record["method"], record["seed"], record["recipe"],
+                        record.get("pretrain_checkpoint_epoch"))
+
+
+def job_identity(job: Job, recipe, data) -> str:
+    from comparison.runner import effective_recipe
+
+    blr = None if job.blr is None else float(job.blr)
+    planned = json.loads(json.dumps(asdict(effective_recipe(job.method, recipe, blr))))
+    return run_identity(data.name, data.counts(), job.method.name, job.seed, planned, job.snapshot)
+
+
+def plan_jobs(methods: list, seeds: list[int], grid: list[float] | None, select_seed: int, snapshots: list[int] | None) -> list[Job]:
+    """Seed-major jobs. With a grid: every method at every grid value on the selection seed
+    first, then the other seeds at the value chosen (resolved when they start)."""
+    def expand(seed: int, method, blr) -> list[Job]:
+        if snapshots and method.pretrain != "none":
+            return [Job(seed, method, blr, e) for e in snapshots]
+        return [Job(seed, method, blr)]
+
+    jobs: list[Job] = []
+    if grid:
+        jobs += [j for m in methods for lr in grid for j in expand(select_seed, m, lr)]
+    for seed in seeds:
+        if grid and seed == select_seed:
+            continue
+        jobs += [j for m in methods for j in expand(seed, m, CHOSEN if grid else None)]
+    return jobs
+
+
+def choose_lr(method, recipe, data, grid: list[float], select_seed: int, done: dict[str, dict]) -> float | None:
+    """The grid value whose selection-seed run has the best validation macro-F1 (None: not all have run)."""
+    scores = []
+    for lr in grid:
+        record = done.get(job_identity(Job(select_seed, method, lr), recipe, data))
+        if record is None:
+            return None
+        scores.append((record["val"]["macro_f1"], -grid.index(lr), lr))  # ties: the first in the grid
+    return max(scores)[2]
+
+
 def run_main(argv: list[str]) -> None:
     clock = Clock(None)  # the budget counts from here: imports, decoding and calibration included
     args = run_parser().parse_args(argv)
@@ -126,17 +199,29 @@ def run_main(argv: list[str]) -> None:
     import torch
 
     import msmae
-    from comparison.budget import calibrate, estimate_run, fit_epochs, plan_runs
+    from comparison.budget import calibrate, estimate_run, fit_epochs
     from comparison.bundle import load_bundle
-    from comparison.runner import METHODS, PretrainCache, load_device_data, run_method
+    from comparison.runner import (
+        METHODS, PretrainCache, effective_recipe, finetune_epochs, load_device_data, run_method, step_flops,
+    )
 
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         sys.exit(f"unknown methods {unknown}; choose from {list(METHODS)}")
     if args.fit_epochs and args.time_budget is None:
         sys.exit("--fit-epochs needs --time-budget")
-    if args.stage == "pretrain" and (args.pretrained_dir is None or args.fit_epochs):
-        sys.exit("--stage pretrain needs --pretrained-dir (where the next command finds them) and fixed epochs (no --fit-epochs)")
+    if args.stage == "pretrain" and (args.pretrained_dir is None or args.fit_epochs or args.lr_grid):
+        sys.exit("--stage pretrain needs --pretrained-dir (where the next command finds them), fixed epochs (no --fit-epochs) "
+                 "and a fixed learning rate (no --lr-grid)")
+    if (args.checkpoint_every or args.snapshots) and args.pretrained_dir is None:
+        sys.exit("--checkpoint-every and --snapshots save into --pretrained-dir: give it")
+    if args.snapshots and args.lr_grid:
+        sys.exit("--snapshots with --lr-grid: choose the learning rate on the short schedule, then pass it (--pretrain-blr)")
+    if args.snapshots and max(args.snapshots) > args.pretrain_epochs:
+        sys.exit(f"--snapshots {args.snapshots}: beyond --pretrain-epochs {args.pretrain_epochs}")
+    select_seed = args.lr_select_seed if args.lr_select_seed is not None else args.seeds[0]
+    if args.lr_grid and select_seed not in args.seeds:
+        sys.exit(f"--lr-select-seed {select_seed} is not one of --seeds {args.seeds}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -148,61 +233,96 @@ def run_main(argv: list[str]) -> None:
     print(f"{bundle.name}: {counts} images, {data.num_classes} classes, decoded in {data.decode_seconds:.1f}s on {device_name}", flush=True)
 
     recipe = build_recipe(args, args.pretrain_epochs, args.finetune_epochs)
+    jobs = plan_jobs(methods, args.seeds, args.lr_grid, select_seed, args.snapshots)
     times = None
     if args.fit_epochs or args.time_budget is not None:
         times = calibrate(recipe, data, device)
         print("step seconds (batch %d): %s" % (recipe.batch_size, {k: round(v, 5) for k, v in times.as_dict().items()}), flush=True)
     if args.fit_epochs:
         left = args.time_budget - clock.elapsed()
-        recipe, total = fit_epochs(recipe, methods, args.seeds, counts, times, left, rescale=lambda e1, e2: build_recipe(args, e1, e2))
+        recipe, total = fit_epochs(recipe, methods, args.seeds, counts, times, left, rescale=lambda e1, e2: build_recipe(args, e1, e2),
+                                   runs_per_method=len(jobs) / max(len(methods) * len(args.seeds), 1))
         print(f"fitted epochs to {left:.0f}s left: pretrain {recipe.pretrain_epochs}, finetune {recipe.finetune_epochs} "
               f"(supervised {recipe.supervised_epochs()}), estimated {total:.0f}s", flush=True)
-    cache = PretrainCache(directory=args.pretrained_dir)
+    cache = PretrainCache(directory=args.pretrained_dir, checkpoint_every=args.checkpoint_every, snapshots=tuple(args.snapshots or ()))
     if args.stage == "pretrain":
         pretrain_only(methods, recipe, data, args.seeds, device, cache, bundle.name, clock)
         return
-    runs = plan_runs(methods, args.seeds)
-    estimates = [estimate_run(m, recipe, counts, times, shared) if times else 0.0 for _, m, shared in runs]
+    done = {record_identity(r): r for r in read_records([args.out])} if args.out.is_file() else {}
+
+    def estimate(job: Job, shared: bool) -> float:
+        if times is None:
+            return 0.0
+        eff = effective_recipe(job.method, recipe)
+        epochs, _ = finetune_epochs(job.method, eff, step_flops(eff, data.num_classes) if job.method.equal_flops else None)
+        return estimate_run(job.method, eff, counts, times, shared, finetune_epochs=epochs)
+
+    seen: set[tuple] = set()
+    estimates = []
+    for job in jobs:
+        key = (job.method.pretrain_key, job.seed, job.blr)
+        estimates.append(estimate(job, job.method.pretrain != "none" and key in seen))
+        seen.add(key)
     if times:
-        print("plan (estimated seconds): " + ", ".join(f"{m.name}/s{s}{'*' if sh else ''} {e:.1f}" for (s, m, sh), e in zip(runs, estimates, strict=True))
-              + f"; total {sum(estimates):.0f}s  (* reuses the seed's MSMAE pre-training)", flush=True)
+        print(f"plan: {len(jobs)} runs, estimated {sum(estimates):.0f}s in all", flush=True)
 
     session = {"session": uuid.uuid4().hex[:12], "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "bundle": str(args.bundle), "torch": torch.__version__, "msmae": msmae.__version__}
+    if args.lr_grid:
+        session["lr_selection"] = {"grid": list(args.lr_grid), "seed": select_seed}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     measured: dict[str, list[float]] = defaultdict(list)
-    records, skipped = [], []
-    for k, ((seed, method, shared), estimate) in enumerate(zip(runs, estimates, strict=True)):
-        # what this run should take: the plan, or what the same method took already (the larger)
-        expect = max([estimate] + measured[method.name + ("*" if shared else "")])
+    records, skipped, found = [], [], 0
+    for k, (job, est) in enumerate(zip(jobs, estimates, strict=True)):
+        method, seed = job.method, job.seed
+        blr = job.blr
+        if blr == CHOSEN:
+            blr = choose_lr(method, recipe, data, args.lr_grid, select_seed, done)
+            if blr is None:
+                skipped.append((seed, method.name))
+                print(f"[{bundle.name} {method.name} s{seed}] skipped: the learning-rate grid has not finished on seed {select_seed}",
+                      flush=True)
+                continue
+        job = job._replace(blr=blr)
+        identity = job_identity(job, recipe, data)
+        if identity in done:
+            found += 1
+            records.append(done[identity])
+            continue
+        expect = max([est] + measured[method.name])
         if not clock.fits(expect):
-            skipped = [(s, m.name) for s, m, _ in runs[k:]]
+            skipped += [(j.seed, j.method.name) for j in jobs[k:]]
             print(f"time budget: {clock.elapsed():.0f}s used of {args.time_budget:.0f}s, next run needs ~{expect:.0f}s: "
-                  f"stopping before {len(skipped)} runs", flush=True)
+                  f"stopping before {len(jobs) - k} runs", flush=True)
             break
         clock.run_estimate, clock.run_start = expect, time.perf_counter()
         clock.remaining_estimate = sum(estimates[k + 1:])
-        tag = f"[{bundle.name} {method.name} s{seed}]"
-        record = run_method(method, recipe, data, seed, device, progress=lambda row, tag=tag: _print_epoch(tag, row, clock), cache=cache)
-        record.update(session, preset=args.preset, device=device_name, estimate_seconds=estimate, run_order=k)
+        tag = f"[{bundle.name} {method.name} s{seed}" + (f" blr {blr:g}" if args.lr_grid else "") \
+            + (f" from e{job.snapshot}" if job.snapshot is not None else "") + "]"
+        record = run_method(method, recipe, data, seed, device, progress=lambda row, tag=tag: _print_epoch(tag, row, clock), cache=cache,
+                            blr=blr if args.lr_grid else None, from_snapshot=job.snapshot)
+        record.update(session, preset=args.preset, device=device_name, estimate_seconds=est, run_order=k)
         with args.out.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        measured[method.name + ("*" if shared else "")].append(record["measured_seconds"])
+        done[identity] = record
+        measured[method.name].append(record["measured_seconds"])
         records.append(record)
         t = record["test"]
-        print(f"{tag} done in {record['measured_seconds']:.1f}s (est. {estimate:.1f}s): selected epoch {record['selected_epoch'] + 1}, "
+        print(f"{tag} done in {record['measured_seconds']:.1f}s (est. {est:.1f}s): selected epoch {record['selected_epoch'] + 1}, "
               f"val f1 {record['val']['macro_f1']:.3f}; test acc {t['accuracy']:.3f} bal {t['balanced_accuracy']:.3f} "
               f"f1 {t['macro_f1']:.3f}  [{clock.elapsed():.0f}s elapsed]", flush=True)
     print()
     print(markdown_tables(records))
+    if found:
+        print(f"\n{found} runs were already in {args.out} and were not run again")
     if skipped:
-        print(f"\nnot run (time budget): {skipped}")
-    print(f"\n{len(records)} runs in {clock.elapsed():.0f}s; appended to {args.out}")
+        print(f"\nnot run: {skipped}")
+    print(f"\n{len(records) - found} runs in {clock.elapsed():.0f}s; appended to {args.out}")
 
 
 def pretrain_only(methods, recipe, data, seeds: list[int], device, cache, name: str, clock: Clock) -> None:
     """Every distinct pre-training of ``methods`` × ``seeds`` into the cache's directory (found there already: skipped)."""
-    from comparison.runner import pretrained_encoder
+    from comparison.runner import effective_recipe, pretrained_encoder
 
     done = set()
     for seed in seeds:
@@ -211,7 +331,7 @@ def pretrain_only(methods, recipe, data, seeds: list[int], device, cache, name: 
                 continue
             done.add((method.pretrain_key, seed))
             tag = f"[{name} {method.name} s{seed} pretrain]"
-            _, result, found = pretrained_encoder(method, recipe, data, seed, device,
+            _, result, found = pretrained_encoder(method, effective_recipe(method, recipe), data, seed, device,
                                                   lambda row, tag=tag: _print_epoch(tag, row, clock), cache)
             print(f"{tag} {'found' if found else 'saved'} in {cache.directory} ({result.seconds:.0f}s of pre-training)", flush=True)
     print(f"{len(done)} pre-trainings in {cache.directory}; {clock.elapsed():.0f}s", flush=True)
@@ -249,17 +369,76 @@ def setting_of(record: dict) -> tuple:
 
 
 def summarise(records: list[dict]) -> dict[tuple, dict[str, dict]]:
-    """setting → method → {seeds, metric lists, wall seconds}, in first-seen order."""
+    """setting → method → {seeds, metric lists, wall seconds, compute}, in first-seen order."""
     out: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in records:
-        row = out[setting_of(r)].setdefault(r["method"], {"seeds": [], "wall": [], "selected": [], "sam": [], **{f"{s}_{m}": [] for s, m, _ in HEADLINE}})
+        row = out[setting_of(r)].setdefault(r["method"], {"seeds": [], "wall": [], "selected": [], "sam": [], "flops": [], "epochs": [],
+                                                          "blr": [], "records": [], **{f"{s}_{m}": [] for s, m, _ in HEADLINE}})
         if r.get("sam_started_epoch") is not None:
             row["sam"].append(r["sam_started_epoch"] + 1)
         row["seeds"].append(r["seed"])
         row["wall"].append(r["wall_seconds"])
         row["selected"].append(r["selected_epoch"] + 1)
+        row["records"].append(r)
+        if r.get("train_flops") is not None:
+            row["flops"].append(r["train_flops"])
+        row["epochs"].append((r.get("pretrain_epochs", 0), r.get("finetune_epochs", 0)))
+        if r.get("tuned_lr"):
+            row["blr"].append(r["tuned_lr"]["blr"])
         for split, metric, _ in HEADLINE:
             row[f"{split}_{metric}"].append(r[split][metric])
+    return out
+
+
+def grid_choices(records: list[dict]) -> dict[tuple, dict]:
+    """(setting, method) → {"seed", "grid": {blr: val macro-F1}, "chosen": blr} for runs made with --lr-grid."""
+    out: dict[tuple, dict] = {}
+    for r in records:
+        selection, tuned = r.get("lr_selection"), r.get("tuned_lr") or {}
+        if not selection or not tuned.get("from_grid") or r["seed"] != selection["seed"] or r.get("pretrain_checkpoint_epoch") is not None:
+            continue
+        entry = out.setdefault((setting_of(r), r["method"]), {"seed": selection["seed"], "order": list(selection["grid"]), "grid": {}})
+        entry["grid"][tuned["blr"]] = r["val"]["macro_f1"]
+    for entry in out.values():
+        order = {lr: i for i, lr in enumerate(entry["order"])}
+        entry["chosen"] = max(entry["grid"], key=lambda lr: (entry["grid"][lr], -order.get(lr, 0)))
+    return out
+
+
+def selected_records(records: list[dict]) -> list[dict]:
+    """The records a table reports: grid runs only at each method's chosen learning rate."""
+    choices = grid_choices(records)
+    kept = []
+    for r in records:
+        choice = choices.get((setting_of(r), r["method"])) if (r.get("tuned_lr") or {}).get("from_grid") else None
+        if choice is None or r["tuned_lr"]["blr"] == choice["chosen"]:
+            kept.append(r)
+    return kept
+
+
+def paired_against_best(methods: dict[str, dict], key: str = "test_macro_f1") -> dict[str, str]:
+    """method → "Δ [95 % CI] | McNemar p exact / mid" against the best mean (``comparison.stats``),
+    pairing each seed's per-image test predictions; "—" where predictions are missing."""
+    from comparison.stats import mcnemar, paired_bootstrap
+
+    best = max(methods, key=lambda m: statistics.fmean(methods[m][key]))
+    by_seed = {m: {r["seed"]: r for r in row["records"] if r.get("predictions")} for m, row in methods.items()}
+    out = {best: "best | —"}
+    for method in methods:
+        if method == best:
+            continue
+        seeds = sorted(set(by_seed[method]) & set(by_seed[best]))
+        pairs = [(by_seed[method][s], by_seed[best][s]) for s in seeds
+                 if by_seed[method][s]["predictions"]["test_label"] == by_seed[best][s]["predictions"]["test_label"]]
+        if not pairs:
+            out[method] = "— | —"
+            continue
+        a = [p["predictions"]["test_pred"] for p, _ in pairs]
+        b = [q["predictions"]["test_pred"] for _, q in pairs]
+        y = [p["predictions"]["test_label"] for p, _ in pairs]
+        classes = len(pairs[0][0]["classes"])
+        ci, test = paired_bootstrap(a, b, y, classes), mcnemar(a, b, y)
+        out[method] = f"{ci} | {test.p_exact:.3g} / {test.p_mid:.3g}"
     return out
 
 
@@ -282,37 +461,98 @@ def verdict(methods: dict[str, dict], key: str = "test_macro_f1") -> str:
     return "; ".join(parts) + "."
 
 
+def _compute(row: dict) -> str:
+    """Training compute of a row: PFLOPs (mean over seeds) and the epochs behind them."""
+    flops = f"{statistics.fmean(row['flops']) / 1e15:.3g}" if row["flops"] else "—"
+    pre, ft = row["epochs"][0]
+    return f"{flops} | {pre} + {ft}"
+
+
 def markdown_tables(records: list[dict]) -> str:
-    """One markdown table per dataset and setting: mean ± sd over seeds (sample sd), then the verdict."""
+    """Per dataset and setting: the table (mean ± sd over seeds, each method against the best
+    with a paired 95 % CI of the macro-F1 difference and McNemar's p, compute per row), the
+    verdict, the learning-rate grid where one chose the rates, and the pre-training-length
+    curve where runs were fine-tuned from snapshots."""
     if not records:
         return "(no finished runs)"
+    chosen = selected_records(records)
+    main = [r for r in chosen if r.get("pretrain_checkpoint_epoch") is None]
     blocks = []
-    for setting, methods in summarise(records).items():
-        first = next(r for r in records if setting_of(r) == setting)
+    for setting, methods in summarise(main).items():
+        first = next(r for r in main if setting_of(r) == setting)
         rec = first["recipe"]
         blocks.append(
             f"**{first['dataset']}** — {rec['preset']} ViT, {rec['img_size']} px, patch {rec['patch_size']}, batch {rec['batch_size']}; "
             f"pre-training {rec['pretrain_epochs']} + fine-tuning {rec['finetune_epochs']} epochs "
             f"(supervised: {rec['pretrain_epochs'] + rec['finetune_epochs']}); {first['counts']} images; {first.get('device', '?')}. "
             "Mean ± sd over seeds; model selected by validation macro-F1, evaluated once on test; "
+            "Δ: macro-F1 minus the best row's, mean over paired seeds, with a 95 % paired bootstrap interval over test images; "
+            "McNemar: exact / mid-p on the discordant test images of all seeds; train PFLOPs: training steps' FLOPs "
+            "(comparison/flops.py); epochs: pre-training + fine-tuning; "
             "wall s per run (a reused MSMAE pre-training counts its measured time)."
         )
-        gated = next((r["recipe"] for r in records if setting_of(r) == setting and r.get("sam_started_epoch") is not None), None)
+        gated = next((r["recipe"] for r in main if setting_of(r) == setting and r.get("sam_started_epoch") is not None), None)
         if gated is not None:
             blocks[-1] += (f" MSMAE pre-training: SAM from epoch {gated['sam_start'] + 1}"
                            + (f" once the CLS head's val balanced accuracy reaches {gated['sam_gate']} (epoch {gated['sam_latest'] + 1} at the latest)"
                               if gated.get("sam_gate") is not None else "")
                            + f"; fine-tuning layer decay {gated['layer_decay']} (supervised: none)"
                            + ("; class-balanced loss" if gated.get("class_balance") else "") + ".")
-        head = "| method | seeds | " + " | ".join(h for _, _, h in HEADLINE) + " | selected epoch | SAM from epoch | wall s |"
-        lines = [head, "|" + "---|" * 2 + "---:|" * (len(HEADLINE) + 3)]
+        paired = paired_against_best(methods)
+        head = ("| method | seeds | " + " | ".join(h for _, _, h in HEADLINE)
+                + " | Δ macro-F1 vs best [95 % CI] | McNemar p | blr | train PFLOPs | epochs | selected epoch | SAM from epoch | wall s |")
+        lines = [head, "|" + "---|" * 2 + "---:|" * (len(HEADLINE) + 9)]
         for method, row in methods.items():
             cells = [_mean_sd(row[f"{s}_{m}"]) for s, m, _ in HEADLINE]
-            lines.append(f"| {method} | {len(row['seeds'])} | " + " | ".join(cells)
+            blr = f"{row['blr'][0]:g}" if row["blr"] and len(set(row["blr"])) == 1 else ("mixed" if row["blr"] else "—")
+            lines.append(f"| {method} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {paired[method]} | {blr} | {_compute(row)}"
                          + f" | {_mean_sd(row['selected'], 1)} | {_mean_sd(row['sam'], 1)} | {_mean_sd(row['wall'], 1)} |")
         blocks.append("\n".join(lines))
         blocks.append(verdict(methods))
+        grid = {m: c for (st, m), c in grid_choices(records).items() if st == setting}
+        if grid:
+            lrs = sorted({lr for c in grid.values() for lr in c["grid"]})
+            seed = next(iter(grid.values()))["seed"]
+            lines = [f"Learning-rate grid (validation macro-F1 on seed {seed}; the chosen blr in bold):",
+                     "", "| method | " + " | ".join(f"blr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+            for m, c in grid.items():
+                cells = [("—" if lr not in c["grid"] else (f"**{c['grid'][lr]:.3f}**" if lr == c["chosen"] else f"{c['grid'][lr]:.3f}"))
+                         for lr in lrs]
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            blocks.append("\n".join(lines))
+    curve = [r for r in chosen if r.get("pretrain_checkpoint_epoch") is not None]
+    equal = [r for r in chosen if r["method"] == "supervised_eqflops" and r.get("pretrain_checkpoint_epoch") is None]
+    for setting, rows in _curve_groups(curve, equal).items():
+        epochs = sorted({e for per in rows.values() for e in per})
+        first = next(r for r in curve if curve_setting(r) == setting)
+        lines = [f"**{first['dataset']}** — test macro-F1 (mean ± sd over seeds) after fine-tuning "
+                 f"{first['recipe']['finetune_epochs']} epochs from the encoder saved after E of {first['recipe']['pretrain_epochs']} "
+                 "pre-training epochs (one pre-training run per rule and seed, snapshots along its schedule):",
+                 "", "| method | " + " | ".join(f"E = {e}" for e in epochs) + " |", "|---|" + "---:|" * len(epochs)]
+        for method, per in rows.items():
+            lines.append(f"| {method} | " + " | ".join(_mean_sd(per.get(e, [])) for e in epochs) + " |")
+        blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def curve_setting(record: dict) -> tuple:
+    """A setting without its pre-training length: the points of one pre-training-length curve."""
+    rec = record["recipe"]
+    return (record["dataset"], rec["preset"], rec["img_size"], rec["patch_size"], rec["batch_size"], rec["finetune_epochs"],
+            record.get("device", "?"))
+
+
+def _curve_groups(records: list[dict], equal_flops: list[dict]) -> dict[tuple, dict[str, dict[int, list[float]]]]:
+    """curve setting → method → snapshot epoch E → test macro-F1 per seed; supervised_eqflops
+    runs made with --pretrain-epochs E join the curve they match at E (the same FLOPs)."""
+    out: dict[tuple, dict[str, dict[int, list[float]]]] = defaultdict(dict)
+    for r in records:
+        out[curve_setting(r)].setdefault(r["method"], defaultdict(list))[r["pretrain_checkpoint_epoch"]].append(r["test"]["macro_f1"])
+    for r in equal_flops:
+        if curve_setting(r) in out:
+            name = "supervised_eqflops (FLOPs of E + fine-tuning)"
+            out[curve_setting(r)].setdefault(name, defaultdict(list))[r["recipe"]["pretrain_epochs"]].append(r["test"]["macro_f1"])
+    return out
 
 
 def read_records(paths: list[Path]) -> list[dict]:

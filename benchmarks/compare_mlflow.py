@@ -19,7 +19,14 @@ _CURVE_KEYS = ("train_loss", "train_loss_recon", "train_loss_cls", "val_accuracy
 
 
 def run_key(record: dict) -> str:
-    return f"{record.get('session', '?')}/{record['dataset']}/{record['method']}/{record['seed']}"
+    """One run of a session: method and seed, and, where a session has several of them, the
+    grid's learning rate and the pre-training snapshot it was fine-tuned from."""
+    key = f"{record.get('session', '?')}/{record['dataset']}/{record['method']}/{record['seed']}"
+    if record.get("tuned_lr", {}).get("from_grid"):
+        key += f"/blr{record['tuned_lr']['blr']:g}"
+    if record.get("pretrain_checkpoint_epoch") is not None:
+        key += f"/e{record['pretrain_checkpoint_epoch']}"
+    return key
 
 
 def _params(record: dict) -> list[Param]:

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/make_bundle.py /tmp/cmp_btmd --out bundles/btmd-112.pt --side 112
 
-Keeps ingest's splits, labels, class names and dense index; every image is squashed to
+Keeps ingest's splits, labels, class names and dense index (refusing a folder ingested before
+near-copies were held in one split: re-ingest it into a fresh folder); every image is squashed to
 side × side (bicubic, antialiased, as the pipeline's eval transform squashes it) and
 re-encoded as JPEG, so both datasets travel to a GPU box in a few tens of MB and decode
 there with torchvision alone. Runs where the data stack is installed (pyarrow).
@@ -38,8 +39,19 @@ def squash(data: bytes, side: int) -> tuple[torch.Tensor, float]:
     return torch.from_numpy(np.asarray(small).transpose(2, 0, 1).copy()), aspect
 
 
+def check_near_copies_held_together(dataset: IngestedDataset) -> dict:
+    """The ingest's near-copy record, or a clear error for a folder ingested before near-copies
+    were held in one split (its splits leak: a near-copy of a test image can sit in training)."""
+    near = dataset.summary.get("near_duplicates")
+    if not isinstance(near, dict):
+        raise SystemExit(f"{dataset.path}: ingested without the near-copy table (no 'near_duplicates' in dataset.json), so near-copies "
+                         "may straddle train / val / test; re-ingest into a fresh folder with this version's `msmae ingest`")
+    return near
+
+
 def build(data_dir: Path, out: Path, side: int, quality: int, name: str | None) -> dict:
     dataset = IngestedDataset.load(data_dir)
+    near = check_near_copies_held_together(dataset)
     classes = dataset.class_names
     images, labels, splits, index, aspect = [], [], [], [], []
     for split in SPLITS:
@@ -58,7 +70,7 @@ def build(data_dir: Path, out: Path, side: int, quality: int, name: str | None) 
         raise ValueError(f"{data_dir}: the ingested index is not dense 0..N-1")
     save_bundle(bundle, out)
     return {"out": str(out), "images": len(bundle), "counts": bundle.counts(), "classes": classes,
-            "mib": round(out.stat().st_size / 2**20, 2)}
+            "mib": round(out.stat().st_size / 2**20, 2), "near_duplicates": near}
 
 
 def main() -> None:

@@ -88,8 +88,12 @@ def calibrate(recipe: Recipe, data: DeviceData, device: torch.device | str, warm
     return StepTimes(eval_image=eval_image, setup=setup + 0.2, **times)
 
 
-def estimate_run(method: Method, recipe: Recipe, counts: dict[str, int], t: StepTimes, pretrain_shared: bool = False) -> float:
-    """Seconds one (method, seed) takes: training steps, map refreshes, validation, test, set-up."""
+def estimate_run(
+    method: Method, recipe: Recipe, counts: dict[str, int], t: StepTimes, pretrain_shared: bool = False, finetune_epochs: int | None = None,
+) -> float:
+    """Seconds one (method, seed) takes: training steps, map refreshes, validation, test, set-up.
+    ``finetune_epochs``: the run's fine-tuning epochs where they are not the recipe's (an
+    equal-FLOPs row); a CNN's steps are taken to cost an all-token ViT step's."""
     steps = counts["train"] // recipe.batch_size
     refresh = counts["train"] * t.eval_image
     seconds = t.setup + counts["test"] * t.eval_image
@@ -103,9 +107,10 @@ def estimate_run(method: Method, recipe: Recipe, counts: dict[str, int], t: Step
             sam_epochs, refreshes = 0, 0
         seconds += steps * ((e1 - sam_epochs) * t.pretrain_random + sam_epochs * t.pretrain_sam) + refreshes * refresh
     e2 = recipe.supervised_epochs() if method.pretrain == "none" else recipe.finetune_epochs
+    e2 = finetune_epochs if finetune_epochs is not None else e2
     step = t.finetune_sam if method.finetune_sam else t.finetune_all
     seconds += e2 * (steps * step + counts["val"] * t.eval_image)
-    if method.finetune == "attention":
+    if method.finetune == "attention" and not method.frozen_maps:
         seconds += len(msmae.MaskingSchedule(0, recipe.finetune_refresh_every).refresh_epochs(e2)) * refresh
     return seconds
 
@@ -123,13 +128,16 @@ def plan_runs(methods: list[Method], seeds: list[int]) -> list[tuple[int, Method
     return order
 
 
-def estimate_total(methods: list[Method], seeds: list[int], recipe: Recipe, counts: dict[str, int], t: StepTimes) -> float:
-    return sum(estimate_run(m, recipe, counts, t, shared) for _, m, shared in plan_runs(methods, seeds))
+def estimate_total(
+    methods: list[Method], seeds: list[int], recipe: Recipe, counts: dict[str, int], t: StepTimes, runs_per_method: float = 1.0,
+) -> float:
+    """All planned runs; ``runs_per_method`` scales for a learning-rate grid (runs per method and seed)."""
+    return runs_per_method * sum(estimate_run(m, recipe, counts, t, shared) for _, m, shared in plan_runs(methods, seeds))
 
 
 def fit_epochs(
     recipe: Recipe, methods: list[Method], seeds: list[int], counts: dict[str, int], t: StepTimes,
-    budget_seconds: float, safety: float = 1.15, rescale=None,
+    budget_seconds: float, safety: float = 1.15, rescale=None, runs_per_method: float = 1.0,
 ) -> tuple[Recipe, float]:
     """The longest recipe (both stages scaled by the same factor, at most the given epochs)
     whose estimated total × ``safety`` fits ``budget_seconds``; with ``rescale(e1, e2)`` building
@@ -140,7 +148,7 @@ def fit_epochs(
         e1 = max(1, round(recipe.pretrain_epochs * pct / 100))
         e2 = max(1, round(recipe.finetune_epochs * pct / 100))
         candidate = rescale(e1, e2)
-        total = estimate_total(methods, seeds, candidate, counts, t)
+        total = estimate_total(methods, seeds, candidate, counts, t, runs_per_method)
         best = (candidate, total)
         if total * safety <= budget_seconds:
             return best

@@ -682,7 +682,9 @@ class PretrainCache:
         return hashlib.sha1(repr(key).encode()).hexdigest()[:16]
 
     def checkpointing(self, key: tuple) -> Checkpointing | None:
-        if self.directory is None or not (self.checkpoint_every or self.snapshots):
+        """Where ``key``'s pre-training checkpoints live (with a directory: a pre-training left
+        half-done by an earlier command resumes even when this one saves no checkpoints)."""
+        if self.directory is None:
             return None
         return Checkpointing(self.directory, f"pretrain-{self.stem(key)}", self.checkpoint_every, tuple(self.snapshots))
 

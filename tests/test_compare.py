@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,6 +22,7 @@ def _load(name: str, path: Path):
 
 
 compare = _load("compare_cli", REPO / "benchmarks" / "compare.py")
+import comparison.stats as compare_stats  # noqa: E402
 # the comparison tests' autouse fixture (one CPU thread per test), applied here too
 _one_cpu_thread = _load("comparison_conftest", REPO / "tests" / "comparison" / "conftest.py")._one_cpu_thread
 
@@ -127,3 +129,50 @@ def test_pretraining_saved_by_one_command_is_fine_tuned_by_the_next(cmp_bundle, 
     assert two["test"] == pytest.approx(one["test"]) and two["selected_epoch"] == one["selected_epoch"]
     with pytest.raises(SystemExit, match="--pretrained-dir"):
         compare.main([*args, "--out", str(tmp_path / "x.jsonl"), "--stage", "pretrain"])
+
+
+def test_a_rerun_skips_finished_runs_and_the_grid_chooses_on_validation(cmp_bundle, tmp_path, capsys):
+    """--lr-grid: every method at every value on the selection seed, the other seeds at the chosen
+    one; the same command again finds every run in --out and trains nothing."""
+    out = tmp_path / "g.jsonl"
+    args = ["--bundle", str(cmp_bundle), "--out", str(out), "--methods", "supervised", "mae_cls", "--seeds", "0", "1", *TINY,
+            "--lr-grid", "1e-4", "3e-3"]
+    compare.main(args)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["seed"], r["tuned_lr"]["blr"]) for r in records[:4]] == [
+        ("supervised", 0, 1e-4), ("supervised", 0, 3e-3), ("mae_cls", 0, 1e-4), ("mae_cls", 0, 3e-3)]
+    for method, field in (("supervised", "finetune_blr"), ("mae_cls", "pretrain_blr")):
+        grid = {r["tuned_lr"]["blr"]: r["val"]["macro_f1"] for r in records[:4] if r["method"] == method}
+        chosen = max(grid, key=lambda lr: (grid[lr], -list(grid).index(lr)))
+        later = next(r for r in records if r["method"] == method and r["seed"] == 1)
+        assert later["recipe"][field] == chosen and later["tuned_lr"]["from_grid"]
+    assert len(records) == 6 and all(r["lr_selection"] == {"grid": [1e-4, 3e-3], "seed": 0} for r in records)
+    capsys.readouterr()
+    compare.main(args)
+    assert len(out.read_text().splitlines()) == 6  # nothing appended
+    printed = capsys.readouterr().out
+    assert "6 runs were already in" in printed and "Learning-rate grid" in printed
+    # the table reports the chosen rate's runs only: two seeds per method
+    assert "| supervised | 2 |" in printed and "| mae_cls | 2 |" in printed
+
+
+def test_report_pairs_seeds_for_the_ci_and_mcnemar_and_shows_compute():
+    def run(method: str, seed: int, preds: list[int]) -> dict:
+        r = _record(method, seed, 0.0)
+        labels = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0] * 4
+        f1 = compare_stats.macro_f1(np.array(preds), np.array(labels), 3)
+        r["test"] = {**r["test"], "macro_f1": f1}
+        r.update(classes=["a", "b", "c"], train_flops=2e15, predictions={"test_pred": preds, "test_label": labels})
+        return r
+
+    labels = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0] * 4
+    worse = [(y if i % 4 else (y + 1) % 3) for i, y in enumerate(labels)]  # wrong on every 4th image
+    records = [run("msmae", s, labels) for s in (0, 1)] + [run("mae", s, worse) for s in (0, 1)]
+    text = compare.markdown_tables(records)
+    row = next(line for line in text.splitlines() if line.startswith("| mae |"))
+    diff = compare_stats.paired_bootstrap([worse] * 2, [labels] * 2, [labels] * 2, 3)
+    test = compare_stats.mcnemar([worse] * 2, [labels] * 2, [labels] * 2)
+    assert (test.b, test.c) == (0, 20)
+    assert f"{diff} | {test.p_exact:.3g} / {test.p_mid:.3g}" in row and diff.high < 0
+    assert "| 2 | 3 + 3 |" in row  # train PFLOPs, epochs
+    assert "best | —" in next(line for line in text.splitlines() if line.startswith("| msmae |"))

@@ -8,6 +8,7 @@ fixtures in tests/comparison/conftest.py).
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -21,7 +22,10 @@ from torchvision.transforms import RandomResizedCrop
 from comparison.augment import CROP_RATIO, CROP_SCALE, TrainBatches, resized_crop, sample_crop_boxes
 from comparison.budget import StepTimes, estimate_run, estimate_total, fit_epochs, plan_runs
 from comparison.bundle import SPLITS, decode_all, load_bundle, make_bundle, save_bundle
-from comparison.runner import METHODS, PretrainCache, Recipe, class_weights, load_device_data, pretrain, run_method
+from comparison.runner import (
+    METHODS, Method, PretrainCache, Recipe, class_weights, effective_recipe, finetune, load_device_data, pretrain, pretrain_key,
+    pretrained_encoder, run_method,
+)
 from msmae.geometry import crop_flip_maps
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,13 +200,20 @@ def _tiny_recipe(**kw) -> Recipe:
                              sam_start=1, refresh_every=1, finetune_refresh_every=1, **kw)
 
 
-def test_every_method_trains_selects_and_tests(tiny_data, device):
+@pytest.fixture(scope="module")
+def every_method(tiny_data, device):
+    """Every method once on the synthetic bundle (seed 0), with the progress rows they printed."""
     torch.manual_seed(0)
     data = load_device_data(load_bundle(tiny_data), 32, device)
-    recipe = _tiny_recipe()
+    rows: list[dict] = []
     cache = PretrainCache()
-    rows = []
-    records = {name: run_method(name, recipe, data, 0, device, progress=rows.append, cache=cache) for name in METHODS}
+    records = {name: run_method(name, _tiny_recipe(), data, 0, device, progress=rows.append, cache=cache) for name in METHODS}
+    return records, rows, data
+
+
+def test_every_method_trains_selects_and_tests(every_method):
+    records, rows, data = every_method
+    recipe = _tiny_recipe()
     for name, r in records.items():
         json.dumps(r)  # a JSON line as written
         for split in ("val", "test"):
@@ -211,8 +222,14 @@ def test_every_method_trains_selects_and_tests(tiny_data, device):
         assert sum(map(sum, r["test_confusion"])) == 16
         assert 0 <= r["selected_epoch"] < r["finetune_epochs"]
         assert r["val"]["macro_f1"] == max(row["val_macro_f1"] for row in r["finetune_curve"])
-        assert r["image_passes"] == 3
+        assert r["image_passes"] == (3 if name != "supervised_eqflops" else r["finetune_epochs"])
         assert r["wall_seconds"] > 0
+        # per-image predictions of the selected state, and the FLOPs of every training image seen
+        assert len(r["predictions"]["test_pred"]) == 16 == len(r["predictions"]["test_label"])
+        assert r["predictions"]["val_label"] == data.val_labels.tolist() and len(r["predictions"]["val_pred"]) == 16
+        correct = sum(p == y for p, y in zip(r["predictions"]["test_pred"], r["predictions"]["test_label"]))
+        assert correct / 16 == pytest.approx(r["test"]["accuracy"])
+        assert r["train_flops"] == r["flops"]["train"] > 0 and r["flops"]["eval"] > 0
     assert records["supervised"]["pretrain_curve"] == [] and records["supervised"]["finetune_epochs"] == 3
     assert [row["phase"] for row in records["mae"]["pretrain_curve"]] == ["random", "random"]
     assert [row["phase"] for row in records["msmae"]["pretrain_curve"]] == ["random", "sam"]
@@ -222,15 +239,36 @@ def test_every_method_trains_selects_and_tests(tiny_data, device):
     assert [row["phase"] for row in records["msmae"]["finetune_curve"]] == ["sam"]
     assert [row["phase"] for row in records["msmae_ft_all"]["finetune_curve"]] == ["random"]
     assert records["msmae_ft_all"]["pretrain_shared"] and not records["msmae"]["pretrain_shared"]
+    assert records["msmae_frozen_maps"]["pretrain_shared"]
     assert not records["msmae_released"]["pretrain_shared"]  # uniform weights in pre-training: its own pre-training
-    # each method on its own recipe: MAE on MAE's defaults, the supervised ViT without layer decay
-    assert records["mae"]["recipe"]["pretrain_blr"] == 1.5e-4 and records["mae"]["recipe"]["norm_pix_loss"]
+    assert not records["msmae_uniform_ft_all"]["pretrain_shared"] and not records["mae_cls"]["pretrain_shared"]
+    # each method on its own recipe: MAE on MAE's settings but the shared lr, the supervised ViT without layer decay
+    assert records["mae"]["recipe"]["pretrain_blr"] == recipe.pretrain_blr and records["mae"]["recipe"]["norm_pix_loss"]
     assert records["msmae"]["recipe"]["pretrain_blr"] == recipe.pretrain_blr and not records["msmae"]["recipe"]["norm_pix_loss"]
     assert records["supervised"]["recipe"]["layer_decay"] == 1.0 != recipe.layer_decay == records["msmae"]["recipe"]["layer_decay"]
     assert records["msmae"]["sam_started_epoch"] == 1 and records["mae"]["sam_started_epoch"] is None
     # every MSMAE pre-training epoch says how well the CLS head (whose maps SAM follows) classifies
     assert all(0.0 <= row["val_cls_balanced_accuracy"] <= 1.0 for row in records["msmae"]["pretrain_curve"])
     assert all("val_cls_balanced_accuracy" not in row for row in records["mae"]["pretrain_curve"])
+    # the controls: mae_cls masks at random throughout with the CLS term; the uniform rule keeps the CLS term
+    assert [row["phase"] for row in records["mae_cls"]["pretrain_curve"]] == ["random", "random"]
+    assert all(row["train_loss"] > row["train_loss_recon"] + 1e-3 and "val_cls_balanced_accuracy" in row
+               for row in records["mae_cls"]["pretrain_curve"])
+    assert [row["phase"] for row in records["msmae_uniform_ft_all"]["pretrain_curve"]] == ["random", "sam"]
+    assert [row["phase"] for row in records["msmae_uniform_ft_all"]["finetune_curve"]] == ["random"]
+    assert not records["msmae_uniform_ft_all"]["pretrain_curve"][1]["maps_refreshed"]  # the uniform rule needs no maps
+    # the released code's CLS term (softmax, then cross-entropy on 3 classes) can never fall below log(e + 2) - 1
+    assert all(row["train_loss_cls"] > math.log(math.e + 2) - 1 for row in records["msmae_released"]["pretrain_curve"])
+    # frozen maps: SAM fine-tuning with no refresh at all
+    assert [(row["phase"], row["maps_refreshed"]) for row in records["msmae_frozen_maps"]["finetune_curve"]] == [("sam", False)]
+    assert records["msmae"]["finetune_curve"][0]["maps_refreshed"]
+    # the equal-FLOPs row trains as many all-token epochs as msmae_ft_all's two stages cost, the CNN the supervised ViT's
+    flops = records["msmae_ft_all"]["step_flops_per_image"]
+    expected = (flops["pretrain_random"] + flops["pretrain_sam"] + flops["finetune_all"]) / flops["finetune_all"]
+    assert records["supervised_eqflops"]["finetune_epochs"] == round(expected) < 3
+    assert records["supervised_eqflops"]["train_flops"] == pytest.approx(round(expected) * 48 * flops["finetune_all"])
+    assert records["resnet18"]["finetune_epochs"] == 3 and records["resnet18"]["train_flops"] == pytest.approx(3 * 48 * flops["cnn"])
+    assert records["msmae_ft_all"]["train_flops"] == pytest.approx(48 * sum(flops[k] for k in ("pretrain_random", "pretrain_sam", "finetune_all")))
     assert len(rows) == sum(len(r["pretrain_curve"]) * (not r["pretrain_shared"]) + len(r["finetune_curve"]) for r in records.values())
 
 
@@ -290,7 +328,7 @@ def test_runs_are_seed_major_and_msmae_pretraining_is_shared_once_per_seed():
     methods = list(METHODS.values())
     order = plan_runs(methods, [0, 1])
     assert [(s, m.name) for s, m, _ in order][:len(methods)] == [(0, m.name) for m in methods]
-    assert [m.name for s, m, shared in order if shared] == ["msmae_ft_all", "msmae_ft_all"]
+    assert [m.name for s, m, shared in order if shared] == ["msmae_frozen_maps", "msmae_ft_all"] * 2
 
 
 def test_estimates_grow_with_epochs_and_fit_the_budget():
@@ -324,3 +362,74 @@ def test_runner_imports_no_pipeline_stack():
     code = ("import sys; import comparison.runner, comparison.budget, comparison.bundle, comparison.augment; "
             "bad = {'ray', 'mlflow', 'pyarrow', 'pydantic', 'polars'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# --- learning rates, frozen maps, resumable pre-training ------------------------------------
+
+
+def test_the_grid_learning_rate_goes_to_each_methods_tuned_stage():
+    recipe = _tiny_recipe()
+    mae = effective_recipe(METHODS["mae"], recipe, 4e-3)
+    assert (mae.pretrain_blr, mae.finetune_blr, mae.norm_pix_loss) == (4e-3, recipe.finetune_blr, True)
+    sup = effective_recipe(METHODS["supervised"], recipe, 4e-3)
+    assert (sup.pretrain_blr, sup.finetune_blr, sup.layer_decay) == (recipe.pretrain_blr, 4e-3, 1.0)
+    assert effective_recipe(METHODS["msmae"], recipe) == recipe
+    with pytest.raises(ValueError, match="frozen maps"):
+        Method("bad", "mae", "attention", frozen_maps=True)
+
+
+def test_frozen_maps_are_the_pretrained_models_and_are_required(tiny_data):
+    data = load_device_data(load_bundle(tiny_data), 32, "cpu")
+    _, result = pretrain(METHODS["msmae"], _tiny_recipe(), data, 0, torch.device("cpu"))
+    assert result.maps.shape == (48, 16) and not torch.allclose(result.maps, torch.ones_like(result.maps))
+    with pytest.raises(ValueError, match="maps"):
+        finetune(METHODS["msmae_frozen_maps"], _tiny_recipe(), data, 0, torch.device("cpu"), None, 1, 1.0)
+
+
+def test_an_interrupted_pretraining_resumes_where_it_stopped(tiny_data, tmp_path):
+    """Killed after 2 of 4 epochs (checkpoint every epoch), then run again: the same curve and
+    weights as an uninterrupted run; snapshots after 2 and 4 epochs are kept to fine-tune from."""
+    data = load_device_data(load_bundle(tiny_data), 32, "cpu")
+    recipe = replace(_tiny_recipe(), pretrain_epochs=4, sam_start=1, refresh_every=2)
+    method, cpu = METHODS["msmae"], torch.device("cpu")
+    reference, whole = pretrain(method, recipe, data, 0, cpu)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(row: dict) -> None:
+        if row["epoch"] == 1:
+            raise Stop
+
+    cache = PretrainCache(directory=tmp_path, checkpoint_every=1, snapshots=(2, 4))
+    with pytest.raises(Stop):
+        pretrained_encoder(method, recipe, data, 0, cpu, stop_after_two, cache)
+    key = pretrain_key(method, recipe, data, 0)
+    latest = cache.checkpointing(key).latest
+    assert torch.load(latest, weights_only=True)["epochs_done"] == 2 and not cache.path(key).exists()
+    resumed_rows: list[dict] = []
+    fresh = PretrainCache(directory=tmp_path, checkpoint_every=1, snapshots=(2, 4))  # a new process: nothing in memory
+    state, result, found = pretrained_encoder(method, recipe, data, 0, cpu, resumed_rows.append, fresh)
+    assert not found and [row["epoch"] for row in resumed_rows] == [2, 3]  # only the epochs left
+    assert [row["phase"] for row in result.curve] == [row["phase"] for row in whole.curve]
+    for got, want in zip(result.curve, whole.curve, strict=True):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(state[name], value, atol=1e-4, rtol=1e-4)
+    assert cache.path(key).exists() and not latest.exists()  # finished: the training state is gone, the result kept
+    early, early_result = fresh.snapshot(key, 2)
+    assert len(early_result.curve) == 2 and set(early) == set(state)
+    assert not torch.equal(early["encoder.pos_embed"], state["encoder.pos_embed"])  # two more epochs moved the weights
+    with pytest.raises(FileNotFoundError, match="snapshot"):
+        fresh.snapshot(key, 3)
+
+
+def test_fine_tuning_from_snapshots_records_the_pretraining_length(tiny_data, tmp_path):
+    data = load_device_data(load_bundle(tiny_data), 32, "cpu")
+    recipe = replace(_tiny_recipe(), pretrain_epochs=3)
+    cache = PretrainCache(directory=tmp_path, snapshots=(1, 3))
+    early = run_method("msmae_ft_all", recipe, data, 0, "cpu", cache=cache, from_snapshot=1)
+    late = run_method("msmae_ft_all", recipe, data, 0, "cpu", cache=cache, from_snapshot=3)
+    assert (early["pretrain_checkpoint_epoch"], early["pretrain_epochs"], len(early["pretrain_curve"])) == (1, 1, 1)
+    assert (late["pretrain_checkpoint_epoch"], late["pretrain_epochs"]) == (3, 3) and late["pretrain_shared"]
+    assert early["train_flops"] < late["train_flops"]

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The de-duplicated comparison on a 2-core CPU machine, from the repository root: every row
+# (controls, the equal-FLOPs supervised ViT, ResNet-18), 3 seeds, each method's learning rate
+# chosen on validation from LR_GRID (seed 0; the other seeds train at the chosen rate), a
+# short schedule, the tiny ViT at 48 px. Resumable: every finished run is a line of
+# $OUT/$DATASET.jsonl and a re-run skips it, so the script can run across sessions (stop it
+# any time; the run in progress is lost, nothing else).
+#
+#   bash benchmarks/cpu_dedup.sh                       # BTMD, every row
+#   DATASET=ham10000 bash benchmarks/cpu_dedup.sh      # HAM10000, the main rows, class-balanced loss
+#
+# Data: ingests from ../shared/datasets into a FRESH folder ($WORK, default results/dedup-data:
+# near-copies held in one split) and bundles at 64 px; make_bundle.py refuses a folder ingested
+# before near-copies were held together.
+#
+# Cost (measured 2026-12-02 on this 2-core machine beside other work, `SMOKE=1` and the
+# per-epoch figures in docs/compare.md): see ESTIMATE below; the defaults (PRE 8 + FT 4 epochs,
+# 3 grid values, 3 seeds) come to the hours it prints before starting.
+set -euo pipefail
+
+DATASET=${DATASET:-btmd}
+OUT=${OUT:-results/dedup}
+WORK=${WORK:-results/dedup-data}
+SHARED=${SHARED:-../shared/datasets}
+PY=${PYTHON:-.venv/bin/python}
+MSMAE=${MSMAE:-.venv/bin/msmae}
+PRE=${PRE_EPOCHS:-8} FT=${FT_EPOCHS:-4}
+SEEDS=${SEEDS:-"0 1 2"}
+LR_GRID=${LR_GRID:-"2.5e-4 1e-3 4e-3"}   # base lr (lr = blr * batch / 256) of each method's tuned stage
+PRESET=${PRESET:-tiny} IMG=${IMG:-48} PATCH=${PATCH:-8} BATCH=${BATCH:-64} SIDE=${SIDE:-64}
+ALL_ROWS="supervised supervised_eqflops resnet18 mae mae_cls msmae msmae_frozen_maps msmae_ft_all msmae_uniform_ft_all msmae_released"
+MAIN_ROWS="supervised supervised_eqflops resnet18 mae mae_cls msmae msmae_ft_all msmae_uniform_ft_all"
+case $DATASET in
+  btmd) METHODS=${METHODS:-$ALL_ROWS}; EXTRA_ARGS=() ;;
+  ham10000) METHODS=${METHODS:-$MAIN_ROWS}; EXTRA_ARGS=(--class-balance) ;;
+  *) echo "DATASET: btmd or ham10000"; exit 2 ;;
+esac
+# SMOKE=1: prove the script end to end in minutes (1 seed, 1 + 1 epochs, grid of 1, 2 methods, own files)
+if [ -n "${SMOKE:-}" ]; then
+  PRE=1 FT=1 SEEDS=0 LR_GRID=1e-3 METHODS=${SMOKE_METHODS:-"supervised_eqflops msmae_ft_all"} OUT=$OUT-smoke
+fi
+BUNDLES=${BUNDLES:-bundles}
+mkdir -p "$OUT" "$WORK" "$BUNDLES"
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}   # spinning OpenMP threads slow a shared 2-core machine 3-4x
+
+bundle() {  # name -> path of its bundle, ingesting and bundling on first use
+  local name=$1 data="$WORK/$1" out="$BUNDLES/$1-dedup-$SIDE.pt"
+  if [ ! -f "$out" ]; then
+    if [ ! -f "$data/dataset.json" ]; then
+      case $name in
+        btmd) "$MSMAE" ingest "$SHARED/btmd/Training" --out "$data" --val 0.15 --test 0.15 --seed 0 >&2 ;;
+        ham10000) "$MSMAE" ingest --manifest "$SHARED/ham10000/HAM10000_metadata.csv" \
+            --image-root "$SHARED/ham10000/images" --image-col image_id --label-col dx \
+            --group-col lesion_id --out "$data" --val 0.15 --test 0.15 --seed 0 --max-side 160 >&2 ;;
+      esac
+    fi
+    "$PY" benchmarks/make_bundle.py "$data" --out "$out" --name "$name" --side "$SIDE" >&2
+  fi
+  echo "$out"
+}
+
+path=${BUNDLE:-$(bundle "$DATASET")}
+n_methods=$(wc -w <<< "$METHODS"); n_seeds=$(wc -w <<< "$SEEDS"); n_grid=$(wc -w <<< "$LR_GRID")
+echo "== $DATASET ($path): $n_methods methods x ($n_grid grid values on the first seed + $((n_seeds - 1)) seeds), $PRE + $FT epochs -> $OUT/$DATASET.jsonl"
+"$PY" benchmarks/compare.py --bundle "$path" --preset "$PRESET" --img-size "$IMG" --patch-size "$PATCH" --batch-size "$BATCH" \
+  --pretrain-epochs "$PRE" --finetune-epochs "$FT" --seeds $SEEDS --methods $METHODS --lr-grid $LR_GRID \
+  --sam-start-fraction 0.1 --sam-gate 0.5 --layer-decay 1.0 --device cpu --threads 2 "${EXTRA_ARGS[@]}" ${EXTRA:-} \
+  --out "$OUT/$DATASET.jsonl" 2>&1 | tee -a "$OUT/$DATASET.log"
+"$PY" benchmarks/compare.py report "$OUT/$DATASET.jsonl" --out "$OUT/$DATASET.md"

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Does longer pre-training help, and does the masking rule matter once it does? On a 2-core CPU,
+# from the repository root: one long pre-training per rule (attention: msmae_ft_all, uniform:
+# msmae_uniform_ft_all, random: mae_cls; all with the CLS term) of PRE epochs (default 400),
+# the encoder kept after each of SNAPSHOTS epochs, each fine-tuned on all tokens for FT epochs;
+# then the supervised ViT at the FLOPs of each point (supervised_eqflops with --pretrain-epochs E);
+# then the table of test macro-F1 against pre-training length (compare.py report).
+#
+# Resumable at two levels: the pre-training saves its whole state every CHECKPOINT_EVERY epochs
+# into $OUT/pretrained and resumes from there; finished fine-tunings are lines of $OUT/curve.jsonl
+# and are skipped. Stop it any time and run it again.
+#
+# Cost on this machine (tiny ViT, 48 px, batch 64, BTMD's 3,996 training images; per-epoch
+# figures in docs/compare.md): pre-training ~PRE x 12 s per rule, fine-tuning ~FT x 40 s per
+# point; with the defaults about 3 x 80 min + 12 x 7 min of fine-tuning + the supervised rows
+# (~(0.4 E + FT) x 40 s each) -- a background job over several sessions.
+# Needs the de-duplicated BTMD bundle (benchmarks/cpu_dedup.sh makes it). Learning rate: pass the
+# one cpu_dedup.sh chose (PRETRAIN_BLR; default 1e-3, the paper's).
+set -euo pipefail
+OUT=${OUT:-results/curve}
+PY=${PYTHON:-.venv/bin/python}
+BUNDLE=${BUNDLE:-bundles/btmd-dedup-64.pt}
+PRE=${PRE_EPOCHS:-400} FT=${FT_EPOCHS:-10} SEEDS=${SEEDS:-0}
+SNAPSHOTS=${SNAPSHOTS:-"50 100 200 400"} CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-10}
+RULES=${RULES:-"msmae_ft_all msmae_uniform_ft_all mae_cls"}
+BLR=${PRETRAIN_BLR:-1e-3}
+if [ -n "${SMOKE:-}" ]; then  # minutes: 4 epochs, snapshots 2 and 4, one rule
+  PRE=4 FT=1 SNAPSHOTS="2 4" CHECKPOINT_EVERY=1 RULES=${SMOKE_RULES:-msmae_ft_all} OUT=$OUT-smoke
+fi
+mkdir -p "$OUT"
+[ -f "$BUNDLE" ] || { echo "missing bundle $BUNDLE: run benchmarks/cpu_dedup.sh first (it makes it)"; exit 2; }
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+common=(--bundle "$BUNDLE" --preset tiny --img-size 48 --patch-size 8 --batch-size 64 --finetune-epochs "$FT" --seeds $SEEDS
+        --sam-start-fraction 0.1 --sam-gate 0.5 --layer-decay 1.0 --device cpu --threads 2 --out "$OUT/curve.jsonl")
+
+echo "== pre-training $PRE epochs per rule ($RULES), snapshots $SNAPSHOTS, fine-tuning $FT epochs from each"
+"$PY" benchmarks/compare.py "${common[@]}" --pretrain-epochs "$PRE" --methods $RULES --pretrain-blr "$BLR" \
+  --pretrained-dir "$OUT/pretrained" --checkpoint-every "$CHECKPOINT_EVERY" --snapshots $SNAPSHOTS 2>&1 | tee -a "$OUT/curve.log"
+for e in $SNAPSHOTS; do  # the supervised ViT at the training FLOPs of E pre-training + FT fine-tuning epochs
+  echo "== supervised_eqflops at the FLOPs of $e + $FT epochs"
+  "$PY" benchmarks/compare.py "${common[@]}" --pretrain-epochs "$e" --methods supervised_eqflops --finetune-blr "${SUPERVISED_BLR:-1e-3}" \
+    2>&1 | tee -a "$OUT/curve.log"
+done
+"$PY" benchmarks/compare.py report "$OUT/curve.jsonl" --out "$OUT/curve.md"
