@@ -501,7 +501,7 @@ def markdown_tables(records: list[dict]) -> str:
         paired = paired_against_best(methods)
         head = ("| method | seeds | " + " | ".join(h for _, _, h in HEADLINE)
                 + " | Δ macro-F1 vs best [95 % CI] | McNemar p | blr | train PFLOPs | epochs | selected epoch | SAM from epoch | wall s |")
-        lines = [head, "|" + "---|" * 2 + "---:|" * (len(HEADLINE) + 9)]
+        lines = [head, "|" + "---|" * 2 + "---:|" * (len(HEADLINE) + 8)]
         for method, row in methods.items():
             cells = [_mean_sd(row[f"{s}_{m}"]) for s, m, _ in HEADLINE]
             blr = f"{row['blr'][0]:g}" if row["blr"] and len(set(row["blr"])) == 1 else ("mixed" if row["blr"] else "—")
