@@ -13,9 +13,16 @@
 # near-copies held in one split) and bundles at 64 px; make_bundle.py refuses a folder ingested
 # before near-copies were held together.
 #
-# Cost (measured 2026-12-02 on this 2-core machine beside other work, `SMOKE=1` and the
-# per-epoch figures in docs/compare.md): see ESTIMATE below; the defaults (PRE 8 + FT 4 epochs,
-# 3 grid values, 3 seeds) come to the hours it prints before starting.
+# Cost. Step times measured 2026-12-02 on this 2-core machine, nice'd beside other work
+# (comparison.budget.calibrate, tiny ViT at 48 px, batch 64; BTMD 3,996 training images = 62
+# steps): one epoch of MSMAE/MAE pre-training 12.9 s (random) / 11.6 s (SAM), all-token
+# fine-tuning 22.4 s, SAM fine-tuning 7.6 s, ResNet-18 31.1 s; a validation pass 0.8 s, a map
+# refresh 3.5 s. At PRE 8 + FT 4 one seed at one learning rate of all ten rows is ~31 min
+# (supervised 12 epochs ~4.6 min, supervised_eqflops 7 epochs ~2.7 min, resnet18 ~6.4 min, each
+# pre-training ~1.8 min, each all-token fine-tuning ~1.6 min, SAM fine-tuning ~0.6 min), so
+# 3 grid values + 2 more seeds = 5 x 31 min ~ 2.6 h for BTMD (up to ~0.2 h more where msmae,
+# msmae_frozen_maps and msmae_ft_all choose different rates and cannot share a pre-training).
+# HAM10000 (5,558 training images, 8 rows): ~5 x 39 min ~ 3.2 h. SMOKE=1 took 42 s (320 images).
 set -euo pipefail
 
 DATASET=${DATASET:-btmd}

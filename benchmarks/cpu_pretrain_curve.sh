@@ -10,10 +10,12 @@
 # into $OUT/pretrained and resumes from there; finished fine-tunings are lines of $OUT/curve.jsonl
 # and are skipped. Stop it any time and run it again.
 #
-# Cost on this machine (tiny ViT, 48 px, batch 64, BTMD's 3,996 training images; per-epoch
-# figures in docs/compare.md): pre-training ~PRE x 12 s per rule, fine-tuning ~FT x 40 s per
-# point; with the defaults about 3 x 80 min + 12 x 7 min of fine-tuning + the supervised rows
-# (~(0.4 E + FT) x 40 s each) -- a background job over several sessions.
+# Cost on this machine (step times of 2026-12-02, nice'd beside other work; tiny ViT, 48 px,
+# batch 64, BTMD's 3,996 training images; see cpu_dedup.sh): a pre-training epoch ~13 s with the
+# CLS head's validation pass, so 400 epochs ~90 min per rule (4.4 h for three); an all-token
+# fine-tuning epoch ~23 s, so 12 fine-tunings of 10 epochs ~46 min; supervised_eqflops at the
+# FLOPs of E + 10 epochs trains ~0.38 E + 10 epochs (29, 48, 87, 164 for E = 50 ... 400), ~2.1 h
+# together. About 7.3 h in all: a background job over several sessions. SMOKE=1 took 41 s.
 # Needs the de-duplicated BTMD bundle (benchmarks/cpu_dedup.sh makes it). Learning rate: pass the
 # one cpu_dedup.sh chose (PRETRAIN_BLR; default 1e-3, the paper's).
 set -euo pipefail
