@@ -272,14 +272,14 @@ def run_main(argv: list[str]) -> None:
         session["lr_selection"] = {"grid": list(args.lr_grid), "seed": select_seed}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     measured: dict[str, list[float]] = defaultdict(list)
-    records, skipped, found = [], [], 0
+    records, skipped, waiting, found = [], [], [], 0
     for k, (job, est) in enumerate(zip(jobs, estimates, strict=True)):
         method, seed = job.method, job.seed
         blr = job.blr
         if blr == CHOSEN:
             blr = choose_lr(method, recipe, data, args.lr_grid, select_seed, done)
             if blr is None:
-                skipped.append((seed, method.name))
+                waiting.append((seed, method.name))
                 print(f"[{bundle.name} {method.name} s{seed}] skipped: the learning-rate grid has not finished on seed {select_seed}",
                       flush=True)
                 continue
@@ -316,7 +316,9 @@ def run_main(argv: list[str]) -> None:
     if found:
         print(f"\n{found} runs were already in {args.out} and were not run again")
     if skipped:
-        print(f"\nnot run: {skipped}")
+        print(f"\nnot run (time budget): {skipped}")
+    if waiting:
+        print(f"\nnot run (their learning rate is not chosen yet: run the command again): {waiting}")
     print(f"\n{len(records) - found} runs in {clock.elapsed():.0f}s; appended to {args.out}")
 
 
