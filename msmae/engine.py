@@ -7,7 +7,6 @@ tensors rather than Python floats so a GPU loop is not forced to synchronise eve
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -17,22 +16,12 @@ import torch.nn.functional as F
 from msmae import defaults
 from msmae.losses import pretrain_loss
 from msmae.map_sources import source_maps
+from msmae.precision import autocast
 from msmae.map_quality import foreground_patches
 from msmae.masking import MaskSplit, random_masking, sam_masking
 from msmae.metrics import ClassificationReport, classification_report
 from msmae.models import MSMAEClassifier, MSMAEPretrainModel
 from msmae.schedules import MaskingPhase
-
-
-def autocast(device: torch.device | str, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """bf16 autocast where the device runs it fast (CUDA with bf16); a no-op elsewhere.
-
-    CPU bf16 autocast is slower than fp32 on most CPUs, so CPU runs stay fp32.
-    """
-    device = torch.device(device)
-    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

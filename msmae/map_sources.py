@@ -34,6 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from msmae.attention import attention_maps, encoder_of
 from msmae.models import MSMAEPretrainModel, embed_tokens, encode
+from msmae.precision import autocast
 
 MapSource = Literal["cls_attention", "rollout", "grad_attention", "occlusion"]
 MAP_SOURCES: tuple[str, ...] = get_args(MapSource)
@@ -125,8 +126,6 @@ def grad_attention_maps(model: torch.nn.Module, images: torch.Tensor, target: to
 def class_probability(model: torch.nn.Module, images: torch.Tensor, temperature: float = 1.0,
                       kept: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, C]`` probabilities at ``temperature`` on all tokens, or on ``kept`` ``[B, n]`` patches only."""
-    from msmae.engine import autocast  # the engine imports this module
-
     with autocast(images.device):  # bf16 on a CUDA GPU, plain fp32 on CPU
         logits = class_logits(model, images.float(), kept)
     return (logits.float() / temperature).softmax(-1)
