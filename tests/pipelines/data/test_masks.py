@@ -150,3 +150,25 @@ def test_the_eval_transform_resizes_a_mask_with_its_image() -> None:
     assert np.array_equal(out["mask"][0], expected) and out["has_mask"].sum() == 5
     plain = transforms.resize_batch({k: v for k, v in batch.items() if k != "mask"}, size=16)
     assert "mask" not in plain and np.array_equal(plain["image"], out["image"])
+
+
+def test_streams_carry_masks_and_the_worker_scores_maps_against_them(ray_local, ham_like, tmp_path: Path) -> None:
+    """Through Ray Data: the eval and training streams of a dataset with masks carry them; a refresh's lesion
+    metrics (pipelines.train.worker.lesion_metrics) score maps on the validation images that have one."""
+    import torch
+
+    import msmae
+    from pipelines.data.streams import eval_stream, train_stream
+    from pipelines.train.worker import LESION_KEYS, lesion_metrics
+
+    manifest, images, mask_dir = ham_like
+    dataset = ingest(ManifestSpec(manifest, images, "image_id", "dx", "lesion_id"), tmp_path / "ds",
+                     IngestOptions(val=0.5, masks=str(mask_dir), workers=1, near_dup=None), progress=False, log=lambda _: None).dataset
+    train = next(iter(train_stream(dataset, size=16, batch_size=64, repeatable=True).iter_batches(batch_size=64)))
+    assert train["mask"].shape == (dataset.split_size("train"), 16, 16) and train["has_mask"].any()
+    val = eval_stream(dataset, "val", size=16, batch_size=4)
+    with_masks = sum(int(b["has_mask"].sum()) for b in val.iter_batches(batch_size=4))
+    model = msmae.build_pretrain_model(msmae.get_preset("tiny", img_size=16, patch_size=8), dataset.num_classes)
+    scores = lesion_metrics(model, val, 4, "cpu", "cls_attention", msmae.MaskRatios(0.5, 0.0), torch.Generator().manual_seed(0))
+    assert set(scores) == set(LESION_KEYS)
+    assert scores["lesion_images"] + scores["lesion_images_skipped"] == with_masks > 0
