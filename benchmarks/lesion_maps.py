@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import msmae  # noqa: E402
-from comparison.bundle import load_bundle  # noqa: E402
+from comparison.bundle import Bundle, load_bundle  # noqa: E402
 from comparison.runner import METHODS, Recipe, load_device_data, pretrain  # noqa: E402
 
 SCORES = ("lesion_mass", "lesion_share", "lesion_lift", "lesion_pointing", "lesion_auroc", "lesion_seconds_per_100")
@@ -45,6 +45,18 @@ def table(curve: list[dict], sources: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def subset(bundle: Bundle, max_train: int | None, max_val: int | None, max_test: int = 50) -> Bundle:
+    """The first ``max_train`` training and ``max_val`` validation images (in index order, which is the
+    images' ids, not their classes), re-indexed so training rows stay 0..n_train-1: a CPU-sized run."""
+    if max_train is None and max_val is None:
+        return bundle
+    rows = torch.cat([bundle.rows("train")[:max_train], bundle.rows("val")[:max_val], bundle.rows("test")[:max_test]])
+    parts = [bundle.encoded(int(i)) for i in rows]
+    offsets = torch.cumsum(torch.tensor([0] + [p.numel() for p in parts]), 0)
+    return Bundle(bundle.name, bundle.classes, bundle.side, torch.cat(parts), offsets, bundle.label[rows], bundle.split[rows],
+                  torch.arange(len(rows)), bundle.aspect[rows], bundle.mask[rows], bundle.has_mask[rows])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path, help="a bundle made with benchmarks/make_bundle.py --masks")
@@ -57,6 +69,8 @@ def main() -> None:
     p.add_argument("--refresh-every", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-train", type=int, help="train on the first N training images only (CPU-sized runs)")
+    p.add_argument("--max-val", type=int, help="validate and score maps on the first N validation images only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="write the pre-training curve (every refresh's scores) here as JSON")
@@ -66,7 +80,7 @@ def main() -> None:
     bundle = load_bundle(args.bundle)
     if bundle.mask is None:
         raise SystemExit(f"{args.bundle} has no lesion masks: make it with benchmarks/make_bundle.py --masks")
-    data = load_device_data(bundle, args.img_size, device)
+    data = load_device_data(subset(bundle, args.max_train, args.max_val), args.img_size, device)
     sources = tuple(msmae.MAP_SOURCES)
     recipe = Recipe.for_epochs(
         args.epochs, 1, preset=args.preset, img_size=args.img_size, patch_size=args.patch_size, batch_size=args.batch_size,
