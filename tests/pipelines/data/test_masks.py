@@ -172,3 +172,23 @@ def test_streams_carry_masks_and_the_worker_scores_maps_against_them(ray_local, 
     scores = lesion_metrics(model, val, 4, "cpu", "cls_attention", msmae.MaskRatios(0.5, 0.0), torch.Generator().manual_seed(0))
     assert set(scores) == set(LESION_KEYS)
     assert scores["lesion_images"] + scores["lesion_images_skipped"] == with_masks > 0
+
+
+def test_cli_ingests_masks_reports_them_and_an_edited_mask_rebuilds(ham_like, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from msmae_cli import app
+
+    manifest, images, mask_dir = ham_like
+    args = ["ingest", "--manifest", str(manifest), "--image-root", str(images), "--image-col", "image_id", "--label-col", "dx",
+            "--masks", str(mask_dir), "--workers", "1", "--no-progress", "--no-near-dup", "--out", str(tmp_path / "o")]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "lesion masks: 8 of 12 images paired (1 thresholded to binary), 4 quarantined" in first.output
+    assert "nothing rewritten" in CliRunner().invoke(app, args).output
+    mask = mask_dir / f"ISIC_0000000{masks.MASK_SUFFIX}"
+    mask.write_bytes(_png(np.zeros((30, 40), np.uint8)))  # the lesion erased: the dataset must change
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "nothing rewritten" not in again.output and "5 quarantined" in again.output
+    bad = CliRunner().invoke(app, [*args[:-2], "--mask-col", "seg", "--out", str(tmp_path / "p")])
+    assert bad.exit_code == 2 and "column 'seg' (--mask-col) not found" in bad.output
