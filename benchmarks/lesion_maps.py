@@ -8,7 +8,8 @@ One pre-training (``comparison.runner.pretrain``, method ``msmae``: random maski
 maps of ``--map-source``); at every refresh the maps of *every* source (``msmae.MAP_SOURCES``) are
 computed on the validation images that have a mask and scored (``msmae.lesion_metrics``): lesion
 mass and share, lift, pointing game, patch AUROC, and for the training source the lesion share a SAM
-draw shows the encoder and masks. Each source's time per 100 images is its refresh cost (a refresh
+draw shows the encoder and masks. A fixed centre-peaked map is scored too, as the control (dermoscopy
+centres the lesion). Each source's time per 100 images is its refresh cost (a refresh
 computes maps for every training image). Also printed per epoch: the CLS head's validation balanced
 accuracy (does it collapse once SAM starts?). Prints markdown tables; ``--out`` keeps the curve.
 """
@@ -43,6 +44,15 @@ def table(curve: list[dict], sources: tuple[str, ...]) -> str:
             v = [row.get(f"{source}/{k}", float("nan")) for k in SCORES]
             lines.append(f"| {row['epoch']} | {source} | {v[0]:.3f} | {v[1]:.3f} | {v[2]:.2f} | {v[3]:.3f} | {v[4]:.3f} | {v[5]:.2f} |")
     return "\n".join(lines)
+
+
+def centre_prior(grid: tuple[int, int], sigma: float = 0.25) -> torch.Tensor:
+    """``[L]`` a fixed map peaked at the image centre (Gaussian, ``sigma`` in image widths): the control.
+    Dermoscopy centres the lesion, so a map that merely prefers the centre scores well without looking."""
+    ys = (torch.arange(grid[0]) + 0.5) / grid[0] - 0.5
+    xs = (torch.arange(grid[1]) + 0.5) / grid[1] - 0.5
+    d2 = ys[:, None] ** 2 + xs[None, :] ** 2
+    return torch.exp(-d2 / (2 * sigma**2)).flatten()
 
 
 def subset(bundle: Bundle, max_train: int | None, max_val: int | None, max_test: int = 50) -> Bundle:
@@ -97,6 +107,12 @@ def main() -> None:
         print(f"epoch {row['epoch']} {row['phase']:6s} loss {row['train_loss']:.3f}  CLS head val balanced acc "
               f"{row['val_cls_balanced_accuracy']:.3f}{lesion}  ({row['seconds']:.0f} s)", flush=True)
 
+    has = data.val_has_mask
+    preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size)
+    lesion = msmae.lesion_patches(data.val_masks[has].cpu(), preset.patch_size)
+    centre = msmae.lesion_scores(centre_prior(preset.grid).repeat(len(lesion), 1), lesion)
+    print(f"control, a fixed centre-peaked map (no model): lesion mass {centre.lesion_mass:.3f} of share {centre.lesion_share:.3f}, "
+          f"lift {centre.lesion_lift:.2f}, pointing {centre.pointing:.3f}, AUROC {centre.auroc:.3f}", flush=True)
     _, result = pretrain(METHODS["msmae"], recipe, data, args.seed, device, progress)
     print(f"\npre-training {time.perf_counter() - start:.0f} s\n")
     print(table(result.curve, (args.map_source, *recipe.lesion_sources)))
@@ -107,7 +123,7 @@ def main() -> None:
               f"| {row.get('lesion_masked_share', float('nan')):.3f} | {row.get('refresh_seconds', float('nan')):.1f} |")
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "counts": data.counts(),
-                                        "curve": result.curve}, indent=1))
+                                        "centre_control": centre.metrics(), "curve": result.curve}, indent=1))
 
 
 if __name__ == "__main__":
