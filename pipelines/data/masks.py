@@ -85,6 +85,12 @@ def check_spec(spec: MaskSpec, manifest: Path | None) -> None:
         raise MaskOptionError("--mask-col names a manifest column: use it with --manifest (for a folder, use --masks DIR)")
     if spec.folder is not None and not spec.folder.is_dir():
         raise MaskOptionError(f"--masks {spec.folder} is not a folder")
+    if spec.column is not None:
+        from pipelines.data.sources import read_manifest
+
+        columns = read_manifest(manifest).columns
+        if spec.column not in columns:
+            raise MaskOptionError(f"manifest {manifest}: column {spec.column!r} (--mask-col) not found; columns are {columns}")
 
 
 def mask_paths(kept: list[dict], spec: MaskSpec, manifest: Path | None, image_col: str | None, image_root: Path | None) -> list[str | None]:
