@@ -67,6 +67,10 @@ def run_parser() -> argparse.ArgumentParser:
                    help="weight cross-entropy by inverse class frequency in both stages (for imbalanced data, e.g. HAM10000)")
     p.add_argument("--refresh-every", type=int, help="pre-training epochs between map refreshes (default 20 %%)")
     p.add_argument("--finetune-refresh-every", type=int, help="fine-tuning epochs between map refreshes (default 20 %%)")
+    p.add_argument("--map-source", default="cls_attention",
+                   help="where the attention rule's maps come from: cls_attention (the paper), rollout, grad_attention, occlusion")
+    p.add_argument("--lesion-sources", nargs="*", default=[],
+                   help="with a bundle made with --masks: further map sources scored against the validation lesion masks at every refresh")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--time-budget", type=float, help="seconds: start no run that would end after this (from the start of this command)")
     p.add_argument("--fit-epochs", action="store_true",
@@ -107,7 +111,7 @@ def build_recipe(args: argparse.Namespace, pretrain_epochs: int, finetune_epochs
         pretrain_epochs, finetune_epochs, sam_start_fraction=args.sam_start_fraction, preset=args.preset, img_size=args.img_size,
         patch_size=args.patch_size, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, pretrain_blr=args.pretrain_blr,
         finetune_blr=args.finetune_blr, layer_decay=args.layer_decay, sam_gate=args.sam_gate, class_balance=args.class_balance,
-        **overrides,
+        map_source=args.map_source, lesion_sources=tuple(args.lesion_sources), **overrides,
     )
 
 

@@ -36,6 +36,10 @@ class Bundle:
     split: torch.Tensor  # int8 [N], position in SPLITS
     index: torch.Tensor  # int64 [N], the ingested dataset's index
     aspect: torch.Tensor  # float32 [N], source width / height
+    # lesion masks, squashed like their images (nearest), bit-packed row by row: uint8 [N, ceil(side*side / 8)];
+    # None for a dataset without masks (and for bundles made before masks: they load as they are)
+    mask: torch.Tensor | None = None
+    has_mask: torch.Tensor | None = None  # bool [N]: the image has a mask (else its row is all zeros)
 
     def __len__(self) -> int:
         return int(self.label.numel())
@@ -50,6 +54,14 @@ class Bundle:
 
     def counts(self) -> dict[str, int]:
         return {name: int((self.split == k).sum()) for k, name in enumerate(SPLITS)}
+
+    def masks(self, rows: torch.Tensor) -> torch.Tensor:
+        """bool ``[n, side, side]`` lesion masks of ``rows`` (all False where an image has none)."""
+        if self.mask is None:
+            raise ValueError(f"bundle {self.name} has no lesion masks; rebuild it with make_bundle.py --masks")
+        bits = torch.arange(7, -1, -1, dtype=torch.uint8)
+        unpacked = (self.mask[rows.long()].unsqueeze(-1) >> bits) & 1  # [n, bytes, 8], most significant bit first
+        return unpacked.flatten(1)[:, : self.side * self.side].reshape(-1, self.side, self.side).bool()
 
     def encoded(self, position: int) -> torch.Tensor:
         return self.jpeg[int(self.offsets[position]): int(self.offsets[position + 1])]
@@ -100,6 +112,17 @@ def make_bundle(
         index=torch.as_tensor(list(index) if index is not None else range(n), dtype=torch.int64),
         aspect=torch.as_tensor(list(aspect) if aspect is not None else [1.0] * n, dtype=torch.float32),
     )
+
+
+def pack_masks(masks: Sequence[torch.Tensor | None], side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool ``[side, side]`` masks (None: the image has none) -> (packed uint8 ``[N, ceil(side*side / 8)]``, has_mask ``[N]``)."""
+    flat = torch.zeros(len(masks), -(-side * side // 8) * 8, dtype=torch.uint8)
+    for k, m in enumerate(masks):
+        if m is not None:
+            flat[k, : side * side] = m.flatten().to(torch.uint8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    packed = (flat.reshape(len(masks), -1, 8) * weights).sum(-1).to(torch.uint8)
+    return packed, torch.tensor([m is not None for m in masks], dtype=torch.bool)
 
 
 def save_bundle(bundle: Bundle, path: str | Path) -> Path:

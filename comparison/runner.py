@@ -212,12 +212,19 @@ class Recipe:
     finetune_refresh_every: int = 2
     finetune_all_tokens_from: float | None = None  # fraction of fine-tuning after which every token is used
     class_balance: bool = False  # weight cross-entropy by inverse class frequency (msmae.balanced_class_weights)
+    map_source: str = "cls_attention"  # where the attention rule's maps come from (msmae.MAP_SOURCES)
+    # further sources scored against the validation lesion masks at every refresh (a bundle with masks), for comparison
+    # only: they cost time, they do not change training
+    lesion_sources: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.sam_gate is not None and not 0.0 < self.sam_gate <= 1.0:
             raise ValueError(f"sam_gate is a balanced accuracy in (0, 1], got {self.sam_gate}")
         if self.sam_latest is not None and self.sam_latest < self.sam_start:
             raise ValueError(f"sam_latest={self.sam_latest} is before sam_start={self.sam_start}")
+        unknown = sorted({self.map_source, *self.lesion_sources} - set(msmae.MAP_SOURCES))
+        if unknown:
+            raise ValueError(f"unknown map sources {unknown}; choose from {msmae.MAP_SOURCES}")
 
     @classmethod
     def for_epochs(
@@ -272,6 +279,11 @@ class DeviceData:
     test_labels: torch.Tensor
     train_aspect: torch.Tensor
     decode_seconds: float = 0.0
+    val_masks: torch.Tensor | None = None  # bool [N_val, img, img] lesion masks (bundles with masks); all False: none
+
+    @property
+    def val_has_mask(self) -> torch.Tensor | None:
+        return None if self.val_masks is None else self.val_masks.flatten(1).any(dim=1)
 
     @property
     def num_classes(self) -> int:
@@ -306,6 +318,9 @@ def load_device_data(bundle: Bundle, img_size: int, device: torch.device | str) 
         test_labels=bundle.label[part["test"]].to(device),
         train_aspect=bundle.aspect[part["train"]].to(device),
     )
+    if bundle.mask is not None:  # squashed like the val images: bundle side -> img_size (nearest, as PIL's NEAREST)
+        masks = bundle.masks(part["val"]).to(device)[:, None].float()
+        data.val_masks = torch.nn.functional.interpolate(masks, size=(img_size, img_size), mode="nearest-exact")[:, 0] > 0.5
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     data.decode_seconds = time.perf_counter() - start
@@ -339,13 +354,42 @@ def _sync(device: torch.device) -> None:
 def refresh_maps(
     model: torch.nn.Module, table: msmae.AttentionTable, data: DeviceData, recipe: Recipe, quality: dict, epoch: int,
 ) -> int:
-    """Recompute every training image's map from the model as it is now (whole images); how many.
-    Where the new maps' mass lies (``msmae.map_quality``) goes into ``quality``."""
+    """Recompute every training image's map from the model as it is now (whole images, ``recipe.map_source``);
+    how many. Where the new maps' mass lies (``msmae.map_quality``) goes into ``quality``, and, with
+    validation lesion masks, how well they find the lesion (``lesion_scores``)."""
     index = torch.arange(len(data.train_plain), device=data.train_plain.device)
-    refreshed = msmae.refresh_maps(model, eval_batches(data.train_plain, index, recipe.eval_batch_size))
+    batches = ((images, idx, data.train_labels[idx]) for images, idx in eval_batches(data.train_plain, index, recipe.eval_batch_size))
+    start = time.perf_counter()
+    refreshed = msmae.refresh_maps(model, batches, source=recipe.map_source)
     table.update(refreshed.index, refreshed.maps, epoch=epoch)
-    quality.update(msmae.map_quality(refreshed.maps, refreshed.foreground).metrics())
+    quality.update(msmae.map_quality(refreshed.maps, refreshed.foreground).metrics(), refresh_seconds=time.perf_counter() - start)
+    if data.val_masks is not None:
+        quality.update(lesion_scores(model, data, recipe))
     return len(refreshed.index)
+
+
+def lesion_scores(model: torch.nn.Module, data: DeviceData, recipe: Recipe) -> dict[str, float]:
+    """Maps of the validation images that have lesion masks, from ``recipe.map_source`` (keys ``lesion_*``, plus the
+    lesion share a SAM draw by them shows the encoder and masks) and from each of ``recipe.lesion_sources``
+    (keys ``<source>/lesion_*``), scored against the masks; each source's seconds per 100 images too."""
+    has = data.val_has_mask
+    images, labels = data.val[has], data.val_labels[has]
+    positions = torch.arange(len(images), device=images.device)
+    lesion = msmae.lesion_patches(data.val_masks[has], recipe.patch_size or msmae.get_preset(recipe.preset).patch_size)
+    out: dict[str, float] = {}
+    for source in dict.fromkeys((recipe.map_source, *recipe.lesion_sources)):
+        start = time.perf_counter()
+        batches = ((x, i, labels[i]) for x, i in eval_batches(images, positions, recipe.eval_batch_size))
+        maps = msmae.refresh_maps(model, batches, source=source).maps
+        _sync(images.device)
+        seconds = (time.perf_counter() - start) * 100 / max(len(images), 1)
+        scores = {**msmae.lesion_scores(maps, lesion.cpu()).metrics(), "lesion_seconds_per_100": seconds}
+        if source == recipe.map_source:
+            split = msmae.sam_masking(maps, recipe.mask_ratio, recipe.throw_ratio, torch.Generator().manual_seed(0))
+            out.update(scores, **msmae.masking_lesion_shares(split.kept, split.masked, lesion.cpu()))
+        if source != recipe.map_source or recipe.lesion_sources:
+            out.update({f"{source}/{k}": v for k, v in scores.items()})
+    return out
 
 
 def run_stage(

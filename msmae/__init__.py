@@ -11,6 +11,10 @@ Public API:
     compute_attention_maps, draw_masks,
     refresh_maps                             step functions for any loop (msmae.engine)
     map_quality, MapQuality                  do the maps point at tissue? (msmae.map_quality)
+    lesion_patches, lesion_scores,
+    LesionScores, masking_lesion_shares      do the maps find the lesion? (msmae.lesion_metrics)
+    source_maps, MAP_SOURCES, MapSource      where a map comes from: CLS attention, rollout,
+                                             gradient-weighted attention, occlusion (msmae.map_sources)
     train_one_epoch, EpochPlan               one epoch of either stage (msmae.loop)
     StageTrainer, StageSchedule              the epoch skeleton any loop shares (msmae.loop)
     build_optimizer                          each stage's AdamW (msmae.optim)
@@ -41,7 +45,9 @@ from msmae.engine import (
 )
 from msmae.geometry import crop_flip_maps
 from msmae.losses import CLS_LOSSES, ClsLoss, balanced_class_weights, cls_cross_entropy, patchify, unpatchify
+from msmae.lesion_metrics import LesionScores, lesion_patches, lesion_scores, masking_lesion_shares
 from msmae.map_quality import MapQuality, foreground_patches, map_quality
+from msmae.map_sources import MAP_SOURCES, MapSource, source_maps
 from msmae.loop import STRATEGIES, EpochOutcome, EpochPlan, EpochTotals, MaskingStrategy, Stage, StageSchedule, StageTrainer, train_one_epoch
 from msmae.masking import MaskSplit, mask_counts, random_masking, sam_masking
 from msmae.metrics import HEADLINE_METRICS, ClassificationReport, classification_report
@@ -69,6 +75,13 @@ __all__ = [
     "ClsLoss",
     "cls_cross_entropy",
     "HEADLINE_METRICS",
+    "MAP_SOURCES",
+    "LesionScores",
+    "MapSource",
+    "lesion_patches",
+    "lesion_scores",
+    "masking_lesion_shares",
+    "source_maps",
     "STRATEGIES",
     "MaskingStrategy",
     "RefreshedMaps",

@@ -7,7 +7,6 @@ tensors rather than Python floats so a GPU loop is not forced to synchronise eve
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -15,24 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from msmae import defaults
-from msmae.attention import attention_maps
 from msmae.losses import ClsLoss, pretrain_loss
+from msmae.map_sources import source_maps
+from msmae.precision import autocast
 from msmae.map_quality import foreground_patches
 from msmae.masking import MaskSplit, random_masking, sam_masking
 from msmae.metrics import ClassificationReport, classification_report
 from msmae.models import MSMAEClassifier, MSMAEPretrainModel
 from msmae.schedules import MaskingPhase
-
-
-def autocast(device: torch.device | str, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """bf16 autocast where the device runs it fast (CUDA with bf16); a no-op elsewhere.
-
-    CPU bf16 autocast is slower than fp32 on most CPUs, so CPU runs stay fp32.
-    """
-    device = torch.device(device)
-    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -188,16 +177,24 @@ class RefreshedMaps:
 
 
 @torch.no_grad()
-def refresh_maps(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], amp: bool = True) -> RefreshedMaps:
-    """Maps for un-augmented ``(images, index)`` batches, on CPU, with each patch's foreground flag.
+def refresh_maps(
+    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], amp: bool = True, source: str = "cls_attention",
+) -> RefreshedMaps:
+    """Maps for un-augmented ``(images, index)`` or ``(images, index, labels)`` batches, on CPU, with
+    each patch's foreground flag.
 
+    ``source`` is the map source (``msmae.map_sources.MAP_SOURCES``; the paper's is
+    ``cls_attention``); labels, when the batches carry them, are the class that
+    ``grad_attention`` and ``occlusion`` explain (else the predicted class).
     Any batch size works, a last partial batch included (reference-code defect 4).
     """
     patch_size = _unwrap(model).preset.patch_size
     indices, maps, foreground = [], [], []
-    for images, index in batches:
+    for batch in batches:
+        images, index = batch[0], batch[1]
+        labels = batch[2] if len(batch) > 2 else None
         with autocast(images.device, amp):
-            maps.append(attention_maps(model, images).float().cpu())
+            maps.append(source_maps(model, images, source, labels).float().cpu())
         foreground.append(foreground_patches(images, patch_size).cpu())
         indices.append(index.cpu().long())
     if not maps:

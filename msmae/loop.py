@@ -18,6 +18,7 @@ import torch
 from msmae import defaults
 from msmae.engine import MaskRatios, _unwrap, check_finite, draw_masks, finetune_step, pretrain_step
 from msmae.losses import CLS_LOSSES, ClsLoss
+from msmae.lesion_metrics import lesion_patches
 from msmae.schedules import MaskingPhase, MaskingSchedule, cosine_lr, set_lr
 from msmae.table import AttentionTable
 
@@ -73,15 +74,29 @@ class EpochTotals:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     seen: int = 0
     data_wait_seconds: float = 0.0  # host time spent waiting for the next batch (the input pipeline's share)
+    # lesion shares of what the encoder saw / had to reconstruct, summed over the images that have a lesion
+    # mask (batches of a dataset ingested with masks): sums and image count stay on the device
+    lesion_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    lesion_images: torch.Tensor | float = 0.0
 
     def add(self, losses: Mapping[str, torch.Tensor], n: int) -> None:
         for name, value in losses.items():
             self.sums[name] = self.sums.get(name, 0.0) + value * n
         self.seen += n
 
+    def add_lesion(self, shares: Mapping[str, torch.Tensor], images: torch.Tensor) -> None:
+        """Per-image lesion shares ``[B]`` of this batch, counted only where ``images`` (bool ``[B]``) has a mask."""
+        for name, value in shares.items():
+            self.lesion_sums[name] = self.lesion_sums.get(name, 0.0) + (value * images).sum()
+        self.lesion_images = self.lesion_images + images.sum()
+
     def means(self) -> dict[str, float]:
         """Per-image means as floats (one host sync); raises on a non-finite loss."""
-        return {name: check_finite(float(total) / max(self.seen, 1), f"train {name}") for name, total in self.sums.items()}
+        out = {name: check_finite(float(total) / max(self.seen, 1), f"train {name}") for name, total in self.sums.items()}
+        masked_images = float(self.lesion_images)
+        if masked_images:
+            out.update({name: float(total) / masked_images for name, total in self.lesion_sums.items()})
+        return out
 
 
 def batch_weights(table: AttentionTable | None, batch: Mapping[str, torch.Tensor], plan: EpochPlan, num_patches: int) -> torch.Tensor:
@@ -136,7 +151,23 @@ def train_one_epoch(
             losses = {"loss": finetune_step(model, optimizer, images, labels, kept, plan.label_smoothing, grad_clip=plan.grad_clip,
                                             class_weights=class_weights)}
         totals.add({**losses, **seen_by_encoder(kept, weights, num_patches)}, len(images))
+        if "mask" in batch:  # lesion masks, moved with the augmentation like the image
+            masked = split.masked if plan.stage == "pretrain" else None
+            totals.add_lesion(*lesion_seen(batch, kept, masked, _unwrap(model).preset.patch_size))
     return totals
+
+
+def lesion_seen(batch: Mapping[str, torch.Tensor], kept: torch.Tensor | None, masked: torch.Tensor | None,
+                patch_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per image, the lesion share of the patches the encoder saw (all of them when ``kept`` is None) and,
+    in pre-training, of those it had to reconstruct; with which images have a mask. SAM's premise is that
+    its rule hides the lesion: ``lesion_seen_share`` below ``lesion_patch_share`` is the rule at work."""
+    lesion = lesion_patches(batch["mask"], patch_size).float()  # [B, L] on the augmented image's grid
+    shares = {"lesion_patch_share": lesion.mean(dim=1),
+              "lesion_seen_share": lesion.mean(dim=1) if kept is None else lesion.gather(1, kept).mean(dim=1)}
+    if masked is not None:
+        shares["lesion_masked_share"] = lesion.gather(1, masked).mean(dim=1)
+    return shares, batch["has_mask"].to(lesion.device, torch.float32)
 
 
 def _timed(batches: Iterable[Mapping[str, torch.Tensor]], totals: EpochTotals) -> Iterator[Mapping[str, torch.Tensor]]:

@@ -52,6 +52,8 @@ def ingest(
     force: Annotated[bool, typer.Option("--force", help="Replace a dataset in --out that was ingested from another source.")] = False,
     near_dup: Annotated[float, typer.Option("--near-dup", help="Fingerprint similarity (0.5-1) above which two images are near-copies (re-encoded, resized, slightly cropped) held in one split.")] = 0.98,
     no_near_dup: Annotated[bool, typer.Option("--no-near-dup", help="Join only pixel-identical images (not recommended: near-copies leak across splits).")] = False,
+    masks: Annotated[Path | None, typer.Option("--masks", help="Folder of lesion masks <image_id>_segmentation.png (same frame as the image, 255 = lesion), stored with each image; bad ones are listed in mask_quarantine.csv.")] = None,
+    mask_col: Annotated[str | None, typer.Option("--mask-col", help="Manifest column with each image's mask file (relative to --masks, else to --image-root).")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Hash the shards of an up-to-date dataset against their recorded digests; rebuild it if one differs.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -74,7 +76,7 @@ def ingest(
     opts = IngestOptions(
         mode=mode, max_side=max_side, min_side=min_side, val=val, test=test, seed=seed, strict=strict, force=force, verify=verify, near_dup=None if no_near_dup else near_dup,
         rows_per_shard=rows_per_shard, classes=[c.strip() for c in classes.split(",")] if classes is not None else None,
-        workers=workers if workers is not None else usable_cpus(),
+        workers=workers if workers is not None else usable_cpus(), masks=str(masks) if masks is not None else None, mask_col=mask_col,
     )
     result = run_ingest(source, out, opts, progress=progress, log=typer.echo)
     s = result.summary

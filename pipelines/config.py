@@ -51,6 +51,12 @@ class MaskingConfig(_Section):
         description="which weights order the draw: attention (the paper), uniform (the released code: its maps are all ones), "
         "all (fine-tuning only: no token dropped)",
     )
+    map_source: msmae.MapSource = Field(
+        "cls_attention",
+        description="where the attention strategy's maps come from: cls_attention (the paper: last block, CLS row), rollout "
+        "(attention rollout over all blocks), grad_attention (attention weighted by the true class's gradient), occlusion "
+        "(probability drop per left-out patch: L extra forward passes per image at every refresh)",
+    )
     mask_ratio: float = Field(defaults.MASK_RATIO, gt=0, lt=1)
     throw_ratio: float = Field(defaults.THROW_RATIO, ge=0, lt=1)
     sam_start: int = Field(0, ge=0, description="epochs of random masking before SAM (W)")

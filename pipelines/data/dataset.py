@@ -67,6 +67,11 @@ class IngestedDataset:
         return self.summary.get("fingerprint", "")
 
     @property
+    def has_masks(self) -> bool:
+        """Was it ingested with lesion masks (``msmae ingest --masks``)? Then its shards have a ``mask`` column."""
+        return bool(self.summary.get("masks"))
+
+    @property
     def splits(self) -> list[str]:
         """The splits this dataset was made with (an empty one included)."""
         return list(self.summary["fractions"])

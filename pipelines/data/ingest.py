@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipelines.data import destination, images, near_duplicates, shards, sources, splits
+from pipelines.data import destination, images, masks, near_duplicates, shards, sources, splits
 from pipelines.data.dataset import SUMMARY_FILE, IngestedDataset
 from pipelines.data.ingest_options import IngestError, IngestOptionError, IngestOptions, check_options, output_options
 
@@ -83,8 +83,11 @@ def ingest(
     source = sources.as_source(src)
     source_info = source.info()
     destination.check_destination(out, source_info, opts.force)
+    mask_spec = _mask_spec(opts, source)
     listing = source.listing(opts.classes)
     fp = _fingerprint(listing, source, opts)
+    if mask_spec is not None:
+        fp = hashlib.sha256(fp.encode() + masks.fingerprint_bytes(mask_spec)).hexdigest()
     existing = _load_if_current(out, fp, opts.verify, log)
     if existing is not None:
         checked = "its shards match their digests" if opts.verify else "--verify checks its shards' digests"
@@ -95,8 +98,11 @@ def ingest(
     if len(quarantine) != listing.height - len(kept):
         raise AssertionError("ingest lost track of a file: kept + quarantined != listed")  # never silent
     counted = f"quarantined {len(quarantine)} of {listing.height} files: {dict(Counter(q['reason'] for q in quarantine))}"
+    mask_report = _attach_masks(kept, mask_spec, source)
     with destination.staging(out) as stage:
         shards.write_file(stage, "quarantine.csv", shards.quarantine_csv(quarantine), out)
+        if mask_report is not None:
+            shards.write_file(stage, masks.MASK_QUARANTINE_FILE, masks.quarantine_csv(mask_report.quarantine), out)
         if not kept or (opts.strict and quarantine):
             if quarantine:
                 log(counted)
@@ -106,10 +112,15 @@ def ingest(
             if opts.strict and quarantine:
                 raise IngestError(f"--strict: {len(quarantine)} of {listing.height} files quarantined, no dataset written{unchanged}; see {where}")
             raise IngestError(f"no usable images in {sources.describe(source_info)} ({listing.height} files listed){unchanged}; see {where}")
-        summary = _write_dataset(stage, out, kept, listing, quarantine, conflicts, fp, source_info, opts, fractions)
+        summary = _write_dataset(stage, out, kept, listing, quarantine, conflicts, fp, source_info, opts, fractions, mask_report)
         destination.publish(stage, out)
     if quarantine:
         log(f"{counted} (see {out / 'quarantine.csv'})")
+    if mask_report is not None:
+        m = mask_report.summary()
+        log(f"lesion masks: {m['paired']} of {len(kept)} images paired ({m['thresholded']} thresholded to binary), "
+            f"{m['quarantined']} quarantined {m['quarantine_reasons']} (see {out / masks.MASK_QUARANTINE_FILE}), "
+            f"{m['unclaimed']} masks in the folder claimed by no kept image")
     for warning in summary["warnings"]:
         log(f"warning: {warning}")
     return IngestResult(out, summary, wrote=True)
@@ -135,7 +146,7 @@ def _sort_out(listing: pl.DataFrame, opts: IngestOptions, progress: bool) -> tup
 
 def _write_dataset(
     stage: Path, out: Path, kept: list[dict], listing: pl.DataFrame, quarantine: list[dict], conflicts: int,
-    fp: str, source_info: dict, opts: IngestOptions, fractions: dict[str, float],
+    fp: str, source_info: dict, opts: IngestOptions, fractions: dict[str, float], mask_report: masks.MaskReport | None = None,
 ) -> dict:
     """Split the kept images, write shards and dataset.json into the staging folder; returns the summary."""
     class_ids = _class_ids(listing, opts)
@@ -181,8 +192,32 @@ def _write_dataset(
         "shards": written,
         "warnings": _class_size_warnings(Counter(labels), class_ids, list(fractions)),
     }
+    if mask_report is not None:  # only datasets ingested with masks have the key (and the shards' mask column)
+        summary["masks"] = mask_report.summary()
     shards.write_file(stage, SUMMARY_FILE, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode(), out)
     return summary
+
+
+def _mask_spec(opts: IngestOptions, source: sources.Source) -> masks.MaskSpec | None:
+    """The lesion masks asked for (``--masks``, ``--mask-col``), checked before anything is read; None: no masks."""
+    if opts.masks is None and opts.mask_col is None:
+        return None
+    spec = masks.MaskSpec(Path(opts.masks) if opts.masks else None, opts.mask_col)
+    try:
+        masks.check_spec(spec, getattr(source, "manifest", None))
+    except masks.MaskOptionError as e:
+        raise IngestOptionError(str(e)) from None
+    return spec
+
+
+def _attach_masks(kept: list[dict], spec: masks.MaskSpec | None, source: sources.Source) -> masks.MaskReport | None:
+    if spec is None:
+        return None
+    try:
+        return masks.attach_masks(kept, spec, getattr(source, "manifest", None), getattr(source, "image_col", None),
+                                  getattr(source, "image_root", None))
+    except masks.MaskOptionError as e:
+        raise IngestOptionError(str(e)) from None
 
 
 def _near_copy_pairs(kept: list[dict], opts: IngestOptions):

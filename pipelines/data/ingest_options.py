@@ -44,6 +44,8 @@ class IngestOptions:
     force: bool = False  # replace a dataset ingested from another source
     near_dup: float | None = near_duplicates.DEFAULT_THRESHOLD  # fingerprint similarity that joins near-copies; None: off
     verify: bool = False  # check the shards' sha256 before calling an existing dataset up to date (repairs a damaged one)
+    masks: str | None = None  # folder of <image_id>_segmentation.png lesion masks (pipelines.data.masks)
+    mask_col: str | None = None  # manifest column naming each image's mask file
     workers: int = field(default_factory=usable_cpus, compare=False)
 
 
@@ -78,5 +80,8 @@ def check_options(opts: IngestOptions) -> dict[str, float]:
         raise IngestOptionError(f"--val/--test: {e}") from None
 
 
+MASK_OPTIONS = ("masks", "mask_col")  # recorded only when given: datasets without masks keep their fingerprints
+
+
 def output_options(opts: IngestOptions) -> dict:
-    return {k: v for k, v in asdict(opts).items() if k not in RUN_ONLY_OPTIONS}
+    return {k: v for k, v in asdict(opts).items() if k not in RUN_ONLY_OPTIONS and not (k in MASK_OPTIONS and v is None)}

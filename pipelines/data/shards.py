@@ -31,6 +31,9 @@ SHARD_SCHEMA = pa.schema(
         ("fingerprint", pa.binary()),  # near_duplicates.fingerprint: what the contamination check compares
     ]
 )
+# Only in datasets ingested with lesion masks (``pipelines.data.masks``): a 1-bit PNG per image, null where it
+# has none. Datasets without masks keep SHARD_SCHEMA exactly, so their shards are byte-identical to before.
+MASK_FIELD = pa.field("mask", pa.binary())
 NEAR_DUPLICATES_FILE = "near_duplicates.parquet"  # the near-copy pairs that were held together, beside the shards
 NEAR_DUPLICATES_SCHEMA = pa.schema([
     ("index_a", pa.int64()), ("index_b", pa.int64()), ("source_a", pa.string()), ("source_b", pa.string()),
@@ -45,9 +48,10 @@ def dense_order(kept: list[dict], split_of: list[str], split_names: list[str]) -
 
 
 def build_table(kept: list[dict], labels: list[int], group_ids: list[int], split_of: list[str], order: list[int]) -> pa.Table:
-    """The shard rows, in ``order`` (``dense_order``)."""
+    """The shard rows, in ``order`` (``dense_order``); with a ``mask`` column when the rows carry masks."""
     group_name = {g: kept[g]["group"] or kept[g]["res"].content_hash for g in set(group_ids)}
-    cols: dict[str, list] = {f.name: [] for f in SHARD_SCHEMA}
+    schema = SHARD_SCHEMA.append(MASK_FIELD) if any("mask" in k for k in kept) else SHARD_SCHEMA
+    cols: dict[str, list] = {f.name: [] for f in schema}
     for idx, i in enumerate(order):
         k, res = kept[i], kept[i]["res"]
         for name, value in (
@@ -57,7 +61,9 @@ def build_table(kept: list[dict], labels: list[int], group_ids: list[int], split
             ("fingerprint", res.fingerprint),
         ):
             cols[name].append(value)
-    return pa.table(cols, schema=SHARD_SCHEMA)
+        if "mask" in cols:
+            cols["mask"].append(k.get("mask"))
+    return pa.table(cols, schema=schema)
 
 
 def near_duplicates_table(kept: list[dict], pairs, split_of: list[str], order: list[int]) -> pa.Table:

@@ -11,7 +11,11 @@ Per sample the training stream emits
     index     int64              the dataset's dense, stable index (train rows are 0..n_train-1)
     crop_box  float32 [4]        (x0, y0, x1, y1) of the crop in the SOURCE image, each in [0, 1]
     flipped   bool               the crop was flipped horizontally after cropping
-so the trainer can move each image's attention map through the same geometry. The eval
+so the trainer can move each image's attention map through the same geometry. A dataset
+ingested with lesion masks (``msmae ingest --masks``) adds
+    mask      uint8 [S, S]       1 = lesion, the image's crop, flip and resize applied (nearest)
+    has_mask  bool               the image has a mask (else ``mask`` is all zeros)
+to every stream. The eval
 stream emits image, label and index only, the image resized whole to S×S (no crop: an
 attention map computed on it covers the whole image).
 """
@@ -135,7 +139,8 @@ def _read(dataset: IngestedDataset, split: str) -> ray.data.Dataset:
         ds = ray.data.read_parquet([str(f) for f in files])
     finally:
         ctx.use_datasource_v2 = previous
-    return ds.select_columns(_READ_COLUMNS)
+    # a dataset ingested with lesion masks carries them through the same crop, flip and resize as its images
+    return ds.select_columns(_READ_COLUMNS + (["mask"] if dataset.has_masks else []))
 
 
 def normalise_images(images):

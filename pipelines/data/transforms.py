@@ -47,9 +47,9 @@ def normalise(img: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def resize_whole(img: Image.Image, size: int) -> Image.Image:
-    """The whole image to size×size, bicubic: what evaluation and prediction see."""
-    return img.resize((size, size), INTERPOLATION)
+def resize_whole(img: Image.Image, size: int, resample: Image.Resampling = INTERPOLATION) -> Image.Image:
+    """The whole image to size×size, bicubic: what evaluation and prediction see (a mask: nearest)."""
+    return img.resize((size, size), resample)
 
 
 def sample_crop(width: int, height: int, rng: np.random.Generator,
@@ -77,11 +77,34 @@ def sample_crop(width: int, height: int, rng: np.random.Generator,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def apply_crop(img: Image.Image, box: Box, flip: bool, size: int) -> Image.Image:
-    """Crop (top, left, h, w), resize to size×size bicubic, then flip if asked."""
+def apply_crop(img: Image.Image, box: Box, flip: bool, size: int, resample: Image.Resampling = INTERPOLATION) -> Image.Image:
+    """Crop (top, left, h, w), resize to size×size bicubic (a mask: nearest), then flip if asked."""
     top, left, h, w = box
-    out = resize_whole(img.crop((left, top, left + w, top + h)), size)
+    out = resize_whole(img.crop((left, top, left + w, top + h)), size, resample)
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+
+
+# A lesion mask takes its image's crop box and flip, resampled nearest so it stays binary: one geometry.
+MASK_INTERPOLATION = Image.Resampling.NEAREST
+
+
+def decode_mask(data, size: tuple[int, int]) -> Image.Image | None:
+    """Stored mask bytes (``pipelines.data.masks``: 1-bit PNG) -> an "L" image of 0 / 255; None for a row
+    without a mask. ``size`` is its image's (width, height), which the mask must share."""
+    if not isinstance(data, (bytes, bytearray)):
+        return None
+    with Image.open(io.BytesIO(data)) as img:
+        mask = img.convert("L")
+    if mask.size != size:
+        raise ValueError(f"mask is {mask.size[0]}x{mask.size[1]} px but its image {size[0]}x{size[1]}; re-run `msmae ingest --masks`")
+    return mask
+
+
+def _mask_columns(batch: dict[str, np.ndarray], n: int, size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Empty ``mask`` uint8 [B, S, S] (1 = lesion) and ``has_mask`` bool [B] when the batch carries masks."""
+    if "mask" not in batch:
+        return None
+    return np.zeros((n, size, size), dtype=np.uint8), np.zeros(n, dtype=bool)
 
 
 def augment_batch(batch: dict[str, np.ndarray], size: int, seed: int, repeatable: bool, uint8: bool = False) -> dict[str, np.ndarray]:
@@ -94,6 +117,7 @@ def augment_batch(batch: dict[str, np.ndarray], size: int, seed: int, repeatable
     boxes = np.empty((n, 4), dtype=np.float32)  # [B, 4] x0, y0, x1, y1 in [0, 1]
     flipped = np.empty(n, dtype=bool)
     nonce = 0 if repeatable else secrets.randbits(63)
+    mask_cols = _mask_columns(batch, n, size)
     for k in range(n):
         index = int(batch["index"][k])
         rng = np.random.default_rng([seed, index, nonce])
@@ -107,13 +131,20 @@ def augment_batch(batch: dict[str, np.ndarray], size: int, seed: int, repeatable
             normalise(crop, out=images[k])
         boxes[k] = (left / img.width, top / img.height, (left + w) / img.width, (top + h) / img.height)
         flipped[k] = flip
-    return {
+        mask = decode_mask(batch["mask"][k], img.size) if mask_cols is not None else None
+        if mask is not None:  # the image's own box and flip
+            mask_cols[0][k] = np.asarray(apply_crop(mask, (top, left, h, w), flip, size, MASK_INTERPOLATION)) > 0
+            mask_cols[1][k] = True
+    out = {
         "image": images,
         "label": batch["label"].astype(np.int64),
         "index": batch["index"].astype(np.int64),
         "crop_box": boxes,
         "flipped": flipped,
     }
+    if mask_cols is not None:
+        out["mask"], out["has_mask"] = mask_cols
+    return out
 
 
 def permute_rows(table, seed: int | None):
@@ -126,9 +157,18 @@ def resize_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
     """Decode → whole image resized → normalise (evaluation and attention-map refresh)."""
     n = len(batch["index"])
     images = np.empty((n, 3, size, size), dtype=np.float32)  # [B, 3, S, S]
+    mask_cols = _mask_columns(batch, n, size)
     for k in range(n):
-        normalise(resize_whole(decode(batch["image"][k]), size), out=images[k])
-    return {"image": images, "label": batch["label"].astype(np.int64), "index": batch["index"].astype(np.int64)}
+        img = decode(batch["image"][k])
+        normalise(resize_whole(img, size), out=images[k])
+        mask = decode_mask(batch["mask"][k], img.size) if mask_cols is not None else None
+        if mask is not None:
+            mask_cols[0][k] = np.asarray(resize_whole(mask, size, MASK_INTERPOLATION)) > 0
+            mask_cols[1][k] = True
+    out = {"image": images, "label": batch["label"].astype(np.int64), "index": batch["index"].astype(np.int64)}
+    if mask_cols is not None:
+        out["mask"], out["has_mask"] = mask_cols
+    return out
 
 
 def normalise_batch(pixels: np.ndarray) -> np.ndarray:

@@ -33,43 +33,24 @@ import numpy as np
 import torch
 
 import msmae
+from msmae import map_sources
 
 
-@torch.no_grad()
 def class_probability(model: msmae.MSMAEClassifier, pixels: torch.Tensor, temperature: float = 1.0,
                       kept: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, C]`` probabilities of the model at ``temperature`` on all tokens, or on ``kept`` ``[B, n]`` patches only."""
-
     model.eval()
-    with msmae.autocast(pixels.device):  # bf16 on a CUDA GPU, as msmae.predict_probs; plain fp32 on CPU
-        logits = model(pixels.float(), kept)
-    return (logits.float() / temperature).softmax(-1)
+    return map_sources.class_probability(model, pixels, temperature, kept)
 
 
-@torch.no_grad()
 def occlusion_maps(model: msmae.MSMAEClassifier, pixels: torch.Tensor, temperature: float = 1.0,
                    target: torch.Tensor | None = None, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([B, L] drop of the target class's probability per left-out patch, [B] target class)``.
+    """``([B, L] drop of the target class's probability per left-out patch, [B] target class)``, on the CPU.
 
-    ``target`` defaults to each image's predicted class. ``chunk`` bounds how many occluded
-    sequences run at once (memory)."""
+    The pure-torch core is ``msmae.map_sources.occlusion_drops``, which SAM can also use as a
+    map source (``*.masking.map_source: occlusion``)."""
     model.eval()
-    n, num_patches = len(pixels), model.preset.num_patches
-    full = class_probability(model, pixels, temperature)
-    target = full.argmax(-1) if target is None else target.long()
-    base = full.gather(1, target[:, None])[:, 0]  # [B]
-    # Row i of `leave_one_out` keeps every patch but i.
-    everything = torch.arange(num_patches)
-    leave_one_out = torch.stack([torch.cat([everything[:i], everything[i + 1:]]) for i in range(num_patches)])  # [L, L-1]
-    rows = torch.arange(n).repeat_interleave(num_patches)  # (image, left-out patch) pairs, image-major
-    cols = torch.arange(num_patches).repeat(n)
-    drops = torch.empty(n * num_patches)
-    for start in range(0, len(rows), chunk):
-        b, i = rows[start:start + chunk], cols[start:start + chunk]
-        probs = class_probability(model, pixels[b], temperature, leave_one_out[i])
-        drops[start:start + chunk] = base[b] - probs.gather(1, target[b][:, None])[:, 0]
-    drops = drops.reshape(n, num_patches)
-    return drops, target
+    return map_sources.occlusion_drops(model, pixels, temperature, target, chunk)
 
 
 @torch.no_grad()

@@ -113,19 +113,23 @@ def reliability_plot(raw, calibrated, labels, temperature: float):
 
 
 def images_of_every_class(stream, num_classes: int, per_class: int = 2, limit: int = 12):
-    """Up to ``per_class`` validation images of each class (at most ``limit``), in class order:
-    the shards are written class by class, so the first few images would all be one class."""
+    """Up to ``per_class`` validation images of each class (at most ``limit``), in class order, and their
+    lesion masks (None for a dataset without masks; then only images that have one are picked): the
+    shards are written class by class, so the first few images would all be one class."""
     import torch
 
-    picked: dict[int, list[torch.Tensor]] = {c: [] for c in range(num_classes)}
+    picked: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {c: [] for c in range(num_classes)}
+    with_masks = False
     for batch in stream.iter_torch_batches(batch_size=64):
-        for image, label in zip(batch["image"], batch["label"].tolist()):
-            if len(picked[label]) < per_class:
-                picked[label].append(image)
+        with_masks = "mask" in batch
+        for k, label in enumerate(batch["label"].tolist()):
+            if len(picked[label]) < per_class and (not with_masks or bool(batch["has_mask"][k])):
+                picked[label].append((batch["image"][k], batch["mask"][k] if with_masks else None))
         if all(len(v) == per_class for v in picked.values()):
             break
-    chosen = [(image, c) for c in range(num_classes) for image in picked[c]][:limit]
-    return torch.stack([i for i, _ in chosen]), torch.tensor([c for _, c in chosen])
+    chosen = [(pair, c) for c in range(num_classes) for pair in picked[c]][:limit]
+    masks = torch.stack([p[1] for p, _ in chosen]).bool() if with_masks else None
+    return torch.stack([p[0] for p, _ in chosen]), torch.tensor([c for _, c in chosen]), masks
 
 
 def figures(model, pretrain_checkpoint: str | None, dataset: IngestedDataset, cfg: RunConfig, names: list[str], report, probs, labels) -> dict:
@@ -139,11 +143,12 @@ def figures(model, pretrain_checkpoint: str | None, dataset: IngestedDataset, cf
         "plots/confusion_matrix.png": plots.confusion_figure(report.confusion, names),
         "plots/roc_curves.png": plots.roc_figure(probs, labels, names, report.per_class_auc),
     }
-    images, sample_labels = images_of_every_class(eval_stream(dataset, "val", model.preset.img_size), len(names))
+    images, sample_labels, masks = images_of_every_class(eval_stream(dataset, "val", model.preset.img_size), len(names))
     with torch.no_grad():
         predicted = model.cpu().eval()(images).argmax(-1)
     out["plots/attention_overlays.png"] = plots.attention_figure(
         model.cpu(), images, [names[int(i)] for i in sample_labels], [names[int(i)] for i in predicted],
+        masks=masks, source=cfg.finetune.masking.map_source,
     )
     if pretrain_checkpoint is not None:  # fine-tuning from scratch has no decoder to show
         masking = cfg.pretrain.masking

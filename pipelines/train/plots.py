@@ -64,13 +64,18 @@ def to_rgb(images: torch.Tensor) -> np.ndarray:
 
 def attention_figure(
     model: torch.nn.Module, images: torch.Tensor, true_names: list[str], predicted_names: list[str] | None = None,
+    masks: torch.Tensor | None = None, source: str = "cls_attention",
 ) -> plt.Figure:
-    """Each image with the model's attention map over it (what SAM would hide first), its true
-    and predicted class, and the share of the map's mass on tissue (``msmae.map_quality``)."""
+    """Each image with the model's map from ``source`` over it (what SAM would hide first), its true
+    and predicted class, and the share of the map's mass on tissue (``msmae.map_quality``); with lesion
+    ``masks`` (bool ``[B, H, W]`` at the images' size) the lesion's contour is drawn over the map and the
+    mass is measured on the lesion instead (``msmae.lesion_metrics``)."""
     grid = msmae.encoder_of(model).patch_embed.grid_size
-    weights = msmae.attention_maps(model, images).cpu()
-    foreground = msmae.foreground_patches(images.cpu(), msmae.encoder_of(model).patch_embed.patch_size[0])
+    patch = msmae.encoder_of(model).patch_embed.patch_size[0]
+    weights = msmae.source_maps(model, images, source).cpu()  # grad_attention, occlusion: of the predicted class
+    foreground = msmae.foreground_patches(images.cpu(), patch)
     overall = msmae.map_quality(weights, foreground)
+    lesion = msmae.lesion_patches(masks.cpu(), patch) if masks is not None else None
     maps = weights.reshape(-1, *grid).numpy()
     rgb = to_rgb(images)
     fig, axes = plt.subplots(2, len(images), figsize=(2 * len(images) + 0.8, 4.6), squeeze=False)
@@ -80,16 +85,25 @@ def attention_figure(
         axes[0, k].set_title(title, fontsize=7)
         axes[1, k].imshow(rgb[k])
         shown = axes[1, k].imshow(maps[k], cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=(0, rgb.shape[2], rgb.shape[1], 0), interpolation="nearest")
-        mass = msmae.map_quality(weights[k:k + 1], foreground[k:k + 1])
-        axes[1, k].set_title(f"on tissue {mass.foreground_mass:.0%} of {mass.foreground_share:.0%}", fontsize=7)
+        if lesion is not None:
+            axes[0, k].contour(masks[k].cpu().float().numpy(), levels=[0.5], colors="white", linewidths=0.8)
+            axes[1, k].contour(masks[k].cpu().float().numpy(), levels=[0.5], colors="white", linewidths=0.8)
+            on = msmae.lesion_scores(weights[k:k + 1], lesion[k:k + 1])
+            axes[1, k].set_title(f"on lesion {on.lesion_mass:.0%} of {on.lesion_share:.0%}" if on.images else "lesion: all or none", fontsize=7)
+        else:
+            mass = msmae.map_quality(weights[k:k + 1], foreground[k:k + 1])
+            axes[1, k].set_title(f"on tissue {mass.foreground_mass:.0%} of {mass.foreground_share:.0%}", fontsize=7)
         for ax in axes[:, k]:
             ax.axis("off")
-    fig.colorbar(shown, ax=axes[1, :].tolist(), fraction=0.02, pad=0.01, label="attention weight")
-    fig.suptitle(
-        f"CLS attention maps; map mass on tissue {overall.foreground_mass:.0%} vs tissue's share of patches "
-        f"{overall.foreground_share:.0%} (lift {overall.foreground_lift:.2f}), entropy {overall.entropy:.2f}",
-        fontsize=8,
-    )
+    fig.colorbar(shown, ax=axes[1, :].tolist(), fraction=0.02, pad=0.01, label="map weight")
+    if lesion is not None:
+        s = msmae.lesion_scores(weights, lesion)
+        summary = (f"{source} maps, lesion contour in white; mass on lesion {s.lesion_mass:.0%} vs lesion's share of patches "
+                   f"{s.lesion_share:.0%} (lift {s.lesion_lift:.2f}), pointing {s.pointing:.2f}, AUROC {s.auroc:.2f}")
+    else:
+        summary = (f"{source} maps; map mass on tissue {overall.foreground_mass:.0%} vs tissue's share of patches "
+                   f"{overall.foreground_share:.0%} (lift {overall.foreground_lift:.2f}), entropy {overall.entropy:.2f}")
+    fig.suptitle(summary, fontsize=8)
     return fig
 
 

@@ -61,7 +61,7 @@ def train_stages(
     """
     common = dict(
         config=cfg, class_names=dataset.class_names, num_train=dataset.split_size("train"),
-        class_counts=tuple(dataset.class_counts("train")),
+        class_counts=tuple(dataset.class_counts("train")), has_masks=dataset.has_masks,
         mlflow_uri=mlflow_uri, mlflow_run_id=mlflow_run_id,
     )
     first = stages[0]

@@ -30,6 +30,8 @@ from pipelines.data.streams import with_float_images
 
 Stage = msmae.Stage  # the stage names are the method's (one vocabulary)
 MAP_QUALITY_KEYS = tuple(msmae.MapQuality(0, 0, 0, 0, 0).metrics())
+# where the refreshed maps lie against the validation images' lesion masks (datasets ingested with --masks)
+LESION_KEYS = (*msmae.LesionScores(0, 0, 0, 0, 0, 0, 0).metrics(), "lesion_seen_share", "lesion_masked_share")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class StageSpec:
     class_names: list[str]
     num_train: int
     class_counts: tuple[int, ...] = ()  # training images per class, in class order (for balanced class weights)
+    has_masks: bool = False  # the dataset carries lesion masks: score the maps against them at every refresh
     init_checkpoint: str | None = None  # pre-training checkpoint dir for fine-tuning
     mlflow_uri: str | None = None
     mlflow_run_id: str | None = None
@@ -61,18 +64,19 @@ def _gather(obj: Any) -> list[Any]:
 
 
 def refresh_table(
-    model: torch.nn.Module, table: msmae.AttentionTable, shard, batch_size: int, device, epoch: int,
+    model: torch.nn.Module, table: msmae.AttentionTable, shard, batch_size: int, device, epoch: int, source: str = "cls_attention",
 ) -> tuple[int, msmae.MapQuality]:
-    """Recompute maps from this worker's share of the un-augmented images, then all-gather.
+    """Recompute maps (from ``source``, ``msmae.MAP_SOURCES``) from this worker's share of the
+    un-augmented images, then all-gather.
 
     Returns how many images were refreshed and where the new maps' mass lies (tissue or
     background), measured over the whole table."""
     batches = (
-        (b["image"], b["index"])
+        (b["image"], b["index"], b["label"])  # the label: the class grad_attention and occlusion explain
         for b in shard.iter_torch_batches(batch_size=batch_size, device=device)
     )
     try:
-        mine = msmae.refresh_maps(model, batches)
+        mine = msmae.refresh_maps(model, batches, source=source)
     except ValueError:  # this worker's share is empty (tiny datasets, many workers)
         size = table.maps.shape[1]
         mine = msmae.RefreshedMaps(torch.empty(0, dtype=torch.long), torch.empty(0, size), torch.empty(0, size, dtype=torch.bool))
@@ -80,6 +84,31 @@ def refresh_table(
     index, maps, foreground = (torch.cat([p[k] for p in parts]) for k in range(3))
     table.update(index, maps.float(), epoch=epoch)
     return len(index), msmae.map_quality(maps.float(), foreground)
+
+
+def lesion_metrics(
+    model: torch.nn.Module, shard, batch_size: int, device, source: str, ratios: msmae.MaskRatios, generator: torch.Generator,
+) -> dict[str, float]:
+    """Do this refresh's maps find the lesion? Maps from ``source`` on the validation images that
+    have a lesion mask, scored against it (``msmae.lesion_metrics``), plus the lesion share of the
+    patches a SAM draw by these maps would show the encoder and would mask. {} when the dataset has
+    no masks among the validation images. Every worker scores its share; the shares are all-gathered
+    and scored once (so every worker calls this, an empty share included)."""
+    patch_size = model.preset.patch_size
+    maps, lesion = [], []
+    for b in shard.iter_torch_batches(batch_size=batch_size, device=device):
+        has = b["has_mask"].bool()
+        if has.any():
+            maps.append(msmae.source_maps(model, b["image"][has], source, b["label"][has]).float().cpu())
+            lesion.append(msmae.lesion_patches(b["mask"][has], patch_size).cpu())
+    parts = _gather((torch.cat(maps) if maps else None, torch.cat(lesion) if lesion else None))
+    maps = [m for m, _ in parts if m is not None]
+    if not maps:
+        return {}
+    maps, lesion = torch.cat(maps), torch.cat([l for _, l in parts if l is not None])
+    scores = msmae.lesion_scores(maps, lesion).metrics()
+    split = msmae.sam_masking(maps, ratios.mask, ratios.throw, generator=generator)
+    return {**scores, **msmae.masking_lesion_shares(split.kept, split.masked, lesion)}
 
 
 def table_replicas_equal(table: msmae.AttentionTable) -> bool:
@@ -231,9 +260,14 @@ def train_loop(loop_config: dict) -> None:
         logger = EpochLogger(spec.mlflow_uri, spec.mlflow_run_id, spec.stage, say=lambda line: print(line, file=sys.__stdout__, flush=True))
     refresh_metrics: dict[str, float] = {}
 
+    source = stage_cfg.masking.map_source
+    lesion_generator = torch.Generator().manual_seed(cfg.data.seed)  # the same draw on every worker
+
     def refresh(epoch: int) -> int:
-        refreshed, quality = refresh_table(raw, table, plain_shard, per_worker_batch, device, epoch)
+        refreshed, quality = refresh_table(raw, table, plain_shard, per_worker_batch, device, epoch, source)
         refresh_metrics.update(quality.metrics(), attention_table_replicas_equal=float(table_replicas_equal(table)))
+        if spec.has_masks:
+            refresh_metrics.update(lesion_metrics(raw, val_shard, per_worker_batch, device, source, trainer.plan.ratios, lesion_generator))
         return refreshed
 
     for epoch in range(start_epoch, stage_cfg.epochs):
@@ -259,6 +293,7 @@ def train_loop(loop_config: dict) -> None:
             "maps_refreshed": outcome.maps_refreshed,
             "attention_table_replicas_equal": refresh_metrics.get("attention_table_replicas_equal", float("nan")),
             **{k: refresh_metrics.get(k, float("nan")) for k in MAP_QUALITY_KEYS},  # measured at refresh epochs only
+            **{k: refresh_metrics.get(k, float("nan")) for k in LESION_KEYS},  # refresh epochs of datasets with masks only
             "masking_phase_sam": float(outcome.phase == "sam"),
             "worker_nodes": worker_nodes,
         }
@@ -288,9 +323,13 @@ def train_loop(loop_config: dict) -> None:
 
 def _print_progress(stage: str, epoch: int, epochs: int, m: dict) -> None:
     eta = m["epoch_seconds"] * (epochs - epoch - 1)
+    lesion = m.get("lesion_mass", float("nan"))
+    on_lesion = (f"  maps on lesion: mass {lesion:.2f} (share {m['lesion_share']:.2f}, lift {m['lesion_lift']:.2f}) "
+                 f"pointing {m['lesion_pointing']:.2f} AUROC {m['lesion_auroc']:.2f} seen {m['lesion_seen_share']:.2f}"
+                 if lesion == lesion else "")
     print(
         f"[{stage}] epoch {epoch + 1}/{epochs}  loss {m['train_loss']:.4f}  val acc {m['val_accuracy']:.3f} "
-        f"f1 {m['val_macro_f1']:.3f}  {m['images_per_s']:.0f} img/s  data wait {m['data_wait_fraction']:.0%}  ETA {eta:.0f}s",
+        f"f1 {m['val_macro_f1']:.3f}  {m['images_per_s']:.0f} img/s  data wait {m['data_wait_fraction']:.0%}  ETA {eta:.0f}s{on_lesion}",
         # Ray Train patches print() in its workers to copy each line to both stdout and stderr,
         # and the driver shows both: the real stdout gets the line once.
         file=sys.__stdout__, flush=True,
