@@ -92,6 +92,7 @@ class LineFilter(io.TextIOBase):
         self._buffer = ""
         self._lock = threading.Lock()
         self._skip_source_of: str | None = None  # the origin of a dropped warning, whose source line follows
+        self._dropped_redraw = False  # a dropped progress bar: the newline that ends it is dropped too
 
     # -- the stream interface -------------------------------------------------------------------
     def writable(self) -> bool:
@@ -154,11 +155,15 @@ class LineFilter(io.TextIOBase):
         forwarded = RAY_PREFIX.match(plain)
         who, message = (forwarded["who"], forwarded["msg"]) if forwarded else ("", plain)
         skip_source, self._skip_source_of = self._skip_source_of, None
+        dropped_redraw, self._dropped_redraw = self._dropped_redraw, False
+        if dropped_redraw and not partial and not plain.strip("\r"):
+            return None
         if skip_source is not None and who == skip_source and message.startswith("  "):
             return None
         if is_noise(message):
             if "Warning: " in message and not partial:
                 self._skip_source_of = who
+            self._dropped_redraw = partial
             return None
         if forwarded and OWN_WORKER_LINE.match(message):
             return message
