@@ -151,8 +151,9 @@ def ingest(
     near = s.get("near_duplicates") or {}
     excluded = s.get("excluded") or {}
     left_out = excluded.get("by_pattern", 0) + excluded.get("mask_like", 0)
-    typer.echo(f"{s['num_images']} images kept, {s['quarantined']} quarantined, {left_out} left out ({excluded.get('mask_like', 0)} mask-like, "
-               f"{excluded.get('by_pattern', 0)} --exclude), {s['duplicate_groups']} duplicate groups "
+    left = (f"{left_out} left out ({excluded.get('mask_like', 0)} mask-like, {excluded.get('by_pattern', 0)} --exclude; excluded.csv), "
+            if left_out else "")
+    typer.echo(f"{s['num_images']} images kept, {s['quarantined']} quarantined, {left}{s['duplicate_groups']} duplicate groups "
                f"({s['duplicate_images']} images), {near.get('images', 0)} near-copies held with their copies "
                f"({near.get('pairs', 0)} pairs in near_duplicates.parquet), "
                f"{s['label_conflict_groups']} label conflicts → {out}")

@@ -393,7 +393,7 @@ def test_debug_shows_the_exception_instead_of_one_line(tmp_path: Path) -> None:
 
 
 def test_the_console_script_prints_one_line_on_stderr(tmp_path: Path) -> None:
-    proc = subprocess.run([MSMAE, "ingest", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([MSMAE, "ingest", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines() == [f"error: ImageFolder root {tmp_path / 'nope'} is not a directory"]
 

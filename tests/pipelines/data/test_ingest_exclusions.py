@@ -66,7 +66,7 @@ def test_masks_beside_images_are_left_out_and_counted(data_tree_with_masks: Path
     out = tmp_path / "out"
     result = invoke(["ingest", "--data", data_tree_with_masks, "--out", out, "--val", "0.25", *Q])
     assert_clean(result, 0, ("left out 4 mask-like file(s)", "e.g. glioma/", "_mask.png", "--keep-mask-like",
-                             "8 images kept", "4 left out (4 mask-like, 0 --exclude)"))
+                             "8 images kept", "4 left out (4 mask-like, 0 --exclude; excluded.csv)"))
     summary = json.loads((out / "dataset.json").read_text())
     assert summary["num_images"] == 8 and summary["excluded"]["mask_like"] == 4
     assert summary["excluded"]["mask_like_example"].endswith("_mask.png")
