@@ -144,6 +144,9 @@ class LineFilter(io.TextIOBase):
     def buffer(self):
         return self.target.buffer  # click writes bytes there; those never carry Ray's lines
 
+    def __getattr__(self, name: str):
+        return getattr(self.target, name)  # anything else a library asks of sys.stdout (reconfigure, mode, ...)
+
     # -- the rules ------------------------------------------------------------------------------
     def rewrite(self, line: str, partial: bool = False) -> str | None:
         """The line as shown (None: dropped)."""
