@@ -13,6 +13,10 @@ import sys
 from pipelines import console
 
 CAPTURED = [
+    "/work/main/.venv/lib/python3.11/site-packages/mlflow/pyfunc/utils/data_validation.py:187: UserWarning: \x1b[33mAdd type hints "
+    "to the `predict` method to enable data validation and automatic signature inference during model logging. Check "
+    "https://mlflow.org/docs/latest/model/python_model.html#type-hint-usage-in-pythonmodel for more details.\x1b[0m",
+    "  color_warning(",
     "2026-12-02 15:17:37,065\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled for this Ray cluster. "
     "Set RAY_AUTH_MODE=disabled to opt out. For more information, see https://docs.ray.io/en/latest/ray-security/token-auth.html",
     "\x1b[36m(TrainController pid=6648)\x1b[0m [2026-12-02 15:18:17,223 E 6648 6677] core_worker.cc:2465: Actor with class name: "
@@ -82,7 +86,7 @@ def test_verbose_keeps_every_line_but_no_ansi_codes_in_a_file():
     shown = _through(CAPTURED, quiet=False)
     assert len(shown) == len(CAPTURED)
     assert not any("\x1b" in line for line in shown)
-    assert shown[5] == "(SplitCoordinator pid=6947) ✔️  Dataset train_0357liQoEu6dsCWBoa9IfN_0 execution finished in 7.13 seconds"
+    assert shown[7] == "(SplitCoordinator pid=6947) ✔️  Dataset train_0357liQoEu6dsCWBoa9IfN_0 execution finished in 7.13 seconds"
 
 
 def test_a_dropped_progress_bar_leaves_no_empty_line_and_others_redraw_at_once():
