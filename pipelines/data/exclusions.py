@@ -77,14 +77,17 @@ def leave_out(listing: pl.DataFrame, root: Path, patterns: tuple[str, ...], keep
         if hit is not None:
             drop.add(i)
             excluded.rows.append({"path": rel, "reason": BY_PATTERN, "detail": f"--exclude {hit}"})
-    remaining = {rel: i for i, rel in enumerate(rels) if rel is not None and i not in drop}
+    remaining: dict[str, list[int]] = {}  # a manifest may name one file in several rows
+    for i, rel in enumerate(rels):
+        if rel is not None and i not in drop:
+            remaining.setdefault(rel, []).append(i)
     masks = find_mask_files(remaining)
     if keep_mask_like:
         excluded.mask_like_kept = sorted(masks)
     else:
         for mask, image in sorted(masks.items()):
-            drop.add(remaining[mask])
-            excluded.rows.append({"path": mask, "reason": MASK_LIKE, "detail": f"named like a mask of {image}"})
+            drop.update(remaining[mask])
+            excluded.rows.extend({"path": mask, "reason": MASK_LIKE, "detail": f"named like a mask of {image}"} for _ in remaining[mask])
     if not drop:
         return listing, excluded
     keep = pl.Series([i not in drop for i in range(listing.height)])

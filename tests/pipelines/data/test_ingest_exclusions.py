@@ -109,3 +109,19 @@ def test_per_class_counts_and_an_imbalance_warning(tmp_path: Path, data_sample_b
     rows = {r[0]: [int(v) for v in r[1:]] for r in table[1:]}
     assert set(rows) == {"train", "val"} and all(r[-1] == sum(r[:-1]) for r in rows.values())
     assert (rows["train"][0] + rows["val"][0], rows["train"][1] + rows["val"][1]) == (9, 2)
+
+
+def test_a_manifest_naming_masks_and_excluded_files_has_them_left_out(data_tree_with_masks: Path, tmp_path: Path):
+    """Manifest rows are matched by their file under --image-root, like ImageFolder paths under the root."""
+    from pipelines.data.ingest import IngestOptions, ingest
+    from pipelines.data.sources import ManifestSpec
+
+    files = sorted(p.relative_to(data_tree_with_masks).as_posix() for p in data_tree_with_masks.rglob("*.*"))
+    manifest = tmp_path / "manifest.csv"
+    pl.DataFrame({"image": files, "label": [f.split("/")[0] for f in files]}).write_csv(manifest)
+    spec = ManifestSpec(manifest, data_tree_with_masks, "image", "label")
+    excluded_image = next(f for f in files if f.startswith("notumor/"))
+    opts = IngestOptions(val=0.25, exclude=(excluded_image,), workers=1)
+    summary = ingest(spec, tmp_path / "out", opts, progress=False, log=lambda _: None).summary
+    assert (summary["num_images"], summary["excluded"]["mask_like"], summary["excluded"]["by_pattern"]) == (7, 4, 1)
+    assert summary["num_listed"] == len(files) - 5
