@@ -57,7 +57,8 @@ QUIET_DROP: tuple[tuple[str, re.Pattern], ...] = (
     ("MLflow asking for type hints on the pyfunc's predict, when the class is defined (raised under MLflow's own "
      "'once' filter, which warnings.filterwarnings cannot reach; KNOWN_WARNINGS covers the other places it is raised)",
      re.compile(r"UserWarning: Add type hints to the `predict` method")),
-    ("MLflow on the pyfunc this project saves as an object on purpose (it loads its own weights, never a pickle)",
+    ("MLflow's advice on the pyfunc wrapper this project logs as an object on purpose (pipelines/serve/registry.py: "
+     "an empty MSMAEPyfunc whose weights are artifacts loaded with weights_only)",
      re.compile(r"Passing a Python object as `python_model` causes it to be serialized using CloudPickle")),
     ("MLflow's own echo of a registration the run reports itself ('registered NAME version N')",
      re.compile(r"^(Successfully registered model '.*'\.|Created version '\d+' of model '.*'\.)$")),
@@ -148,6 +149,8 @@ class LineFilter(io.TextIOBase):
         return self.target.buffer  # click writes bytes there; those never carry Ray's lines
 
     def __getattr__(self, name: str):
+        if name == "target":  # not set yet (never recurse)
+            raise AttributeError(name)
         return getattr(self.target, name)  # anything else a library asks of sys.stdout (reconfigure, mode, ...)
 
     # -- the rules ------------------------------------------------------------------------------
