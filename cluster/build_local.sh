@@ -187,7 +187,7 @@ SHORT=(--set pretrain.epochs=1 --set pretrain.warmup_epochs=0 --set pretrain.mas
 say "check 2: demo msmae run as uid 10001, read-only root, no capabilities, workdir mounted"
 timed "check: msmae run (1 container)" "${PODMAN[@]}" run --rm --name "$PREFIX-solo" "${SECURE[@]}" --shm-size 2g \
     -v "$WORK/solo:/mnt/shared" "$IMAGE" \
-    run /opt/msmae-ray/data/sample/btmd --config demo --workdir /mnt/shared/demo "${SHORT[@]}"
+    run --data /opt/msmae-ray/data/sample/btmd --config demo --workdir /mnt/shared/demo "${SHORT[@]}"
 test -f "$WORK/solo/demo/last_run.json" || { echo "the run left no last_run.json in the mounted workdir" >&2; exit 1; }
 
 say "check 3: Ray head + worker containers, MLflow in a third, msmae run submitted with ray job submit"
@@ -300,8 +300,8 @@ job() {
   "${PODMAN[@]}" run --rm --name "$PREFIX-submit" "${NET[@]}" "${SECURE[@]}" --env-file "$TOKEN_ENV" --entrypoint ray "$IMAGE" \
       job submit --address http://127.0.0.1:8265 --submission-id "$SUBMISSION" \
       --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}}' -- \
-      msmae run /opt/msmae-ray/data/sample/btmd --config demo --workdir /mnt/shared/runs/local \
-      --tracking-uri http://127.0.0.1:5000 --workers 2 "${SHORT[@]}" \
+      msmae run --data /opt/msmae-ray/data/sample/btmd --config demo --workdir /mnt/shared/runs/local \
+      --tracking-uri http://127.0.0.1:5000 --train-workers 2 "${SHORT[@]}" \
       --set "tracking.model_name=$MODEL" --set "tracking.experiment=$MODEL" | tee "$WORK/job.log"
 }
 timed "check: ray job submit msmae run (2-node)" job

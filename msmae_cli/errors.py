@@ -107,6 +107,12 @@ class ErrorHandlingGroup(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         global _interrupt_hint
         _interrupt_hint = None
+        from pipelines.console import filtered_streams
+
+        with filtered_streams():  # quiet mode's line filter (pipelines/console.py); the entry point installs it for good
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException):

@@ -11,29 +11,83 @@ shows the traceback instead.
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from msmae_cli.errors import USAGE, ErrorHandlingGroup, fail, on_interrupt
+from msmae_cli.errors import USAGE, fail, on_interrupt
+from msmae_cli.help import Command, Group
 
-app = typer.Typer(cls=ErrorHandlingGroup, add_completion=False, no_args_is_help=True, help="MSMAE at cluster scale: ingest, train, tune.")
+app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, help="MSMAE at cluster scale: ingest, train, tune.")
+command = partial(app.command, cls=Command)  # every command: flags shown as --flag/--no-flag, not <bool>
 
 SPLITS = ("val", "test", "train", "all")
+_global = {"verbose": False}
+
+
+def _version(show: bool) -> None:
+    if show:
+        from pipelines.data.ingest import tool_version
+
+        typer.echo(f"msmae-ray {tool_version()}")
+        raise typer.Exit()
+
+
+VerboseOpt = Annotated[bool, typer.Option("--verbose/--quiet", help="Show Ray's, MLflow's and Python's own log lines and warnings "
+                                          "(quiet by default: the run's own lines only). Also before the command: msmae --verbose run ...")]
 
 
 @app.callback()
 def _options(
-    debug: Annotated[bool, typer.Option("--debug", help="On an error, show the Python traceback instead of one line (also: MSMAE_DEBUG=1).")] = False,
+    debug: Annotated[bool, typer.Option("--debug/--no-debug", help="On an error, show the Python traceback instead of one line (also: MSMAE_DEBUG=1).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose/--quiet", help="Show Ray's, MLflow's and Python's own log lines and warnings in every command.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """MSMAE at cluster scale: ingest, train, tune."""
+    _global["verbose"] = verbose
 
 
-@app.command()
+def _console(verbose: bool) -> None:
+    """Quiet or verbose output for this command (``pipelines/console.py``), before Ray or MLflow is imported."""
+    from pipelines import console
+
+    console.configure(verbose or _global["verbose"])
+
+
+def _deprecated(old: str, new: str) -> None:
+    typer.echo(f"note: {old} is deprecated; use {new}", err=True)
+
+
+def _data_or_positional(data: Path | None, positional: Path | None) -> Path | None:
+    """``--data``, or the old positional spelling of it (kept, with a note)."""
+    if positional is None:
+        return data
+    if data is not None and data != positional:
+        raise fail(f"the data is given twice ({positional} and --data {data}); give it once, with --data", USAGE)
+    _deprecated("the data folder as a positional argument", "--data FOLDER")
+    return positional
+
+
+def _renamed(new_value, old_value, old: str, new: str):
+    """A renamed option: the new name's value, or the old (hidden) name's with a note."""
+    if old_value is None:
+        return new_value
+    if new_value is not None and new_value != old_value:
+        raise fail(f"{old} and {new} are the same option (old and new name) with different values; give {new} only", USAGE)
+    _deprecated(old, new)
+    return old_value
+
+
+PositionalData = Annotated[Path | None, typer.Argument(hidden=True, show_default=False, help="Old spelling of --data.")]
+
+
+@command()
 def ingest(
-    src: Annotated[Path | None, typer.Argument(help="ImageFolder root (<class>/<file>). Omit when using --manifest.")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Output folder for shards, quarantine.csv, dataset.json.")] = ...,
+    data: Annotated[Path | None, typer.Option("--data", help="ImageFolder root (<class>/<file>). Omit when using --manifest.")] = None,
+    src: PositionalData = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder for shards, quarantine.csv, excluded.csv, dataset.json.")] = ...,
     manifest: Annotated[Path | None, typer.Option(help="CSV or Parquet manifest instead of an ImageFolder.")] = None,
     image_root: Annotated[Path | None, typer.Option(help="Folder the manifest's image ids are relative to.")] = None,
     image_col: Annotated[str | None, typer.Option(help="Manifest column with the image path or id (extension optional).")] = None,
@@ -47,17 +101,33 @@ def ingest(
     test: Annotated[float, typer.Option(help="Test fraction; 0 for no test split.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
     rows_per_shard: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 2048,
-    workers: Annotated[int | None, typer.Option(help="Decode processes (default: the CPUs this process may use, a container's CPU limit included).")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Fail (write no dataset, keep the one in --out) if any file is quarantined.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace a dataset in --out that was ingested from another source.")] = False,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Leave out files whose path under the root matches this glob "
+                                                       "(`*` also matches `/`; a pattern without `/` also matches file names), "
+                                                       "e.g. --exclude '*_mask.png' (repeatable; listed in excluded.csv).")] = None,
+    keep_mask_like: Annotated[bool, typer.Option("--keep-mask-like/--no-keep-mask-like", help="Ingest files named like the mask of an "
+                                                 "image beside them (x_mask.png, x_segmentation.png, x_seg.png beside x.png) as images "
+                                                 "too; by default they are left out and listed in excluded.csv.")] = False,
+    decode_workers: Annotated[int | None, typer.Option("--decode-workers", help="Decode processes (default: the CPUs this process may use, a container's CPU limit included).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", hidden=True, help="Old name of --decode-workers.")] = None,
+    strict: Annotated[bool, typer.Option("--strict/--no-strict", help="Fail (write no dataset, keep the one in --out) if any file is quarantined.")] = False,
+    force: Annotated[bool, typer.Option("--force/--no-force", help="Replace a dataset in --out that was ingested from another source.")] = False,
     near_dup: Annotated[float, typer.Option("--near-dup", help="Fingerprint similarity (0.5-1) above which two images are near-copies (re-encoded, resized, slightly cropped) held in one split.")] = 0.98,
     no_near_dup: Annotated[bool, typer.Option("--no-near-dup", help="Join only pixel-identical images (not recommended: near-copies leak across splits).")] = False,
     masks: Annotated[Path | None, typer.Option("--masks", help="Folder of lesion masks <image_id>_segmentation.png (same frame as the image, 255 = lesion), stored with each image; bad ones are listed in mask_quarantine.csv.")] = None,
     mask_col: Annotated[str | None, typer.Option("--mask-col", help="Manifest column with each image's mask file (relative to --masks, else to --image-root).")] = None,
-    verify: Annotated[bool, typer.Option("--verify", help="Hash the shards of an up-to-date dataset against their recorded digests; rebuild it if one differs.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Hash the shards of an up-to-date dataset against their recorded digests; rebuild it if one differs.")] = False,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", show_default=False, help="Show a progress bar (default: when the output is a terminal).")] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Validate, de-duplicate and split images into Parquet shards (a no-op when already up to date)."""
+    """Validate, de-duplicate and split images into Parquet shards (a no-op when already up to date).
+
+    Files named like the mask of an image beside them (BUSI's `x_mask.png`, ISIC's `x_segmentation.png`)
+    are left out by default; the summary counts images per class and split and warns of imbalance."""
+    import sys
+
+    _console(verbose)
+    src = _data_or_positional(data, src)
+    workers = _renamed(decode_workers, workers, "--workers", "--decode-workers")
     from pipelines.data.ingest_options import IngestOptions, usable_cpus
     from pipelines.data.ingest import ingest as run_ingest
     from pipelines.data.sources import ManifestSpec
@@ -67,35 +137,43 @@ def ingest(
         if missing:
             raise fail(f"--manifest also needs {', '.join(missing)}", USAGE)
         if src is not None:
-            raise fail("give either SRC (an ImageFolder root) or --manifest, not both", USAGE)
+            raise fail("give either --data (an ImageFolder root) or --manifest, not both", USAGE)
         source: Path | ManifestSpec = ManifestSpec(manifest, image_root, image_col, label_col, group_col)
     elif src is None:
-        raise fail("give SRC (an ImageFolder root) or --manifest FILE", USAGE)
+        raise fail("give --data FOLDER (an ImageFolder root, <class>/<file>) or --manifest FILE", USAGE)
     else:
         source = src
     opts = IngestOptions(
         mode=mode, max_side=max_side, min_side=min_side, val=val, test=test, seed=seed, strict=strict, force=force, verify=verify, near_dup=None if no_near_dup else near_dup,
         rows_per_shard=rows_per_shard, classes=[c.strip() for c in classes.split(",")] if classes is not None else None,
-        workers=workers if workers is not None else usable_cpus(), masks=str(masks) if masks is not None else None, mask_col=mask_col,
+        exclude=tuple(exclude or ()), keep_mask_like=keep_mask_like, workers=workers if workers is not None else usable_cpus(),
+        masks=str(masks) if masks is not None else None, mask_col=mask_col,
     )
-    result = run_ingest(source, out, opts, progress=progress, log=typer.echo)
+    result = run_ingest(source, out, opts, progress=sys.stderr.isatty() if progress is None else progress, log=typer.echo)
     s = result.summary
     near = s.get("near_duplicates") or {}
-    typer.echo(f"{s['num_images']} images kept, {s['quarantined']} quarantined, {s['duplicate_groups']} duplicate groups "
+    excluded = s.get("excluded") or {}
+    left_out = excluded.get("by_pattern", 0) + excluded.get("mask_like", 0)
+    left = (f"{left_out} left out ({excluded.get('mask_like', 0)} mask-like, {excluded.get('by_pattern', 0)} --exclude; excluded.csv), "
+            if left_out else "")
+    typer.echo(f"{s['num_images']} images kept, {s['quarantined']} quarantined, {left}{s['duplicate_groups']} duplicate groups "
                f"({s['duplicate_images']} images), {near.get('images', 0)} near-copies held with their copies "
                f"({near.get('pairs', 0)} pairs in near_duplicates.parquet), "
                f"{s['label_conflict_groups']} label conflicts → {out}")
-    for split, counts in s["counts"].items():
-        typer.echo(f"  {split:5s} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
+    from pipelines.data.ingest import class_count_lines
+
+    for line in class_count_lines(s):
+        typer.echo(line)
 
 
-SourceArg = Annotated[Path, typer.Argument(help="Raw ImageFolder root, or a folder made by `msmae ingest`.")]
+DataOpt = Annotated[Path | None, typer.Option("--data", show_default=False, help="Raw ImageFolder root (<class>/<file>), or a folder made by `msmae ingest`.")]
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Preset name under configs/ (demo, btmd-base) or a YAML file.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set finetune.epochs=50 (repeatable).")]
-WorkdirOpt = Annotated[Path, typer.Option(help="Folder for ingested data, checkpoints, MLflow store.")]
+WorkdirOpt = Annotated[Path, typer.Option(help="Folder for ingested data, checkpoints, MLflow store (default: msmae-work in the current folder).")]
 TrackingOpt = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: tracking.uri of the config, $MLFLOW_TRACKING_URI, or SQLite in --workdir).")]
-WorkersOpt = Annotated[int | None, typer.Option(help="Ray Train workers (overrides scaling.workers).")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the last run in --workdir from its checkpoints.")]
+WorkersOpt = Annotated[int | None, typer.Option("--train-workers", help="Ray Train workers (overrides scaling.workers).")]
+OldWorkersOpt = Annotated[int | None, typer.Option("--workers", hidden=True, help="Old name of --train-workers.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the last run in --workdir from its checkpoints.")]
 FailOpt = Annotated[int | None, typer.Option(hidden=True, help="Fault injection for tests: one worker raises at this epoch.")]
 
 
@@ -155,12 +233,19 @@ def _resume_hint(state_file: Path, resume: bool, what: str):
 
 
 def _train(
-    stages: tuple[str, ...], source: Path, config: str, set_: list[str] | None, workdir: Path, tracking_uri: str | None,
-    workers: int | None, resume: bool, fail_at_epoch: int | None, init: Path | None = None,
+    stages: tuple[str, ...], data: Path | None, positional: Path | None, config: str, set_: list[str] | None, workdir: Path,
+    tracking_uri: str | None, train_workers: int | None, old_workers: int | None, resume: bool, fail_at_epoch: int | None,
+    verbose: bool, init: Path | None = None,
 ) -> None:
     """What `run`, `pretrain` and `finetune` share: validate everything up front, then train."""
+    _console(verbose)
+    source = _data_or_positional(data, positional)
+    if source is None:
+        raise fail("no data given: pass --data FOLDER (an ImageFolder root, <class>/<file>, or a folder made by `msmae ingest`); "
+                   "for the bundled sample: --data data/sample/btmd, or run scripts/demo.sh", USAGE)
+    workers = _renamed(train_workers, old_workers, "--workers", "--train-workers")
     cfg = _config(config, set_, {"scaling.workers": workers} if workers is not None else None)
-    _folder_arg(source, "SOURCE")
+    _folder_arg(source, "--data")
     from pipelines.checkpoint import STATE_FILE, is_checkpoint
     from pipelines.outputs import check_output_dir
 
@@ -171,53 +256,59 @@ def _train(
 
     on_interrupt(_resume_hint(workdir / STATE_NAME, resume, "continue it from its last checkpoint"))
     uri = _tracking_uri(tracking_uri, cfg, workdir)
+    from pipelines import console
+
     run_pipeline(
         source, cfg, workdir, uri, resume=resume, fail_at_epoch=fail_at_epoch,
-        log=typer.echo, stages=stages, init_checkpoint=str(init.resolve()) if init else None,
+        log=typer.echo, stages=stages, init_checkpoint=str(init.resolve()) if init else None, show_config=console.verbose(),
     )
 
 
-@app.command()
+@command()
 def run(
-    source: SourceArg = Path("data/sample/btmd"), config: ConfigOpt = "demo", set_: SetOpt = None,
-    workdir: WorkdirOpt = Path("msmae-work"), tracking_uri: TrackingOpt = None, workers: WorkersOpt = None,
-    resume: ResumeOpt = False, fail_at_epoch: FailOpt = None,
+    data: DataOpt = None, source: PositionalData = None, config: ConfigOpt = "demo", set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("msmae-work"), tracking_uri: TrackingOpt = None, train_workers: WorkersOpt = None,
+    workers: OldWorkersOpt = None, resume: ResumeOpt = False, verbose: VerboseOpt = False, fail_at_epoch: FailOpt = None,
 ) -> None:
-    """Ingest -> pre-train -> fine-tune -> evaluate -> register, in one command."""
-    _train(("pretrain", "finetune"), source, config, set_, workdir, tracking_uri, workers, resume, fail_at_epoch)
+    """Ingest -> pre-train -> fine-tune -> evaluate -> register, in one command (scripts/demo.sh runs it on the bundled sample)."""
+    _train(("pretrain", "finetune"), data, source, config, set_, workdir, tracking_uri, train_workers, workers, resume, fail_at_epoch, verbose)
 
 
-@app.command()
+@command()
 def pretrain(
-    source: SourceArg, config: ConfigOpt = "demo", set_: SetOpt = None, workdir: WorkdirOpt = Path("msmae-work"),
-    tracking_uri: TrackingOpt = None, workers: WorkersOpt = None, resume: ResumeOpt = False, fail_at_epoch: FailOpt = None,
+    data: DataOpt = None, source: PositionalData = None, config: ConfigOpt = "demo", set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("msmae-work"), tracking_uri: TrackingOpt = None, train_workers: WorkersOpt = None,
+    workers: OldWorkersOpt = None, resume: ResumeOpt = False, verbose: VerboseOpt = False, fail_at_epoch: FailOpt = None,
 ) -> None:
     """MSMAE pre-training only; prints the checkpoint folder to give `msmae finetune --init`."""
-    _train(("pretrain",), source, config, set_, workdir, tracking_uri, workers, resume, fail_at_epoch)
+    _train(("pretrain",), data, source, config, set_, workdir, tracking_uri, train_workers, workers, resume, fail_at_epoch, verbose)
 
 
-@app.command()
+@command()
 def finetune(
-    source: SourceArg,
+    data: DataOpt = None, source: PositionalData = None,
     init: Annotated[Path | None, typer.Option("--init", help="Pre-training checkpoint folder (omit: train from random weights).")] = None,
     config: ConfigOpt = "demo", set_: SetOpt = None, workdir: WorkdirOpt = Path("msmae-work"),
-    tracking_uri: TrackingOpt = None, workers: WorkersOpt = None, resume: ResumeOpt = False, fail_at_epoch: FailOpt = None,
+    tracking_uri: TrackingOpt = None, train_workers: WorkersOpt = None, workers: OldWorkersOpt = None,
+    resume: ResumeOpt = False, verbose: VerboseOpt = False, fail_at_epoch: FailOpt = None,
 ) -> None:
     """Fine-tuning (tokens dropped as finetune.masking.strategy says) -> evaluate -> register."""
-    _train(("finetune",), source, config, set_, workdir, tracking_uri, workers, resume, fail_at_epoch, init)
+    _train(("finetune",), data, source, config, set_, workdir, tracking_uri, train_workers, workers, resume, fail_at_epoch, verbose, init)
 
 
-@app.command()
+@command()
 def evaluate(
     model: Annotated[str, typer.Option("--model", help="models:/NAME@champion, runs:/ID/model, or a checkpoint folder.")],
     data: Annotated[Path, typer.Option("--data", help="A folder made by `msmae ingest`, or a raw labelled ImageFolder.")],
     split: Annotated[str, typer.Option(help="Split of an ingested folder: val, test, train, or all.")] = "val",
     out: Annotated[Path, typer.Option(help="Where to write the metrics JSON (folders are made).")] = Path("evaluation.json"),
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ URIs.")] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Evaluate a model on whole images at the size it was trained at; print a metrics table and write JSON."""
     import json
 
+    _console(verbose)
     from pipelines.outputs import check_output_file, write_atomic
 
     if split not in SPLITS:
@@ -232,19 +323,25 @@ def evaluate(
     typer.echo(f"metrics written to {out}")
 
 
-@app.command()
+@command()
 def predict(
     model: Annotated[str, typer.Option("--model", help="models:/NAME@champion, runs:/ID/model, or a checkpoint folder.")],
-    input_dir: Annotated[Path, typer.Option("--input", help="Folder of images (searched recursively; every file gets a row).")],
+    data: Annotated[Path | None, typer.Option("--data", show_default=False, help="Folder of images (searched recursively; every file gets a row).")] = None,
+    old_input: Annotated[Path | None, typer.Option("--input", hidden=True, help="Old name of --data.")] = None,
     out: Annotated[Path, typer.Option(help="Folder to write the Parquet shards into (made; an earlier predictions folder is replaced whole).")] = Path("predictions"),
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for models:/ URIs.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
     actors: Annotated[int | None, typer.Option(min=1, help="Scoring actors (default: one per GPU of the cluster, else one per 4 CPUs).")] = None,
     gpus_per_actor: Annotated[float | None, typer.Option(min=0.0, help="GPUs per scoring actor (default: 1 on a GPU cluster, else 0).")] = None,
     heatmaps: Annotated[Path | None, typer.Option(help="Folder for per-image patch-occlusion maps of each prediction (<path>.png, <path>.npy).")] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Predict every file of a folder (at the model's own size) with Ray Data batch inference; write path, class, calibrated probabilities."""
-    _folder_arg(input_dir, "--input")
+    _console(verbose)
+    input_dir = _renamed(data, old_input, "--input", "--data")
+    if input_dir is None:
+        raise fail("no images given: pass --data FOLDER (searched recursively; every file gets a row)", USAGE)
+    _folder_arg(input_dir, "--input" if old_input is not None else "--data")
     from pipelines.serve.predict import PredictSettings, check_heatmaps_out, check_predictions_out, predict_folder
 
     check_predictions_out(out)
@@ -259,7 +356,7 @@ def predict(
                f"({summary['shards']} Parquet shards, {summary['pool']['max_actors']} scoring actors)")
 
 
-@app.command()
+@command()
 def tune(
     data: Annotated[Path, typer.Option("--data", help="Raw ImageFolder root, or a folder made by `msmae ingest`.")],
     space: Annotated[Path, typer.Option("--space", help="Search space YAML.")] = Path("configs/space-masking.yaml"),
@@ -273,12 +370,14 @@ def tune(
     cpus_per_worker: Annotated[float, typer.Option(min=0.01, help="CPUs per Ray Train worker.")] = 1.0,
     gpus_per_worker: Annotated[float, typer.Option(min=0.0, help="GPUs per Ray Train worker (0: CPU training).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of Optuna's TPE sampler.")] = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted sweep in --workdir.")] = False,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the interrupted sweep in --workdir.")] = False,
+    verbose: VerboseOpt = False,
     fail_trial: Annotated[int | None, typer.Option(hidden=True, help="Fault injection for tests: this trial raises.")] = None,
 ) -> None:
     """Sweep masking ratios and schedules (Optuna TPE + ASHA on Ray Tune); register the best model.
 
     Exits 1 when no trial finished (nothing is registered)."""
+    _console(verbose)
     cfg = _config(config, set_)
     _folder_arg(data, "--data")
     from pipelines.outputs import check_output_dir
@@ -308,6 +407,9 @@ def tune(
 
 
 def main() -> None:
+    from pipelines.console import install
+
+    install()  # for the whole process: Ray's forwarded lines can arrive after the command returns
     app()
 
 

@@ -11,6 +11,8 @@ import sys
 import ray
 from joblib import cpu_count
 
+from pipelines import console
+
 # Ray rewrites 127.0.0.1 to the machine's network address, so a local Ray would listen on the
 # network; on Linux all of 127/8 is loopback, and 127.0.0.2 keeps it there. (Elsewhere: Ray's default.)
 LOOPBACK_NODE_IP = "127.0.0.2" if sys.platform.startswith("linux") else None
@@ -34,7 +36,7 @@ def ensure_ray(num_cpus: int | None = None, scaling=None) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, logging_level=console.ray_log_level())
         return
     cpus = max(num_cpus or max(4, cpu_count() * 2), local_cpus_for(scaling) if scaling is not None else 0)
     # The dashboard serves Ray's state API, which Ray Train's clean-up actor polls; bound to
@@ -43,7 +45,7 @@ def ensure_ray(num_cpus: int | None = None, scaling=None) -> None:
     dashboard_port = _free_port()
     ray.init(
         address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-        log_to_driver=True, _node_ip_address=LOOPBACK_NODE_IP,
+        log_to_driver=True, logging_level=console.ray_log_level(), _node_ip_address=LOOPBACK_NODE_IP,
         runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
     )
 

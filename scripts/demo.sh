@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/msmae run data/sample/btmd --config demo --workdir msmae-work "$@"
+exec .venv/bin/msmae run --data data/sample/btmd --config demo --workdir msmae-work "$@"

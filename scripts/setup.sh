@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment in .venv/ at the repo root.
 # Idempotent: a stamp records the hash of pyproject.toml; nothing is reinstalled while it matches.
+# The test-only tools (.venv-tools: checkov) are built by scripts/test.sh, not here: the demo needs none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,20 +10,6 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 "$PYTHON" - <<'PY' || { echo "msmae-ray needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
 import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
-
-# Test tools that cannot share .venv (checkov pins packaging/networkx below torch's and ray's
-# needs) get a venv of their own, from the exact list in scripts/requirements-tools.txt.
-tools_stamp=.venv-tools/.msmae-setup-stamp
-tools_want=$(sha256sum scripts/requirements-tools.txt | cut -d' ' -f1)
-if [ -x .venv-tools/bin/checkov ] && [ -f "$tools_stamp" ] && [ "$(cat "$tools_stamp")" = "$tools_want" ]; then
-  echo "[setup] .venv-tools is up to date"
-else
-  echo "[setup] creating .venv-tools (checkov for the manifest tests)"
-  [ -x .venv-tools/bin/python ] || "$PYTHON" -m venv .venv-tools
-  .venv-tools/bin/python -m pip install --quiet --upgrade pip
-  .venv-tools/bin/python -m pip install --quiet --progress-bar off -r scripts/requirements-tools.txt
-  echo "$tools_want" > "$tools_stamp"
-fi
 
 stamp=.venv/.msmae-setup-stamp
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)

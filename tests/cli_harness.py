@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from msmae_cli import app
 
-Q = ["--no-progress", "--workers", "1"]  # ingest: quiet, one process
+Q = ["--no-progress", "--decode-workers", "1"]  # ingest: quiet, one process
 MSMAE = str(Path(sys.executable).with_name("msmae"))
 
 

@@ -5,7 +5,7 @@ Nothing here needs a Kubernetes cluster. The overlays are rendered with kustomiz
 Kubernetes schemas shipped by ``kubernetes-validate``, RayCluster/RayJob against the KubeRay
 CRDs vendored in ``tests/schemas/kuberay``, and the RayJob entrypoints are parsed by the real
 ``msmae`` command line. The security defaults are checked twice: by checkov (installed in
-.venv-tools by scripts/setup.sh; its exceptions are ``checkov.io/skip`` annotations with the
+.venv-tools by scripts/test.sh; its exceptions are ``checkov.io/skip`` annotations with the
 reason, next to what they excuse) and by the explicit assertions below, which also cover the
 Ray pods that checkov cannot see inside the custom resources.
 """
@@ -432,7 +432,7 @@ def _ray_pods_as_pods(docs: list[dict]) -> list[dict]:
 def test_checkov_passes_on_every_overlay_and_the_dockerfile(cluster_rendered, tmp_path):
     checkov = REPO / ".venv-tools" / "bin" / "checkov"
     if not checkov.is_file():
-        pytest.fail(f"{checkov} missing: run scripts/setup.sh (it creates .venv-tools from scripts/requirements-tools.txt)")
+        pytest.fail(f"{checkov} missing: run scripts/test.sh (it creates .venv-tools from scripts/requirements-tools.txt)")
     for platform, jobs in OVERLAYS.items():
         folder = tmp_path / platform
         folder.mkdir()

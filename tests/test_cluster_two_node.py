@@ -210,8 +210,8 @@ def test_msmae_run_submitted_as_a_ray_job_trains_on_both_nodes(cluster_two_nodes
     shared = tmp_path / "shared"  # the cluster's shared volume: data, checkpoints, Ray Train storage
     overrides = [*TWO_NODE_RUN, "scaling.worker_resources.train_slot=1",
                  f"tracking.model_name={MODEL_NAME}", f"tracking.experiment={MODEL_NAME}"]
-    entrypoint = [str(MSMAE), "run", str(data_sample_btmd), "--config", "demo", "--workdir", str(shared / "work"),
-                  "--tracking-uri", uri, "--workers", "2", *[a for o in overrides for a in ("--set", o)]]
+    entrypoint = [str(MSMAE), "run", "--data", str(data_sample_btmd), "--config", "demo", "--workdir", str(shared / "work"),
+                  "--tracking-uri", uri, "--train-workers", "2", *[a for o in overrides for a in ("--set", o)]]
     # As the RayJob's runtimeEnvYAML: environment only, no working_dir upload (the package is
     # installed on every node, as it is in the container image).
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": uri}}

@@ -295,7 +295,7 @@ CASES = [
     Case("ingest-na-labels-are-missing", na_labels, 0, ("missing_label",), na_labels_check),
     Case("ingest-max-side-negative", ingest_with("--max-side", "-5"), 2, ("--max-side",), nothing_written),
     Case("ingest-min-side-zero", ingest_with("--min-side", "0"), 2, ("--min-side",), nothing_written),
-    Case("ingest-workers-zero", ingest_with("--workers", "0"), 2, ("--workers",), nothing_written),
+    Case("ingest-workers-zero", ingest_with("--decode-workers", "0"), 2, ("--decode-workers",), nothing_written),
     Case("ingest-val-above-one", ingest_with("--val", "1.5"), 2, ("--val/--test",), nothing_written),
     Case("ingest-val-plus-test-one", ingest_with("--val", "0.5", "--test", "0.5"), 2, ("--val/--test",), nothing_written),
     Case("ingest-mode-unknown", ingest_with("--mode", "CMYK"), 2, ("--mode",), nothing_written),
@@ -393,7 +393,7 @@ def test_debug_shows_the_exception_instead_of_one_line(tmp_path: Path) -> None:
 
 
 def test_the_console_script_prints_one_line_on_stderr(tmp_path: Path) -> None:
-    proc = subprocess.run([MSMAE, "ingest", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([MSMAE, "ingest", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines() == [f"error: ImageFolder root {tmp_path / 'nope'} is not a directory"]
 

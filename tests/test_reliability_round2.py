@@ -251,7 +251,7 @@ CASES = [
     Case("run-model-name-mlflow-refuses", run_with("--set", "tracking.model_name=a/b"), 2, ("tracking.model_name", "'/'"), no_workdir),
     Case("run-train-split-smaller-than-a-batch", too_few_for_a_batch, 1, ("fewer than one pretrain batch", "batch_size"),
          no_training_started),
-    Case("run-workdir-inside-source", workdir_inside_source, 2, ("--workdir", "overlaps SOURCE"), source_untouched),
+    Case("run-workdir-inside-source", workdir_inside_source, 2, ("--workdir", "overlaps --data"), source_untouched),
     Case("run-workdir-held-by-another-run", workdir_busy, 2, ("--workdir", "in use", "pid 1 on elsewhere"), busy_run_untouched),
     Case("run-dataset-json-without-classes", dataset_without_classes, 1, ("dataset.json", "lacks classes", "msmae ingest"),
          no_training_started),

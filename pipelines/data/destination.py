@@ -16,7 +16,7 @@ from pipelines.data import sources
 from pipelines.data.dataset import SUMMARY_FILE, IngestedDataset
 from pipelines.data.ingest_options import IngestOptionError
 
-INGEST_OUTPUTS = (SUMMARY_FILE, "quarantine.csv", "shards", "near_duplicates.parquet", "mask_quarantine.csv")  # all an output folder holds
+INGEST_OUTPUTS = (SUMMARY_FILE, "quarantine.csv", "excluded.csv", "shards", "near_duplicates.parquet", "mask_quarantine.csv")  # all an output folder holds
 
 
 def overlaps(a: Path, b: Path) -> bool:

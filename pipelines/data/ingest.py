@@ -9,6 +9,7 @@ Output layout in DIR:
     shards/<split>-<nnnnn>.parquet   one split per file, rows sorted by `index`
     near_duplicates.parquet         the near-copy pairs held together (index, source, similarity, split)
     quarantine.csv                  path, reason, detail — every listed file not kept
+    excluded.csv                    path, reason, detail — files left out on purpose (--exclude, mask-like)
     dataset.json                    classes, counts, quarantine and duplicate summary, seed, ...
 
 DIR is built in a folder beside it and renamed into place when complete: it always holds a
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipelines.data import destination, images, masks, near_duplicates, shards, sources, splits
+from pipelines.data import destination, exclusions, images, masks, near_duplicates, shards, sources, splits
 from pipelines.data.dataset import SUMMARY_FILE, IngestedDataset
 from pipelines.data.ingest_options import IngestError, IngestOptionError, IngestOptions, check_options, output_options
 
@@ -84,7 +85,7 @@ def ingest(
     source_info = source.info()
     destination.check_destination(out, source_info, opts.force)
     mask_spec = _mask_spec(opts, source)
-    listing = source.listing(opts.classes)
+    listing, excluded = exclusions.leave_out(source.listing(opts.classes), _source_root(source_info), opts.exclude, opts.keep_mask_like)
     fp = _fingerprint(listing, source, opts)
     if mask_spec is not None:
         fp = hashlib.sha256(fp.encode() + masks.fingerprint_bytes(mask_spec)).hexdigest()
@@ -99,8 +100,11 @@ def ingest(
         raise AssertionError("ingest lost track of a file: kept + quarantined != listed")  # never silent
     counted = f"quarantined {len(quarantine)} of {listing.height} files: {dict(Counter(q['reason'] for q in quarantine))}"
     mask_report = _attach_masks(kept, mask_spec, source)
+    for line in excluded.messages():
+        log(line)
     with destination.staging(out) as stage:
         shards.write_file(stage, "quarantine.csv", shards.quarantine_csv(quarantine), out)
+        shards.write_file(stage, exclusions.EXCLUDED_FILE, shards.quarantine_csv(excluded.rows), out)
         if mask_report is not None:
             shards.write_file(stage, masks.MASK_QUARANTINE_FILE, masks.quarantine_csv(mask_report.quarantine), out)
         if not kept or (opts.strict and quarantine):
@@ -112,7 +116,7 @@ def ingest(
             if opts.strict and quarantine:
                 raise IngestError(f"--strict: {len(quarantine)} of {listing.height} files quarantined, no dataset written{unchanged}; see {where}")
             raise IngestError(f"no usable images in {sources.describe(source_info)} ({listing.height} files listed){unchanged}; see {where}")
-        summary = _write_dataset(stage, out, kept, listing, quarantine, conflicts, fp, source_info, opts, fractions, mask_report)
+        summary = _write_dataset(stage, out, kept, listing, quarantine, conflicts, fp, source_info, opts, fractions, excluded, mask_report)
         destination.publish(stage, out)
     if quarantine:
         log(f"{counted} (see {out / 'quarantine.csv'})")
@@ -146,7 +150,8 @@ def _sort_out(listing: pl.DataFrame, opts: IngestOptions, progress: bool) -> tup
 
 def _write_dataset(
     stage: Path, out: Path, kept: list[dict], listing: pl.DataFrame, quarantine: list[dict], conflicts: int,
-    fp: str, source_info: dict, opts: IngestOptions, fractions: dict[str, float], mask_report: masks.MaskReport | None = None,
+    fp: str, source_info: dict, opts: IngestOptions, fractions: dict[str, float], excluded: exclusions.Excluded,
+    mask_report: masks.MaskReport | None = None,
 ) -> dict:
     """Split the kept images, write shards and dataset.json into the staging folder; returns the summary."""
     class_ids = _class_ids(listing, opts)
@@ -177,6 +182,7 @@ def _write_dataset(
         "num_images": table.num_rows,
         "counts": shards.counts(table, class_ids, list(fractions)),
         "index_ranges": shards.index_ranges(table, list(fractions)),
+        "excluded": excluded.summary(),
         "quarantined": len(quarantine),
         "quarantine_reasons": dict(sorted(Counter(q["reason"] for q in quarantine).items())),
         "duplicate_groups": sum(1 for n in dup_sizes.values() if n > 1),
@@ -190,7 +196,8 @@ def _write_dataset(
         },
         "split_groups": len(set(group_ids)),
         "shards": written,
-        "warnings": _class_size_warnings(Counter(labels), class_ids, list(fractions)),
+        "warnings": _class_size_warnings(Counter(labels), class_ids, list(fractions)) + _imbalance_warnings(Counter(labels), class_ids)
+        + _mask_like_warnings(excluded),
     }
     if mask_report is not None:  # only datasets ingested with masks have the key (and the shards' mask column)
         summary["masks"] = mask_report.summary()
@@ -220,6 +227,17 @@ def _attach_masks(kept: list[dict], spec: masks.MaskSpec | None, source: sources
         raise IngestOptionError(str(e)) from None
 
 
+def class_count_lines(summary: dict) -> list[str]:
+    """Images per class in each split, one line per split, aligned (what the ingest summary prints)."""
+    counts = summary.get("counts") or {}
+    names = list(summary.get("classes") or {})
+    width = max([len(n) for n in names] + [5])
+    lines = [f"  {'':5s} " + " ".join(f"{n:>{width}s}" for n in [*names, "total"])]
+    for split, per_class in counts.items():
+        lines.append(f"  {split:5s} " + " ".join(f"{per_class.get(n, 0):>{width}d}" for n in [*names, "total"]))
+    return lines
+
+
 def _near_copy_pairs(kept: list[dict], opts: IngestOptions):
     """Pairs of kept rows that are near-copies (different pixel hashes, fingerprint similarity >= --near-dup)."""
     if opts.near_dup is None or not kept:
@@ -238,6 +256,36 @@ def _class_size_warnings(per_class: Counter, class_ids: dict[str, int], split_na
         f"({', '.join(split_names)}): add images, or leave it out with --classes"
         for name, cid in class_ids.items() if per_class.get(cid, 0) < need
     ]
+
+
+IMBALANCE_RATIO = 3.0  # largest / smallest class above which training needs class weights to see the small ones
+
+
+def _imbalance_warnings(per_class: Counter, class_ids: dict[str, int]) -> list[str]:
+    """One warning when the largest class has more than ``IMBALANCE_RATIO`` times the images of the smallest:
+    unweighted cross-entropy then mostly learns the large class, and accuracy hides it."""
+    sizes = {name: per_class.get(cid, 0) for name, cid in class_ids.items() if per_class.get(cid, 0) > 0}
+    if len(sizes) < 2:
+        return []
+    largest, smallest = max(sizes, key=sizes.get), min(sizes, key=sizes.get)
+    ratio = sizes[largest] / sizes[smallest]
+    if ratio <= IMBALANCE_RATIO:
+        return []
+    return [f"classes are imbalanced: {largest!r} has {sizes[largest]} images, {smallest!r} {sizes[smallest]} ({ratio:.1f}x); "
+            "train with class weights (--set finetune.class_weights=balanced --set pretrain.class_weights=balanced) "
+            "and choose the model on val_balanced_accuracy or val_macro_f1"]
+
+
+def _mask_like_warnings(excluded: exclusions.Excluded) -> list[str]:
+    if not excluded.mask_like_kept:
+        return []
+    return [f"{len(excluded.mask_like_kept)} file(s) named like the mask of an image beside them (e.g. "
+            f"{excluded.mask_like_kept[0]}) were ingested as images (--keep-mask-like)"]
+
+
+def _source_root(source_info: dict) -> Path:
+    """The folder ``--exclude`` patterns are relative to: the ImageFolder root or the manifest's image root."""
+    return Path(source_info.get("root") or source_info.get("image_root") or ".")
 
 
 def _listing_detail(row: dict) -> str:

@@ -46,6 +46,8 @@ class IngestOptions:
     verify: bool = False  # check the shards' sha256 before calling an existing dataset up to date (repairs a damaged one)
     masks: str | None = None  # folder of <image_id>_segmentation.png lesion masks (pipelines.data.masks)
     mask_col: str | None = None  # manifest column naming each image's mask file
+    exclude: tuple[str, ...] = ()  # globs of paths (relative to the source root) left out, listed in excluded.csv
+    keep_mask_like: bool = False  # ingest files named like the mask of an image beside them as images too
     workers: int = field(default_factory=usable_cpus, compare=False)
 
 
@@ -64,7 +66,8 @@ def check_options(opts: IngestOptions) -> dict[str, float]:
 
     need(opts.mode in images.SUPPORTED_MODES, f"--mode must be one of {', '.join(images.SUPPORTED_MODES)}, got {opts.mode!r}")
     need(opts.rows_per_shard >= 1, f"--rows-per-shard must be at least 1, got {opts.rows_per_shard}")
-    need(opts.workers >= 1, f"--workers must be at least 1, got {opts.workers}")
+    need(opts.workers >= 1, f"--decode-workers must be at least 1, got {opts.workers}")
+    need(all(p.strip() for p in opts.exclude), "--exclude needs a glob pattern, got an empty one")
     need(opts.min_side >= 1, f"--min-side must be at least 1 pixel, got {opts.min_side}")
     need(opts.near_dup is None or 0.5 <= opts.near_dup <= 1.0,
          f"--near-dup must be a similarity between 0.5 and 1.0 (default {near_duplicates.DEFAULT_THRESHOLD}), got {opts.near_dup}")

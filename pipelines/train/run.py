@@ -61,14 +61,19 @@ def prepare_data(source: Path, cfg: RunConfig, workdir: Path, log: Callable[[str
     if IngestedDataset.is_ingested(source):
         dataset = IngestedDataset.load(source)
     else:
-        from pipelines.data.ingest import IngestOptions, ingest
+        import sys
+
+        from pipelines.data.ingest import IngestOptions, class_count_lines, ingest
 
         out = workdir / "data"
         opts = IngestOptions(val=cfg.data.val_fraction, test=cfg.data.test_fraction, seed=cfg.data.seed)
-        dataset = ingest(source, out, opts, progress=True, log=log).dataset
+        dataset = ingest(source, out, opts, progress=sys.stderr.isatty(), log=log).dataset
         summary = dataset.summary
-        log(f"ingest: {summary['num_images']} images, {summary['quarantined']} quarantined, "
+        left_out = summary.get("excluded", {}).get("mask_like", 0)
+        log(f"ingest: {summary['num_images']} images, {summary['quarantined']} quarantined, {left_out} mask-like left out, "
             f"{summary['duplicate_groups']} duplicate groups, {summary['near_duplicates']['images']} near-copies held with their copies -> {out}")
+        for line in class_count_lines(summary):
+            log(line)
     check_trainable(dataset, cfg, stages)
     return dataset
 
@@ -91,6 +96,16 @@ def check_trainable(dataset: IngestedDataset, cfg: RunConfig | None = None, stag
                 f"{dataset.path}: the train split has {num_train} images, fewer than one {stage} batch ({per_step} over "
                 f"{cfg.scaling.workers} workers), so no step would run; lower {stage}.batch_size (e.g. --set "
                 f"{stage}.batch_size={max(1, num_train // 2)}) or ingest more images")
+
+
+def _config_line(cfg: RunConfig, stages: tuple[Stage, ...]) -> str:
+    """The few settings that say what a run will do, in one line."""
+    parts = [f"{cfg.model.preset} ViT at {cfg.data.img_size} px"]
+    for stage in stages:
+        stage_cfg = cfg.pretrain if stage == "pretrain" else cfg.finetune
+        parts.append(f"{stage} {stage_cfg.epochs} epochs ({stage_cfg.masking.strategy} masking)")
+    parts.append(f"{cfg.scaling.workers} {'GPU' if cfg.scaling.use_gpu else 'CPU'} workers")
+    return ", ".join(parts)
 
 
 def _run_state(workdir: Path, resume: bool, prefix: str, log: Callable[[str], None]) -> dict:
@@ -139,20 +154,21 @@ def _already_finished(state: dict, workdir: Path, log: Callable[[str], None]) ->
 def run_pipeline(
     source: Path, cfg: RunConfig, workdir: Path, tracking_uri: str, resume: bool = False,
     fail_at_epoch: int | None = None, log: Callable[[str], None] = print, stages: tuple[Stage, ...] = ("pretrain", "finetune"),
-    init_checkpoint: str | None = None,
+    init_checkpoint: str | None = None, show_config: bool = False,
 ) -> RunOutcome:
     """Run the given stages under one MLflow run; ``msmae pretrain`` / ``finetune`` / ``run`` differ only in ``stages``.
 
     Fine-tuning starts from ``init_checkpoint`` (a pre-training checkpoint folder) when given,
     from this run's own pre-training otherwise, and from random weights when neither exists
-    (a supervised ViT trained from scratch).
+    (a supervised ViT trained from scratch). ``show_config``: print the whole resolved
+    configuration (``--verbose``); otherwise one line says where it is kept.
     """
     start = time.time()
     workdir = workdir.resolve()
     check_workdir(source, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir):
-        return _run_locked(source, cfg, workdir, tracking_uri, resume, fail_at_epoch, log, stages, init_checkpoint, start)
+        return _run_locked(source, cfg, workdir, tracking_uri, resume, fail_at_epoch, log, stages, init_checkpoint, start, show_config)
 
 
 def check_workdir(source: Path, workdir: Path) -> None:
@@ -162,7 +178,7 @@ def check_workdir(source: Path, workdir: Path) -> None:
         return
     src = source.resolve()
     if workdir == src or workdir.is_relative_to(src) or src.is_relative_to(workdir):
-        raise IngestOptionError(f"--workdir {workdir} overlaps SOURCE {src}; choose a --workdir outside the images (e.g. beside them)")
+        raise IngestOptionError(f"--workdir {workdir} overlaps --data {src}; choose a --workdir outside the images (e.g. beside them)")
 
 
 @contextlib.contextmanager
@@ -192,7 +208,7 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
 
 def _run_locked(
     source: Path, cfg: RunConfig, workdir: Path, tracking_uri: str, resume: bool, fail_at_epoch: int | None,
-    log: Callable[[str], None], stages: tuple[Stage, ...], init_checkpoint: str | None, start: float,
+    log: Callable[[str], None], stages: tuple[Stage, ...], init_checkpoint: str | None, start: float, show_config: bool = False,
 ) -> RunOutcome:
     state = _run_state(workdir, resume, "-".join(stages), log)
     if state.get("finished"):
@@ -209,7 +225,11 @@ def _run_locked(
                 cfg.public_dump(), cfg.flat(), dataset.summary_file,
                 {"msmae.stages": ",".join(stages), "msmae.init_checkpoint": init_checkpoint or ""},
             )
-        log("resolved configuration:\n" + yaml.safe_dump(cfg.public_dump(), sort_keys=False))
+        if show_config:
+            log("resolved configuration:\n" + yaml.safe_dump(cfg.public_dump(), sort_keys=False))
+        else:
+            log(f"configuration: {_config_line(cfg, stages)}; the whole resolved configuration is config.yaml of MLflow run "
+                f"{run.info.run_id} (--verbose prints it)")
 
         def pretrained(path: str) -> None:
             state["pretrain_checkpoint"] = path

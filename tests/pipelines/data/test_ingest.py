@@ -276,7 +276,7 @@ def test_cli_ingests_a_manifest_and_reports_counts(data_manifest, tmp_path: Path
 
     manifest, img_dir = data_manifest
     args = ["ingest", "--manifest", str(manifest), "--image-root", str(img_dir), "--image-col", "image_id",
-            "--label-col", "dx", "--group-col", "lesion_id", "--workers", "1", "--no-progress"]
+            "--label-col", "dx", "--group-col", "lesion_id", "--decode-workers", "1", "--no-progress"]
     first = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o")])
     assert first.exit_code == 0, first.output
     assert "61 images kept, 2 quarantined, 1 duplicate groups" in first.output

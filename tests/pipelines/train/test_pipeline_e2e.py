@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def train_resumed_run(train_mlflow_server, data_sample_ingested, ray_local_env, 
     work, uri = tmp / "work", train_mlflow_server
     msmae_bin = str(Path(sys.executable).with_name("msmae"))
     sets = [a for kv in [*TINY_RUN, "pretrain.epochs=4", f"tracking.model_name={MODEL}", f"tracking.experiment={MODEL}"] for a in ("--set", kv)]
-    cmd = [msmae_bin, "run", str(data_sample_ingested), "--config", "demo", *sets, "--workdir", str(work), "--tracking-uri", uri]
+    cmd = [msmae_bin, "run", "--data", str(data_sample_ingested), "--config", "demo", *sets, "--workdir", str(work), "--tracking-uri", uri]
     first_log = tmp / "first.log"
     with open(first_log, "w") as log:
         proc = subprocess.Popen([*cmd, "--fail-at-epoch", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=ray_local_env)
@@ -104,6 +105,22 @@ def test_a_killed_worker_and_a_killed_driver_both_resume_and_every_epoch_is_logg
     assert "Execution plan of Dataset" not in console  # Ray Data's plan per dataset and epoch, silenced
     # The restored table is the one refreshed at epoch 2 (sam_start=1, refresh_every=1 → refreshed again at 3).
     assert {s for s, v in _history(run.uri, run.mlflow_run_id, "pretrain/maps_refreshed") if v > 0} >= {3}
+
+
+@pytest.mark.slow
+def test_the_console_shows_the_runs_own_lines_not_rays(train_resumed_run):
+    """Quiet by default (pipelines/console.py), on a real run's captured output: Ray Data's per-execution lines and
+    the known-harmless notes are gone, the epoch lines come without Ray's worker prefix, and a captured (not a
+    terminal) stream has no ANSI codes."""
+    out, err = train_resumed_run.resumed.stdout, train_resumed_run.resumed.stderr
+    console = out + err
+    for noise in ("execution finished", "Progress bars disabled", "PreemptionWatcher", "RayDeprecationWarning",
+                  "Successfully registered model", "Downloading artifacts", "\x1b["):
+        assert noise not in console, f"{noise!r} in the console:\n{console[-3000:]}"
+    assert re.search(r"^\[pretrain\] epoch 4/4  loss ", out, re.M), out[-3000:]
+    assert re.search(r"^\[finetune\] epoch 2/2  loss ", out, re.M), out[-3000:]
+    assert "configuration: tiny ViT" in out and "resolved configuration:" not in out
+    assert len(console.splitlines()) < 60, console  # 3 + 2 epochs, the report, the registration
 
 
 @pytest.mark.slow
