@@ -255,6 +255,10 @@ def predict(
     typer.echo(f"{summary['images']} files: {summary['images'] - summary['unreadable']} predicted, "
                f"{summary['unreadable']} not images{reasons} (rows with ok=false) -> {summary['out']} "
                f"({summary['shards']} Parquet shards, {summary['pool']['max_actors']} scoring actors)")
+    if "heatmaps" in summary:
+        maps = summary["heatmaps"]
+        typer.echo(f"heatmaps: {maps['figures']} figures (<path>.png over the original, one colour scale: ±{maps['limit']:.3g}) "
+                   f"and maps (<path>.npy) -> {heatmaps}" + (f"; {maps['skipped']} images moved since scoring got no figure" if maps["skipped"] else ""))
 
 
 @app.command()

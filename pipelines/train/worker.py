@@ -236,6 +236,7 @@ def train_loop(loop_config: dict) -> None:
         refresh_metrics.update(quality.metrics(), attention_table_replicas_equal=float(table_replicas_equal(table)))
         return refreshed
 
+    epoch_times: list[float] = []  # this process's epochs, for the ETA on the epoch line
     for epoch in range(start_epoch, stage_cfg.epochs):
         epoch_start = time.perf_counter()
         if spec.fail_at_epoch == epoch and rank == world - 1 and not restored:
@@ -277,8 +278,9 @@ def train_loop(loop_config: dict) -> None:
             ckpt = ray.train.Checkpoint.from_directory(local)
         if logger:
             logger.log(metrics, epoch)
+        epoch_times.append(metrics["epoch_seconds"])
         if rank == 0:
-            _print_progress(spec.stage, epoch, stage_cfg.epochs, metrics)
+            _print_progress(spec.stage, epoch, stage_cfg.epochs, metrics, sum(epoch_times) / len(epoch_times))
         try:
             ray.train.report(metrics, checkpoint=ckpt)  # SYNC upload: the copy in storage is complete when this returns
         finally:
@@ -286,11 +288,15 @@ def train_loop(loop_config: dict) -> None:
                 shutil.rmtree(local, ignore_errors=True)
 
 
-def _print_progress(stage: str, epoch: int, epochs: int, m: dict) -> None:
-    eta = m["epoch_seconds"] * (epochs - epoch - 1)
+def _print_progress(stage: str, epoch: int, epochs: int, m: dict, mean_epoch_s: float) -> None:
+    """The epoch line; its ETA is the stage's remaining epochs at the mean epoch time so far (``mm:ss``)."""
+    from pipelines.progress import format_duration
+
+    eta = format_duration(mean_epoch_s * (epochs - epoch - 1))
     print(
         f"[{stage}] epoch {epoch + 1}/{epochs}  loss {m['train_loss']:.4f}  val acc {m['val_accuracy']:.3f} "
-        f"f1 {m['val_macro_f1']:.3f}  {m['images_per_s']:.0f} img/s  data wait {m['data_wait_fraction']:.0%}  ETA {eta:.0f}s",
+        f"f1 {m['val_macro_f1']:.3f}  {m['images_per_s']:.0f} img/s  data wait {m['data_wait_fraction']:.0%}  "
+        f"{format_duration(m['epoch_seconds'])}/epoch · stage ETA {eta}",
         # Ray Train patches print() in its workers to copy each line to both stdout and stderr,
         # and the driver shows both: the real stdout gets the line once.
         file=sys.__stdout__, flush=True,
