@@ -210,9 +210,11 @@ def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: Predict
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         # one progress line for the whole job: files scored (rows written), images/s, ETA once the folder is counted
-        with watched(Progress("predict" + (" with heatmaps" if heatmaps else ""), unit="files"), counter, listing.count):
+        progress = Progress("predict" + (" with heatmaps" if heatmaps else ""), unit="files")
+        with watched(progress, counter, listing.count):
             ds.write_parquet(str(staging), min_rows_per_file=settings.rows_per_file)
-        summary = _count(staging)
+            summary = _count(staging)
+            progress.update_to(summary["images"])  # the closing line counts the shards' rows, not the last poll
         if not summary["images"]:
             raise FileNotFoundError(f"--input {input_dir} holds no files (only empty folders)")
         if maps_staging is not None:

@@ -1,0 +1,87 @@
+"""Occlusion maps computed for several images per forward batch equal those of one image at a time, and the
+figures a user reads are drawn over the original image at its own size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import msmae
+from pipelines.serve import explain, heatmap_figures
+
+
+@pytest.fixture(scope="module")
+def small_classifier() -> msmae.MSMAEClassifier:
+    """A real classifier of the demo's geometry (64 px, 8 px patches), small and briefly trained on a
+    learnable rule (class = brightest quadrant), so its maps are far from zero."""
+    torch.manual_seed(0)
+    preset = msmae.ViTPreset(64, 8, 64, 2, 2, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    model = msmae.build_classifier(preset, 4, drop_path_rate=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(15):
+        x = torch.randn(16, 3, 64, 64)
+        y = torch.randint(0, 4, (16,))
+        for k in range(16):  # brighten the quadrant of the class
+            r, c = divmod(int(y[k]), 2)
+            x[k, :, r * 32:(r + 1) * 32, c * 32:(c + 1) * 32] += 2.0
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_batched_occlusion_maps_equal_one_image_at_a_time(small_classifier):
+    model = small_classifier
+    pixels = torch.randn(3, 3, 64, 64)
+    one_by_one = [explain.occlusion_maps(model, pixels[k:k + 1], temperature=0.8) for k in range(len(pixels))]
+    alone = torch.cat([d for d, _ in one_by_one])
+    for chunk in (None, 37, 64, 1000):  # the memory cap; forward batches that cut images apart; one image; everything at once
+        batched, target = explain.occlusion_maps(model, pixels, temperature=0.8, chunk=chunk)
+        assert batched.shape == (3, model.preset.num_patches)
+        assert (batched - alone).abs().max().item() < 1e-5, chunk
+        assert target.tolist() == [int(t) for _, t in one_by_one]
+    assert alone.abs().max().item() > 1e-3  # the maps say something: the comparison is not of zeros
+
+
+def test_the_memory_cap_stacks_several_images_per_forward_batch():
+    tiny = msmae.PRESETS["tiny"]  # the demo's model: 64 patches, 65 tokens of 768 MLP floats an occluded sequence
+    per_batch = explain.occlusion_batch(tiny)
+    assert per_batch >= 2 * tiny.num_patches  # at least two whole images a forward pass
+    assert explain.occlusion_batch(tiny, max_bytes=1) == 1
+    assert per_batch * 64 * int(tiny.mlp_ratio * tiny.embed_dim) * 4 <= explain.OCCLUSION_BATCH_BYTES
+
+
+def test_the_figure_is_the_original_image_at_its_own_size_with_a_band_below():
+    rng = np.random.default_rng(0)
+    original = Image.fromarray(rng.integers(0, 255, (300, 420, 3), dtype=np.uint8))
+    grid = np.zeros((8, 8), dtype=np.float32)
+    figure = heatmap_figures.render(original, grid, limit=0.2, title="scan.png: predicted glioma, p = 0.83", note="a\nb")
+    assert figure.width == 420 and figure.height > 300  # the image's own width; the band under it
+    # a map of zeros changes nothing: the top of the figure is the original, pixel for pixel
+    assert np.array_equal(np.asarray(figure)[:300], np.asarray(original))
+    grid[0, 0] = 0.2  # evidence for the class in the top-left patch: red there, only there
+    figure = np.asarray(heatmap_figures.render(original, grid, limit=0.2, title="t"), dtype=np.int32)
+    corner, rest = figure[:300 // 8, :420 // 8], figure[300 // 8 + 2:300, 420 // 8 + 2:]
+    before = np.asarray(original, dtype=np.int32)[:300 // 8, :420 // 8]
+    assert (corner[..., 0] - corner[..., 2]).mean() > (before[..., 0] - before[..., 2]).mean() + 30  # red
+    assert np.array_equal(rest, np.asarray(original, dtype=np.int32)[300 // 8 + 2:, 420 // 8 + 2:])
+
+
+def test_a_large_image_is_shown_capped_and_a_small_one_gets_a_band_wide_enough_to_read():
+    big = Image.new("RGB", (3000, 1500), "grey")
+    figure = heatmap_figures.render(big, np.full((8, 8), 0.1, np.float32), limit=0.1, title="t")
+    assert figure.width == heatmap_figures.MAX_SIDE and figure.height > heatmap_figures.MAX_SIDE // 2
+    small = Image.new("RGB", (96, 96), "grey")
+    figure = heatmap_figures.render(small, np.zeros((8, 8), np.float32), limit=0.1, title="t")
+    assert figure.width == heatmap_figures.MIN_WIDTH
+    left = (heatmap_figures.MIN_WIDTH - 96) // 2  # centred above the band, at its own size
+    assert np.array_equal(np.asarray(figure)[:96, left:left + 96], np.asarray(small))
+
+
+def test_the_colour_scale_is_shared_the_largest_change_of_any_map():
+    maps = [np.array([[0.05, -0.01]]), np.array([[-0.3, 0.1]]), np.zeros((0,))]
+    assert heatmap_figures.shared_limit(maps) == pytest.approx(0.3)
+    assert heatmap_figures.shared_limit([np.zeros((2, 2))]) > 0
