@@ -295,8 +295,7 @@ def _print_progress(stage: str, epoch: int, epochs: int, m: dict, mean_epoch_s: 
     eta = format_duration(mean_epoch_s * (epochs - epoch - 1))
     print(
         f"[{stage}] epoch {epoch + 1}/{epochs}  loss {m['train_loss']:.4f}  val acc {m['val_accuracy']:.3f} "
-        f"f1 {m['val_macro_f1']:.3f}  {m['images_per_s']:.0f} img/s  data wait {m['data_wait_fraction']:.0%}  "
-        f"{format_duration(m['epoch_seconds'])}/epoch · stage ETA {eta}",
+        f"f1 {m['val_macro_f1']:.3f}  {m['images_per_s']:.0f} img/s  data wait {m['data_wait_fraction']:.0%}  ETA {eta}",
         # Ray Train patches print() in its workers to copy each line to both stdout and stderr,
         # and the driver shows both: the real stdout gets the line once.
         file=sys.__stdout__, flush=True,
