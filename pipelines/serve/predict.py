@@ -7,6 +7,11 @@ The pipeline, every stage streaming (nothing is collected on the driver):
       → PredictBatchScorer (an actor pool: one model per actor, on a GPU each when the cluster has them)
       → write_parquet (shards into a staging folder, renamed into place when complete)
 
+While it runs, one progress line (files done of the folder's count, files/s, ETA): the scoring
+actors count their rows into a counter actor that the driver polls (``pipelines.serve.job_progress``).
+With ``--heatmaps``, the actors write each image's map and the driver then draws the figures on
+one colour scale for the job (``pipelines.serve.heatmap_figures``).
+
 Every file under the folder yields exactly one row, whatever it is: an image gets its class
 and probabilities; anything else (not an image, a broken or looping symlink, a FIFO, a
 decompression bomb, a file over the size limit, a truncated file, any exception while decoding
@@ -86,7 +91,7 @@ class PredictBatchScorer:
                         ok[row], reason[row], detail[row] = False, INFERENCE_ERROR, f"{type(e).__name__}: {e}"
             if self.heatmaps:
                 still = ok[rows]
-                self._write_heatmaps(batch, rows[still], pixels[torch.from_numpy(still)], probs)
+                self._write_heatmaps(batch, rows[still], pixels[torch.from_numpy(still)])
         seen = np.full(len(ok), None, dtype=object)
         if self.seen is not None and ok.any():
             seen[ok] = self.seen.flags(np.asarray(batch["fingerprint"])[ok])
@@ -94,7 +99,7 @@ class PredictBatchScorer:
             self.counter.add.remote(len(ok))  # fire and forget: progress never holds up scoring
         return result_table(batch["path"], ok, reason, detail, probs, self.class_names, seen)
 
-    def _write_heatmaps(self, batch: dict[str, np.ndarray], rows: np.ndarray, pixels: torch.Tensor, probs: np.ndarray) -> None:
+    def _write_heatmaps(self, batch: dict[str, np.ndarray], rows: np.ndarray, pixels: torch.Tensor) -> None:
         """``--heatmaps DIR``: per image, ``DIR/<path under --input>.npy`` (the occlusion map, patch rows x columns,
         from ``pipelines.serve.explain``; the batch's images share forward passes). The figures are drawn at the end,
         on one colour scale for the whole job (``pipelines.serve.heatmap_figures.draw_all``)."""
