@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 MAX_SIDE = 1024  # a larger original is shown shrunk to this (aspect kept)
 MIN_WIDTH = 360  # the band under the image is at least this wide, so its words fit beside a small image
-CMAP = "RdBu_r"  # red: evidence for the predicted class; blue: against; white: no effect
+CMAP = "bwr"  # red: evidence for the predicted class; blue: against; white: no effect (pure hues: visible on dark scans)
 MAX_ALPHA = 0.65  # the colour of a patch at ±limit covers the image this much
 
 

@@ -85,3 +85,43 @@ def test_the_colour_scale_is_shared_the_largest_change_of_any_map():
     maps = [np.array([[0.05, -0.01]]), np.array([[-0.3, 0.1]]), np.zeros((0,))]
     assert heatmap_figures.shared_limit(maps) == pytest.approx(0.3)
     assert heatmap_figures.shared_limit([np.zeros((2, 2))]) > 0
+
+
+def test_draw_all_puts_each_figure_beside_its_map_on_one_scale_and_counts_what_it_could_not_draw(tmp_path):
+    """The driver's pass after scoring: the predictions' rows (as predict writes them) and the actors' .npy maps in;
+    a PNG beside each map, every figure on the largest change of any map; an image gone since scoring is counted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inputs, maps, preds = tmp_path / "in", tmp_path / "maps", tmp_path / "preds"
+    (inputs / "a").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name, size in (("a/one.png", (120, 90)), ("two.png", (200, 150)), ("gone.png", (64, 64))):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(inputs / name)
+    grids = {"a/one.png": np.full((8, 8), 0.05, np.float32), "two.png": np.full((8, 8), -0.25, np.float32),
+             "gone.png": np.zeros((8, 8), np.float32)}
+    for name, grid in grids.items():
+        dest = heatmap_figures.heatmap_path(maps, inputs, str(inputs / name))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        np.save(f"{dest}.npy", grid)
+    (inputs / "gone.png").unlink()  # moved after scoring
+    preds.mkdir()
+    pq.write_table(pa.table({
+        "path": [str(inputs / n) for n in ("a/one.png", "two.png", "gone.png", "broken.jpg")],
+        "ok": [True, True, True, False],
+        "predicted_class": ["x", "y", "x", None],
+        "prob_x": [0.9, 0.3, 0.6, None], "prob_y": [0.1, 0.7, 0.4, None],
+    }), preds / "part-0.parquet")
+    result = heatmap_figures.draw_all(preds, maps, inputs, ["x", "y"])
+    assert result == {"figures": 2, "skipped": 1, "limit": pytest.approx(0.25)}
+    one, two = Image.open(maps / "a" / "one.png.png"), Image.open(maps / "two.png.png")
+    assert one.width == heatmap_figures.MIN_WIDTH and two.width == heatmap_figures.MIN_WIDTH
+    assert not (maps / "gone.png.png").exists() and not (maps / "broken.jpg.png").exists()
+    # one scale: the map of 0.05 is drawn much fainter than the map of -0.25 (which sits at the scale's end)
+    original_two = np.asarray(Image.open(inputs / "two.png"), dtype=np.float32)
+    left = (heatmap_figures.MIN_WIDTH - 200) // 2
+    shift_two = np.abs(np.asarray(two, dtype=np.float32)[:150, left:left + 200] - original_two).mean()
+    original_one = np.asarray(Image.open(inputs / "a" / "one.png"), dtype=np.float32)
+    left = (heatmap_figures.MIN_WIDTH - 120) // 2
+    shift_one = np.abs(np.asarray(one, dtype=np.float32)[:90, left:left + 120] - original_one).mean()
+    assert shift_two > 3 * shift_one > 0
