@@ -81,10 +81,11 @@ def test_a_large_image_is_shown_capped_and_a_small_one_gets_a_band_wide_enough_t
     assert np.array_equal(np.asarray(figure)[:96, left:left + 96], np.asarray(small))
 
 
-def test_the_colour_scale_is_shared_the_largest_change_of_any_map():
-    maps = [np.array([[0.05, -0.01]]), np.array([[-0.3, 0.1]]), np.zeros((0,))]
-    assert heatmap_figures.shared_limit(maps) == pytest.approx(0.3)
-    assert heatmap_figures.shared_limit([np.zeros((2, 2))]) > 0
+def test_the_colour_scale_is_shared_and_a_few_strong_maps_do_not_wash_out_the_rest():
+    largest = [0.03] * 95 + [0.4] * 5  # most maps change p by 0.03 at most, five by 0.4
+    assert heatmap_figures.shared_limit(largest) == pytest.approx(0.03 + 0.37 * 0.05, abs=0.02)  # near 0.03, not 0.4
+    assert heatmap_figures.shared_limit([0.1, 0.2], quantile=1.0) == pytest.approx(0.2)
+    assert heatmap_figures.shared_limit([0.0, 0.0]) > 0 and heatmap_figures.shared_limit([]) > 0
 
 
 def test_draw_all_puts_each_figure_beside_its_map_on_one_scale_and_counts_what_it_could_not_draw(tmp_path):
@@ -113,7 +114,7 @@ def test_draw_all_puts_each_figure_beside_its_map_on_one_scale_and_counts_what_i
         "prob_x": [0.9, 0.3, 0.6, None], "prob_y": [0.1, 0.7, 0.4, None],
     }), preds / "part-0.parquet")
     result = heatmap_figures.draw_all(preds, maps, inputs, ["x", "y"])
-    assert result == {"figures": 2, "skipped": 1, "limit": pytest.approx(0.25)}
+    assert result == {"figures": 2, "skipped": 1, "limit": pytest.approx(np.quantile([0.05, 0.25, 0.0], 0.95)), "beyond_scale": 1}
     one, two = Image.open(maps / "a" / "one.png.png"), Image.open(maps / "two.png.png")
     assert one.width == heatmap_figures.MIN_WIDTH and two.width == heatmap_figures.MIN_WIDTH
     assert not (maps / "gone.png.png").exists() and not (maps / "broken.jpg.png").exists()
