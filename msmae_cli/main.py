@@ -354,6 +354,11 @@ def predict(
     typer.echo(f"{summary['images']} files: {summary['images'] - summary['unreadable']} predicted, "
                f"{summary['unreadable']} not images{reasons} (rows with ok=false) -> {summary['out']} "
                f"({summary['shards']} Parquet shards, {summary['pool']['max_actors']} scoring actors)")
+    if "heatmaps" in summary:
+        maps = summary["heatmaps"]
+        beyond = f", {maps['beyond_scale']} maps beyond it at full colour" if maps["beyond_scale"] else ""
+        typer.echo(f"heatmaps: {maps['figures']} figures (<path>.png over the original, one colour scale: ±{maps['limit']:.3g}{beyond}) "
+                   f"and maps (<path>.npy) -> {heatmaps}" + (f"; {maps['skipped']} images moved since scoring got no figure" if maps["skipped"] else ""))
 
 
 @command()

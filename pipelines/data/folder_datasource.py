@@ -40,6 +40,10 @@ class FolderListing(Datasource):
             self.names = sorted(e.name for e in entries)
         self.names_per_task = max(1, names_per_task)
 
+    def count(self) -> int:
+        """The rows the listing will yield, walked here (directory entries only): ``msmae predict``'s progress total."""
+        return sum(len(_entries_of(str(self.root), self.root_key, name)) for name in self.names)
+
     def estimate_inmemory_data_size(self) -> int | None:
         return None  # unknown until the sub-folders are walked
 

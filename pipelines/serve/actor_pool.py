@@ -86,9 +86,11 @@ class EvalBatchScorer:
                 "index": np.asarray(batch["index"])}
 
 
-def cluster_probabilities(ds: ray.data.Dataset, model: torch.nn.Module, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def cluster_probabilities(ds: ray.data.Dataset, model: torch.nn.Module, batch_size: int = 64,
+                          progress=None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Probabilities ``[N, C]``, labels ``[N]`` and dataset indices ``[N]`` of an eval stream, scored by an actor pool
-    sized to the cluster (as ``predict``'s). Only those N·(C + 2) numbers reach the driver: what the metrics need."""
+    sized to the cluster (as ``predict``'s). Only those N·(C + 2) numbers reach the driver: what the metrics need.
+    ``progress`` (a ``pipelines.progress.Progress``) counts the rows as they come back."""
     pool = pool_for_cluster(PredictSettings(batch_size=batch_size))
     scored = ds.map_batches(
         EvalBatchScorer, fn_constructor_args=(model.cpu(),), batch_size=batch_size, batch_format="numpy",
@@ -100,6 +102,8 @@ def cluster_probabilities(ds: ray.data.Dataset, model: torch.nn.Module, batch_si
         probs.append(batch["probs"])
         labels.append(batch["label"])
         index.append(batch["index"])
+        if progress is not None:
+            progress.update(len(batch["label"]))
     if not probs:
         raise ValueError("evaluation got no batches: is the split empty?")
     return torch.from_numpy(np.concatenate(probs)), torch.from_numpy(np.concatenate(labels).astype(np.int64)), np.concatenate(index)

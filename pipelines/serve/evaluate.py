@@ -32,22 +32,28 @@ def evaluate_split(
 
 def split_probabilities(model: msmae.MSMAEClassifier, dataset: IngestedDataset, split: str, batch_size: int = 64,
                         ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Uncalibrated probabilities ``[N, C]``, labels ``[N]`` and each row's dataset ``index`` ``[N]`` (stream order)."""
+    """Uncalibrated probabilities ``[N, C]``, labels ``[N]`` and each row's dataset ``index`` ``[N]`` (stream order).
+
+    Prints progress (``pipelines.progress``: images done, images/s, ETA), counted as the batches come back."""
+    from pipelines.progress import Progress
     from pipelines.serve.actor_pool import cluster_probabilities, score_on_actors
 
     stream = eval_stream(dataset, split, model.preset.img_size)
-    if score_on_actors(dataset.split_size(split)):  # large splits: an actor pool, GPUs of the cluster
-        return cluster_probabilities(stream, model, batch_size)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
-    index: list[np.ndarray] = []
+    total = dataset.split_size(split)
+    with Progress(f"evaluate {split}", total=total) as progress:
+        if score_on_actors(total):  # large splits: an actor pool, GPUs of the cluster
+            return cluster_probabilities(stream, model, batch_size, progress)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = model.to(device)
+        index: list[np.ndarray] = []
 
-    def batches():
-        for b in stream.iter_torch_batches(batch_size=batch_size, device=device):
-            index.append(b["index"].cpu().numpy())
-            yield b["image"], b["label"]
+        def batches():
+            for b in stream.iter_torch_batches(batch_size=batch_size, device=device):
+                index.append(b["index"].cpu().numpy())
+                yield b["image"], b["label"]
+                progress.update(len(b["label"]))  # after msmae.evaluate scored it
 
-    _, raw, labels = msmae.evaluate(model, batches(), model.num_classes)
+        _, raw, labels = msmae.evaluate(model, batches(), model.num_classes)
     return raw, labels, np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
 
 

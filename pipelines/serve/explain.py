@@ -18,16 +18,15 @@ Why this and not the alternatives:
   so the occluded input stays in the distribution the model knows and the drop is due to the
   patch's content, not to an artificial grey square.
 Cost: L forward passes of L - 1 tokens per image (L = patches: 64 for the demo's 64 px tiny
-ViT, 196 at 224 px), batched; opt-in (``msmae predict --heatmaps``, the served model's
-``heatmaps`` parameter).
+ViT, 196 at 224 px), the sequences of several images stacked per forward batch up to a memory
+cap; opt-in (``msmae predict --heatmaps``, the served model's ``heatmaps`` parameter). The
+figures a user reads are drawn by ``pipelines.serve.heatmap_figures``.
 
 The same token dropping hides patches for the faithfulness check (``probability_without``):
 hiding the map's top patches must cost the prediction more than hiding random ones.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,14 +42,33 @@ def class_probability(model: msmae.MSMAEClassifier, pixels: torch.Tensor, temper
     return map_sources.class_probability(model, pixels, temperature, kept)
 
 
+# What one occluded forward batch may hold in its largest activation (a block's MLP hidden layer,
+# float32). Tens of MiB: large enough that the matrix products run at full speed, small enough to
+# stay near the CPU's caches and far below a GPU's memory. See ``occlusion_batch``.
+OCCLUSION_BATCH_BYTES = 32 << 20
+
+
+def occlusion_batch(preset: msmae.ViTPreset, max_bytes: int = OCCLUSION_BATCH_BYTES) -> int:
+    """Occluded sequences per forward pass under ``max_bytes`` (at least 1): each holds L - 1 + prefix tokens
+    of ``mlp_ratio * embed_dim`` floats in its MLP."""
+    tokens = preset.num_patches - 1 + preset.num_prefix_tokens
+    per_sequence = tokens * int(preset.mlp_ratio * preset.embed_dim) * 4
+    return max(1, max_bytes // per_sequence)
+
+
 def occlusion_maps(model: msmae.MSMAEClassifier, pixels: torch.Tensor, temperature: float = 1.0,
-                   target: torch.Tensor | None = None, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                   target: torch.Tensor | None = None, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``([B, L] drop of the target class's probability per left-out patch, [B] target class)``, on the CPU.
 
-    The pure-torch core is ``msmae.map_sources.occlusion_drops``, which SAM can also use as a
-    map source (``*.masking.map_source: occlusion``)."""
+    All B x L occluded sequences (image-major) run through the model in forward batches of
+    ``chunk`` sequences, by default as many as ``occlusion_batch`` allows: several images per
+    forward pass. Each sequence's result does not depend on its batch-mates, so the maps equal
+    those of one image at a time (``tests/pipelines/serve/test_explain.py``). The pure-torch core
+    is ``msmae.map_sources.occlusion_drops``, which SAM can also use as a map source
+    (``*.masking.map_source: occlusion``)."""
     model.eval()
-    return map_sources.occlusion_drops(model, pixels, temperature, target, chunk)
+    with torch.no_grad():
+        return map_sources.occlusion_drops(model, pixels, temperature, target, chunk or occlusion_batch(model.preset))
 
 
 @torch.no_grad()
@@ -67,25 +85,3 @@ def probability_without(model: msmae.MSMAEClassifier, pixels: torch.Tensor, hidd
 def as_grid(maps: torch.Tensor | np.ndarray, preset: msmae.ViTPreset) -> np.ndarray:
     """``[B, L]`` -> ``[B, gh, gw]`` (patch rows top to bottom)."""
     return np.asarray(maps, dtype=np.float32).reshape(-1, *preset.grid)
-
-
-def save_heatmap(path: Path, rgb: np.ndarray, grid: np.ndarray, title: str) -> None:
-    """One image with its occlusion map over it (red: evidence for the predicted class, blue: against)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    limit = float(np.abs(grid).max()) or 1e-6
-    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4))
-    axes[0].imshow(rgb)
-    axes[1].imshow(rgb)
-    shown = axes[1].imshow(grid, cmap="bwr", alpha=0.55, vmin=-limit, vmax=limit, extent=(0, rgb.shape[1], rgb.shape[0], 0),
-                           interpolation="nearest")
-    for ax in axes:
-        ax.axis("off")
-    fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.02, label="probability drop without the patch")
-    fig.suptitle(title, fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)

@@ -7,6 +7,11 @@ The pipeline, every stage streaming (nothing is collected on the driver):
       → PredictBatchScorer (an actor pool: one model per actor, on a GPU each when the cluster has them)
       → write_parquet (shards into a staging folder, renamed into place when complete)
 
+While it runs, one progress line (files done of the folder's count, files/s, ETA): the scoring
+actors count their rows into a counter actor that the driver polls (``pipelines.serve.job_progress``).
+With ``--heatmaps``, the actors write each image's map and the driver then draws the figures on
+one colour scale for the job (``pipelines.serve.heatmap_figures``).
+
 Every file under the folder yields exactly one row, whatever it is: an image gets its class
 and probabilities; anything else (not an image, a broken or looping symlink, a FIFO, a
 decompression bomb, a file over the size limit, a truncated file, any exception while decoding
@@ -47,7 +52,7 @@ class PredictBatchScorer:
     what a batch yields (temperature scaling, heatmaps) belong there or in ``__call__``.
     """
 
-    def __init__(self, model_ref: str, tracking_uri: str | None, heatmaps: tuple[str, str] | None = None) -> None:
+    def __init__(self, model_ref: str, tracking_uri: str | None, heatmaps: tuple[str, str] | None = None, counter=None) -> None:
         import mlflow
 
         from pipelines.serve.loading import load
@@ -58,6 +63,7 @@ class PredictBatchScorer:
         self.class_names, self.temperature = loaded.class_names, loaded.temperature  # fitted on validation (issue 17)
         self.seen = loaded.seen  # the training and validation images' fingerprints (None: a model from before them)
         self.heatmaps = heatmaps  # (input folder, heatmaps folder) for --heatmaps
+        self.counter = counter  # pipelines.serve.job_progress.RowCounter: the driver's progress line counts our rows
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray hides GPUs it did not assign
         self.model = loaded.model.to(self.device).eval()
 
@@ -85,30 +91,30 @@ class PredictBatchScorer:
                         ok[row], reason[row], detail[row] = False, INFERENCE_ERROR, f"{type(e).__name__}: {e}"
             if self.heatmaps:
                 still = ok[rows]
-                self._write_heatmaps(batch, rows[still], pixels[torch.from_numpy(still)], probs)
+                self._write_heatmaps(batch, rows[still], pixels[torch.from_numpy(still)])
         seen = np.full(len(ok), None, dtype=object)
         if self.seen is not None and ok.any():
             seen[ok] = self.seen.flags(np.asarray(batch["fingerprint"])[ok])
+        if self.counter is not None:
+            self.counter.add.remote(len(ok))  # fire and forget: progress never holds up scoring
         return result_table(batch["path"], ok, reason, detail, probs, self.class_names, seen)
 
-    def _write_heatmaps(self, batch: dict[str, np.ndarray], rows: np.ndarray, pixels: torch.Tensor, probs: np.ndarray) -> None:
-        """``--heatmaps DIR``: per image, ``DIR/<path under --input>.png`` (the occlusion map over the image)
-        and ``.npy`` (the map, patch rows x columns), from ``pipelines.serve.explain``."""
+    def _write_heatmaps(self, batch: dict[str, np.ndarray], rows: np.ndarray, pixels: torch.Tensor) -> None:
+        """``--heatmaps DIR``: per image, ``DIR/<path under --input>.npy`` (the occlusion map, patch rows x columns,
+        from ``pipelines.serve.explain``; the batch's images share forward passes). The figures are drawn at the end,
+        on one colour scale for the whole job (``pipelines.serve.heatmap_figures.draw_all``)."""
         from pipelines.serve import explain
+        from pipelines.serve.heatmap_figures import heatmap_path
 
         if not len(rows):
             return
-        drops, target = explain.occlusion_maps(self.model, pixels.to(self.device), self.temperature)
+        drops, _ = explain.occlusion_maps(self.model, pixels.to(self.device), self.temperature)
         grids = explain.as_grid(drops.cpu(), self.model.preset)
         root, out = Path(self.heatmaps[0]), Path(self.heatmaps[1])
         for k, row in enumerate(rows):
-            path = Path(os.path.abspath(str(batch["path"][row])))
-            dest = out / (path.relative_to(root) if path.is_relative_to(root) else path.name)
+            dest = heatmap_path(out, root, str(batch["path"][row]))
             dest.parent.mkdir(parents=True, exist_ok=True)
             np.save(f"{dest}.npy", grids[k])
-            name = self.class_names[int(target[k])]
-            explain.save_heatmap(Path(f"{dest}.png"), np.asarray(batch["pixels"][row]), grids[k],
-                                 f"{path.name}: {name} {probs[row, int(target[k])]:.2f}")
 
     def _probs(self, pixels: torch.Tensor) -> np.ndarray:
         return self.score(pixels.to(self.device, non_blocking=True)).float().cpu().numpy()
@@ -186,7 +192,11 @@ def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: Predict
     # the maps are written beside --heatmaps and swapped in with the predictions: nothing there is overwritten mid-way
     maps_staging = heatmaps.parent / f".{heatmaps.name}.tmp-{os.getpid()}" if heatmaps is not None else None
     ensure_ray()
+    from pipelines.progress import Progress
+    from pipelines.serve.job_progress import RowCounter, watched
+
     pool = pool_for_cluster(settings)
+    counter = RowCounter.remote()
     ds = ray.data.read_datasource(listing).map_batches(
         load_for_predict, fn_kwargs={"preprocessing": preprocessing.to_dict(), "max_file_bytes": settings.max_file_bytes},
         batch_size=settings.batch_size, batch_format="numpy", udf_modifying_row_count=False,
@@ -196,17 +206,26 @@ def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: Predict
         # other instead of CPU tasks decoding in parallel beside it.
         memory=DECODE_TASK_MEMORY + settings.batch_size * img_size * img_size * 3,
     ).map_batches(
-        PredictBatchScorer, fn_constructor_args=(model_ref, tracking_uri, (os.path.abspath(input_dir), os.path.abspath(maps_staging)) if heatmaps else None),
+        PredictBatchScorer, fn_constructor_args=(model_ref, tracking_uri, (os.path.abspath(input_dir), os.path.abspath(maps_staging)) if heatmaps else None,
+                                                 counter),
         batch_size=settings.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         num_gpus=pool.gpus_per_actor, num_cpus=pool.cpus_per_actor, udf_modifying_row_count=False,
     )
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        ds.write_parquet(str(staging), min_rows_per_file=settings.rows_per_file)
-        summary = _count(staging)
+        # one progress line for the whole job: files scored (rows written), images/s, ETA once the folder is counted
+        progress = Progress("predict" + (" with heatmaps" if heatmaps else ""), unit="files")
+        with watched(progress, counter, listing.count):
+            ds.write_parquet(str(staging), min_rows_per_file=settings.rows_per_file)
+            summary = _count(staging)
+            progress.update_to(summary["images"])  # the closing line counts the shards' rows, not the last poll
         if not summary["images"]:
             raise FileNotFoundError(f"--input {input_dir} holds no files (only empty folders)")
+        if maps_staging is not None:
+            from pipelines.serve.heatmap_figures import draw_all
+
+            summary["heatmaps"] = draw_all(staging, Path(os.path.abspath(maps_staging)), Path(os.path.abspath(input_dir)), class_names)
         summary.update(out=str(out), model=model_ref, input=str(input_dir), class_names=class_names, pool=asdict(pool),
                        shards=sum(1 for p in staging.iterdir() if p.suffix == ".parquet"))
         (staging / MARKER).write_text(json.dumps(summary, indent=2))

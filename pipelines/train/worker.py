@@ -270,6 +270,7 @@ def train_loop(loop_config: dict) -> None:
             refresh_metrics.update(lesion_metrics(raw, val_shard, per_worker_batch, device, source, trainer.plan.ratios, lesion_generator))
         return refreshed
 
+    epoch_times: list[float] = []  # this process's epochs, for the ETA on the epoch line
     for epoch in range(start_epoch, stage_cfg.epochs):
         epoch_start = time.perf_counter()
         if spec.fail_at_epoch == epoch and rank == world - 1 and not restored:
@@ -312,8 +313,9 @@ def train_loop(loop_config: dict) -> None:
             ckpt = ray.train.Checkpoint.from_directory(local)
         if logger:
             logger.log(metrics, epoch)
+        epoch_times.append(metrics["epoch_seconds"])
         if rank == 0:
-            _print_progress(spec.stage, epoch, stage_cfg.epochs, metrics)
+            _print_progress(spec.stage, epoch, stage_cfg.epochs, metrics, sum(epoch_times) / len(epoch_times))
         try:
             ray.train.report(metrics, checkpoint=ckpt)  # SYNC upload: the copy in storage is complete when this returns
         finally:
@@ -321,15 +323,19 @@ def train_loop(loop_config: dict) -> None:
                 shutil.rmtree(local, ignore_errors=True)
 
 
-def _print_progress(stage: str, epoch: int, epochs: int, m: dict) -> None:
-    eta = m["epoch_seconds"] * (epochs - epoch - 1)
+def _print_progress(stage: str, epoch: int, epochs: int, m: dict, mean_epoch_s: float) -> None:
+    """The epoch line; its ETA is the stage's remaining epochs at the mean epoch time so far (``mm:ss``);
+    on a dataset with lesion masks, the refresh's map-on-lesion scores follow."""
+    from pipelines.progress import format_duration
+
+    eta = format_duration(mean_epoch_s * (epochs - epoch - 1))
     lesion = m.get("lesion_mass", float("nan"))
     on_lesion = (f"  maps on lesion: mass {lesion:.2f} (share {m['lesion_share']:.2f}, lift {m['lesion_lift']:.2f}) "
                  f"pointing {m['lesion_pointing']:.2f} AUROC {m['lesion_auroc']:.2f} seen {m['lesion_seen_share']:.2f}"
                  if lesion == lesion else "")
     print(
         f"[{stage}] epoch {epoch + 1}/{epochs}  loss {m['train_loss']:.4f}  val acc {m['val_accuracy']:.3f} "
-        f"f1 {m['val_macro_f1']:.3f}  {m['images_per_s']:.0f} img/s  data wait {m['data_wait_fraction']:.0%}  ETA {eta:.0f}s{on_lesion}",
+        f"f1 {m['val_macro_f1']:.3f}  {m['images_per_s']:.0f} img/s  data wait {m['data_wait_fraction']:.0%}  ETA {eta}{on_lesion}",
         # Ray Train patches print() in its workers to copy each line to both stdout and stderr,
         # and the driver shows both: the real stdout gets the line once.
         file=sys.__stdout__, flush=True,

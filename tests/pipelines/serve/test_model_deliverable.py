@@ -431,6 +431,8 @@ def test_msmae_predict_and_the_pyfunc_agree_on_16_bit_png_and_dicom_and_predict_
     from typer.testing import CliRunner
 
     from msmae_cli import app
+    from pipelines.data import images
+    from pipelines.serve import heatmap_figures
 
     folder = tmp_path / "incoming"
     files = _awkward_files(folder / "traps")
@@ -454,7 +456,17 @@ def test_msmae_predict_and_the_pyfunc_agree_on_16_bit_png_and_dicom_and_predict_
     assert list(table.loc[paths, "predicted_class"]) == list(served["predicted_class"])
     for p in paths:
         rel = Path(p).relative_to(folder)
-        assert (maps / f"{rel}.png").is_file() and np.load(maps / f"{rel}.npy").shape == (8, 8)
+        assert np.load(maps / f"{rel}.npy").shape == (8, 8)
+        # the figure is drawn over the original at its own size (not the 64 px input), the band below it
+        original = images.load_image(p, "RGB")  # decoded as ingest does (DICOM, 16-bit PNG included)
+        figure = Image.open(maps / f"{rel}.png")
+        assert figure.width == max(original.width, heatmap_figures.MIN_WIDTH) and figure.height > original.height
+    # progress while it ran (captured: plain lines, no terminal codes), then the figures on one colour scale
+    total = len(table)
+    assert re.search(rf"^predict with heatmaps: {total} files in \d\d:\d\d \(\d+\.\d files/s\)$", result.output, re.M), result.output
+    assert re.search(rf"^heatmap figures: {len(paths)} images in \d\d:\d\d", result.output, re.M), result.output
+    assert re.search(rf"^heatmaps: {len(paths)} figures \(<path>.png over the original, one colour scale: ", result.output, re.M)
+    assert "\r" not in result.output and "\x1b" not in result.output
 
 
 # --- per-prediction explanation ------------------------------------------------------------------------
@@ -494,6 +506,9 @@ def test_hiding_the_maps_top_patches_costs_the_prediction_more_than_hiding_rando
     assert grid.shape == model.preset.grid
     expected, _ = explain.occlusion_maps(model, torch.from_numpy(loaded.preprocessing(buf.getvalue())[None]), t)
     np.testing.assert_allclose(grid.ravel(), expected[0].numpy(), atol=1e-6)
+    # on this trained model too, the maps of several images per forward batch are those of one image at a time
+    alone = torch.cat([explain.occlusion_maps(model, pixels[k:k + 1], t)[0] for k in range(3)])
+    assert (drops[:3] - alone).abs().max().item() < 1e-5
 
 
 # --- the contamination check: which evaluated images the model has seen ---------------------------------
@@ -523,6 +538,7 @@ def test_evaluate_reports_which_images_the_model_was_trained_on_and_metrics_on_t
                                       "--tracking-uri", deliverable_uri, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "contamination check: 20 of 40 images are near-copies of images the model was trained or selected on" in result.output
+    assert re.search(r"^evaluate train: 40 images in \d\d:\d\d \(\d+\.\d images/s\)$", result.output, re.M), result.output
     report = json.loads(out.read_text())["train"]  # a raw folder is evaluated whole, as one split
     assert report["num_samples"] == 40 and report["seen_in_training"] == 20 and report["unseen_images"] == 20
     assert report["unseen"]["num_samples"] == 20

@@ -7,6 +7,7 @@ The command-line cases (every file a row through ``msmae predict``) are in ``tes
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -55,9 +56,10 @@ def test_listing_in_tasks_matches_the_walk_on_the_driver(ray_local, tmp_path: Pa
     got = {(Path(r["path"]).relative_to(root).as_posix(), r["problem"]) for r in rows}
     assert got == {(e.rel, e.problem) for e in scan_tree(root)}
     assert ("a/up", "symlink_loop") in got and ("self", "symlink_loop") in got and ("b/pipe", "not_a_regular_file") in got
+    assert listing.count() == len(rows)  # predict's progress total, counted on the driver
 
 
-def test_multi_actor_predict_writes_every_file_once_as_parquet_shards(ray_local, tmp_path: Path) -> None:
+def test_multi_actor_predict_writes_every_file_once_as_parquet_shards(ray_local, tmp_path: Path, capsys) -> None:
     """Two scoring actors, small batches, small shards: every file is one row (failures with a reason and null
     probabilities), the shards are Ray Data's, the summary is counted from them, and a re-run replaces the folder whole."""
     model = checkpoint_folder(tmp_path / "model", ["x", "y", "z"])
@@ -90,6 +92,8 @@ def test_multi_actor_predict_writes_every_file_once_as_parquet_shards(ray_local,
     assert summary["images"] == 43 and summary["unreadable"] == 4 and summary["pool"]["max_actors"] == 2
     assert json.loads((out / MARKER).read_text())["reasons"] == {"too_large": 2, "not_an_image": 1, "zero_byte": 1}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    # progress over both actors' rows: the closing line counts every file (plain lines: stdout is not a terminal)
+    assert re.search(r"^predict: 43 files in \d\d:\d\d \(\d+\.\d files/s\)$", capsys.readouterr().out, re.M)
 
     (incoming / "b" / "b_0.png").unlink()
     again = predict_folder(str(model), incoming, out, settings)  # an earlier predictions folder is replaced whole
