@@ -95,6 +95,13 @@ TrackingOpt = Annotated[str | None, typer.Option(help="MLflow tracking URI (defa
 WorkersOpt = Annotated[int | None, typer.Option(help="Ray Train workers (overrides scaling.workers).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the last run in --workdir from its checkpoints.")]
 FailOpt = Annotated[int | None, typer.Option(hidden=True, help="Fault injection for tests: one worker raises at this epoch.")]
+ModelNameOpt = Annotated[str | None, typer.Option("--model-name", help="Registered model name (tracking.model_name; default msmae-<dataset name>): one @champion per name.")]
+ExperimentOpt = Annotated[str | None, typer.Option("--experiment", help="MLflow experiment (tracking.experiment; default msmae-<dataset name>).")]
+
+
+def _names(model_name: str | None, experiment: str | None) -> dict:
+    """``--model-name`` / ``--experiment`` as config values (they win over --set and the preset)."""
+    return {k: v for k, v in (("tracking.model_name", model_name), ("tracking.experiment", experiment)) if v is not None}
 
 
 def _config(config: str, set_: list[str] | None, values: dict | None = None):
@@ -154,10 +161,10 @@ def _resume_hint(state_file: Path, resume: bool, what: str):
 
 def _train(
     stages: tuple[str, ...], source: Path, config: str, set_: list[str] | None, workdir: Path, tracking_uri: str | None,
-    workers: int | None, resume: bool, fail_at_epoch: int | None, init: Path | None = None,
+    workers: int | None, resume: bool, fail_at_epoch: int | None, init: Path | None = None, names: dict | None = None,
 ) -> None:
     """What `run`, `pretrain` and `finetune` share: validate everything up front, then train."""
-    cfg = _config(config, set_, {"scaling.workers": workers} if workers is not None else None)
+    cfg = _config(config, set_, {**({"scaling.workers": workers} if workers is not None else {}), **(names or {})} or None)
     _folder_arg(source, "SOURCE")
     from pipelines.checkpoint import STATE_FILE, is_checkpoint
     from pipelines.outputs import check_output_dir
@@ -171,7 +178,7 @@ def _train(
     uri = _tracking_uri(tracking_uri, cfg, workdir)
     run_pipeline(
         source, cfg, workdir, uri, resume=resume, fail_at_epoch=fail_at_epoch,
-        log=typer.echo, stages=stages, init_checkpoint=str(init.resolve()) if init else None,
+        log=typer.echo, stages=stages, init_checkpoint=str(init.resolve()) if init else None, config_name=config,
     )
 
 
@@ -179,19 +186,21 @@ def _train(
 def run(
     source: SourceArg = Path("data/sample/btmd"), config: ConfigOpt = "demo", set_: SetOpt = None,
     workdir: WorkdirOpt = Path("msmae-work"), tracking_uri: TrackingOpt = None, workers: WorkersOpt = None,
-    resume: ResumeOpt = False, fail_at_epoch: FailOpt = None,
+    resume: ResumeOpt = False, fail_at_epoch: FailOpt = None, model_name: ModelNameOpt = None, experiment: ExperimentOpt = None,
 ) -> None:
-    """Ingest -> pre-train -> fine-tune -> evaluate -> register, in one command."""
-    _train(("pretrain", "finetune"), source, config, set_, workdir, tracking_uri, workers, resume, fail_at_epoch)
+    """Ingest -> pre-train -> fine-tune -> evaluate -> register, in one command; ends with a summary block."""
+    _train(("pretrain", "finetune"), source, config, set_, workdir, tracking_uri, workers, resume, fail_at_epoch,
+           names=_names(model_name, experiment))
 
 
 @app.command()
 def pretrain(
     source: SourceArg, config: ConfigOpt = "demo", set_: SetOpt = None, workdir: WorkdirOpt = Path("msmae-work"),
     tracking_uri: TrackingOpt = None, workers: WorkersOpt = None, resume: ResumeOpt = False, fail_at_epoch: FailOpt = None,
+    experiment: ExperimentOpt = None,
 ) -> None:
     """MSMAE pre-training only; prints the checkpoint folder to give `msmae finetune --init`."""
-    _train(("pretrain",), source, config, set_, workdir, tracking_uri, workers, resume, fail_at_epoch)
+    _train(("pretrain",), source, config, set_, workdir, tracking_uri, workers, resume, fail_at_epoch, names=_names(None, experiment))
 
 
 @app.command()
@@ -200,9 +209,10 @@ def finetune(
     init: Annotated[Path | None, typer.Option("--init", help="Pre-training checkpoint folder (omit: train from random weights).")] = None,
     config: ConfigOpt = "demo", set_: SetOpt = None, workdir: WorkdirOpt = Path("msmae-work"),
     tracking_uri: TrackingOpt = None, workers: WorkersOpt = None, resume: ResumeOpt = False, fail_at_epoch: FailOpt = None,
+    model_name: ModelNameOpt = None, experiment: ExperimentOpt = None,
 ) -> None:
-    """Fine-tuning (tokens dropped as finetune.masking.strategy says) -> evaluate -> register."""
-    _train(("finetune",), source, config, set_, workdir, tracking_uri, workers, resume, fail_at_epoch, init)
+    """Fine-tuning (tokens dropped as finetune.masking.strategy says) -> evaluate -> register; ends with a summary block."""
+    _train(("finetune",), source, config, set_, workdir, tracking_uri, workers, resume, fail_at_epoch, init, names=_names(model_name, experiment))
 
 
 @app.command()
@@ -273,11 +283,12 @@ def tune(
     seed: Annotated[int, typer.Option(help="Seed of Optuna's TPE sampler.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted sweep in --workdir.")] = False,
     fail_trial: Annotated[int | None, typer.Option(hidden=True, help="Fault injection for tests: this trial raises.")] = None,
+    model_name: ModelNameOpt = None, experiment: ExperimentOpt = None,
 ) -> None:
     """Sweep masking ratios and schedules (Optuna TPE + ASHA on Ray Tune); register the best model.
 
     Exits 1 when no trial finished (nothing is registered)."""
-    cfg = _config(config, set_)
+    cfg = _config(config, set_, _names(model_name, experiment) or None)
     _folder_arg(data, "--data")
     from pipelines.outputs import check_output_dir
     from tuning.space import check_space, load_space
