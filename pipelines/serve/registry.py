@@ -24,11 +24,11 @@ import msmae
 from pipelines import tracking
 from pipelines.config import RunConfig
 from pipelines.data.preprocessing import Preprocessing
-from pipelines.serve import promotion, pyfunc
+from pipelines.serve import pyfunc
 from pipelines.serve.contamination import SeenImages
 from pipelines.serve.model_card import NOT_FOR_DIAGNOSIS
 
-CHAMPION = promotion.CHAMPION
+CHAMPION = "champion"  # the alias models:/NAME@champion answers with; moved only as pipelines.serve.promotion decides
 # What the registered model needs to load and run in a fresh environment (its code travels in
 # code_paths, so msmae-ray itself is not one); giving them avoids MLflow's slow inference (~20 s).
 SERVING_REQUIREMENTS = [
