@@ -125,7 +125,7 @@ def render(f: CardFacts) -> str:
         f"- {split_line}",
         f"- {s.get('quarantined', 0)} files quarantined at ingest, {s.get('duplicate_groups', 0)} duplicate groups kept in one split",
         "",
-        "## Metrics (whole images, temperature-calibrated probabilities)",
+        "## Metrics (whole images, the probabilities the model returns: temperature-scaled when T != 1)",
         evaluated_line(f),
         "",
         "| split | images | accuracy | balanced acc. | macro-F1 | macro ROC AUC | ECE before → after |",
