@@ -246,13 +246,19 @@ def judge(model_name: str, probs: np.ndarray, labels: np.ndarray, index: np.ndar
         from pipelines.serve.evaluate import split_probabilities
         from pipelines.serve.loading import load
 
-        loaded = load(f"models:/{model_name}/{current.version}")
-        raw, _, champion_index = split_probabilities(loaded.model, dataset, "val")
+        try:
+            loaded = load(f"models:/{model_name}/{current.version}")
+            raw, _, champion_index = split_probabilities(loaded.model, dataset, "val")
+        except Exception as e:  # noqa: BLE001 - a champion that cannot be scored must not lose this run's model
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            return Decision(None, f"not promoted: {model_name}@champion (version {current.version}) could not be loaded and scored "
+                                     f"on this split ({first}); compare the two by hand with `msmae evaluate`", gate, None, str(current.version))
         row_of = {int(i): k for k, i in enumerate(champion_index)}  # Ray Data's order may differ between two passes
         missing = [int(i) for i in index if int(i) not in row_of]
-        if missing or len(champion_index) != len(index):
-            raise RuntimeError(f"the champion of {model_name} was scored on other images than this model ({len(missing)} "
-                               "missing); cannot compare")
+        if missing or len(champion_index) != len(index):  # same fingerprint, so never expected: refuse rather than guess
+            return Decision(None, f"not promoted: {model_name}@champion (version {current.version}) was scored on other images "
+                                  f"than this model ({len(missing)} missing, {len(champion_index)} vs {len(index)}); not compared",
+                            gate, None, str(current.version))
         champion_probs = apply_temperature(raw.numpy(), loaded.temperature)[[row_of[int(i)] for i in index]]
         comparison = paired_bootstrap(probs, champion_probs, labels, metric, str(current.version))
         log(f"champion comparison: {comparison.line()}")

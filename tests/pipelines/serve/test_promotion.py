@@ -131,3 +131,27 @@ def test_a_temperature_that_lowers_validation_ece_is_applied():
     choice = calibration.choose_temperature(overconfident, labels)
     assert choice.applied and choice.temperature == choice.fitted == pytest.approx(2.5, rel=0.15)
     assert choice.ece_fitted < choice.ece_before
+
+
+def test_against_a_real_registry_another_datasets_champion_stays_and_an_unloadable_one_is_not_replaced(tmp_path):
+    """A real SQLite MLflow store whose champion is a version of another dataset (its tags as ``register_model``
+    writes them): never compared, never replaced. A champion of this dataset whose files are gone: not replaced
+    either, and the reason says so (the run's model is still registered by the caller)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    client.create_registered_model("msmae-shared")
+    gone = tmp_path / "no-such-model"
+    version = client.create_model_version("msmae-shared", str(gone), tags={"class_names": ",".join(CLASSES), "dataset_fingerprint": "a" * 64})
+    client.set_registered_model_alias("msmae-shared", promotion.CHAMPION, version.version)
+    labels = _labels(200)
+    good = _probs_right(labels, 0.85)
+    other = promotion.judge("msmae-shared", good, labels, np.arange(200), CLASSES, "b" * 64, "val_macro_f1", dataset=None)
+    assert other.alias is None and other.champion_version == "1" and "another dataset" in other.reason
+    unloadable = promotion.judge("msmae-shared", good, labels, np.arange(200), CLASSES, "a" * 64, "val_macro_f1", dataset=None)
+    assert unloadable.alias is None and "could not be loaded and scored" in unloadable.reason
+    assert str(client.get_model_version_by_alias("msmae-shared", promotion.CHAMPION).version) == "1"
+    first = promotion.judge("msmae-new", good, labels, np.arange(200), CLASSES, "b" * 64, "val_macro_f1", dataset=None)
+    assert first.promoted and first.reason == "@champion: first version of msmae-new to pass the quality gate"
