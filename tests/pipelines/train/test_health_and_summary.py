@@ -103,3 +103,18 @@ def test_run_names_say_dataset_config_and_stages(data_sample_ingested: Path):
     dataset = IngestedDataset.load(data_sample_ingested)
     assert run_prefix(dataset, "demo", ("pretrain", "finetune")) == "btmd-demo-pretrain-finetune"
     assert run_prefix(dataset, "/home/me/configs/my run.yaml", ("finetune",)) == "btmd-my-run-finetune"
+
+
+def test_training_curves_show_each_stage_that_logged_and_result_figures_carry_split_count_and_epoch():
+    from pipelines.train import plots
+
+    history = {"pretrain/train_loss": [(e, 1.0 - 0.02 * e) for e in range(30)], "pretrain/val_macro_f1": [(e, 0.3) for e in range(30)],
+               "finetune/train_loss": [(e, 1.0) for e in range(40)], "finetune/val_macro_f1": [(e, 0.5) for e in range(40)]}
+    fig = plots.training_curves_figure(history, "val_macro_f1")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["pretrain: 30 epochs", "finetune: 40 epochs"]
+    only_ft = plots.training_curves_figure({k: v for k, v in history.items() if k.startswith("finetune")}, "val_macro_f1")
+    assert [ax.get_title() for ax in only_ft.axes if ax.get_title()] == ["finetune: 40 epochs"]
+    title = "validation, 120 images, fine-tuning epoch 7 (selected)"
+    cm = plots.confusion_figure([[3, 1], [0, 4]], ["a", "b"], f"confusion matrix: {title}")
+    assert cm.axes[0].get_title() == f"confusion matrix: {title}"
