@@ -91,6 +91,7 @@ def evaluate_and_register(
     model_name = cfg.tracking.model_name or registry.default_name(dataset.summary, dataset.path)
     decision = promotion.judge(model_name, val_probs.numpy(), val_labels.numpy(), val_index, names, dataset.fingerprint,
                                cfg.checkpoint.metric, dataset, dataset.class_counts("train"), log)
+    log(f"promotion: {decision.reason}")
     tracking.log_outcome("msmae.promotion", decision.reason, decision.to_dict(), "promotion.json")
     card = model_card.render(model_card.CardFacts(
         model_name=model_name, class_names=names, dataset_path=str(dataset.path), dataset_summary=dataset.summary,
