@@ -124,7 +124,8 @@ def test_a_sweep_survives_a_failing_trial_and_a_killed_driver_then_registers_its
     artifacts = {a.path for a in client.list_artifacts(sweep["parent_run_id"], "sweep")}
     assert {"sweep/trials.md", "sweep/trials.csv", "sweep/objective_vs_ratios.png"} <= artifacts
     # The best trial's model is registered; @champion only if a 2-epoch model passes the quality gate (issue 27).
-    [best] = client.search_model_versions("name='sweep-e2e'")
+    [found] = client.search_model_versions("name='sweep-e2e'")
+    best = client.get_model_version("sweep-e2e", found.version)  # search results carry no aliases
     assert best.tags["trial"] == parent.data.tags["sweep.best_trial"]
     assert any(k.startswith("param.pretrain.masking.mask_ratio") for k in best.tags)
     assert best.aliases == ["champion"] or best.tags["promotion"].startswith("not promoted: quality gate failed"), best.tags["promotion"]
