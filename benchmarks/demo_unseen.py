@@ -38,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, default=ROOT.parent / "shared/datasets/btmd/Training")
     parser.add_argument("--sample", type=Path, default=ROOT / "data/sample/btmd", help="what the demo trained on")
-    parser.add_argument("--model", default="models:/msmae-demo@champion")
+    parser.add_argument("--model", default="models:/msmae-btmd@champion")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'msmae-work/mlflow.db'}")
     parser.add_argument("--out", type=Path, default=ROOT / "msmae-work/unseen.json")
     args = parser.parse_args()

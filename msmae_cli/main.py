@@ -175,6 +175,13 @@ WorkersOpt = Annotated[int | None, typer.Option("--train-workers", help="Ray Tra
 OldWorkersOpt = Annotated[int | None, typer.Option("--workers", hidden=True, help="Old name of --train-workers.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the last run in --workdir from its checkpoints.")]
 FailOpt = Annotated[int | None, typer.Option(hidden=True, help="Fault injection for tests: one worker raises at this epoch.")]
+ModelNameOpt = Annotated[str | None, typer.Option("--model-name", help="Registered model name (tracking.model_name; default msmae-<dataset name>): one @champion per name.")]
+ExperimentOpt = Annotated[str | None, typer.Option("--experiment", help="MLflow experiment (tracking.experiment; default msmae-<dataset name>).")]
+
+
+def _names(model_name: str | None, experiment: str | None) -> dict:
+    """``--model-name`` / ``--experiment`` as config values (they win over --set and the preset)."""
+    return {k: v for k, v in (("tracking.model_name", model_name), ("tracking.experiment", experiment)) if v is not None}
 
 
 def _config(config: str, set_: list[str] | None, values: dict | None = None):
@@ -235,7 +242,7 @@ def _resume_hint(state_file: Path, resume: bool, what: str):
 def _train(
     stages: tuple[str, ...], data: Path | None, positional: Path | None, config: str, set_: list[str] | None, workdir: Path,
     tracking_uri: str | None, train_workers: int | None, old_workers: int | None, resume: bool, fail_at_epoch: int | None,
-    verbose: bool, init: Path | None = None,
+    verbose: bool, init: Path | None = None, names: dict | None = None,
 ) -> None:
     """What `run`, `pretrain` and `finetune` share: validate everything up front, then train."""
     _console(verbose)
@@ -244,7 +251,7 @@ def _train(
         raise fail("no data given: pass --data FOLDER (an ImageFolder root, <class>/<file>, or a folder made by `msmae ingest`); "
                    "for the bundled sample: --data data/sample/btmd, or run scripts/demo.sh", USAGE)
     workers = _renamed(train_workers, old_workers, "--workers", "--train-workers")
-    cfg = _config(config, set_, {"scaling.workers": workers} if workers is not None else None)
+    cfg = _config(config, set_, {**({"scaling.workers": workers} if workers is not None else {}), **(names or {})} or None)
     _folder_arg(source, "--data")
     from pipelines.checkpoint import STATE_FILE, is_checkpoint
     from pipelines.outputs import check_output_dir
@@ -261,6 +268,7 @@ def _train(
     run_pipeline(
         source, cfg, workdir, uri, resume=resume, fail_at_epoch=fail_at_epoch,
         log=typer.echo, stages=stages, init_checkpoint=str(init.resolve()) if init else None, show_config=console.verbose(),
+        config_name=config,
     )
 
 
@@ -269,9 +277,11 @@ def run(
     data: DataOpt = None, source: PositionalData = None, config: ConfigOpt = "demo", set_: SetOpt = None,
     workdir: WorkdirOpt = Path("msmae-work"), tracking_uri: TrackingOpt = None, train_workers: WorkersOpt = None,
     workers: OldWorkersOpt = None, resume: ResumeOpt = False, verbose: VerboseOpt = False, fail_at_epoch: FailOpt = None,
+    model_name: ModelNameOpt = None, experiment: ExperimentOpt = None,
 ) -> None:
-    """Ingest -> pre-train -> fine-tune -> evaluate -> register, in one command (scripts/demo.sh runs it on the bundled sample)."""
-    _train(("pretrain", "finetune"), data, source, config, set_, workdir, tracking_uri, train_workers, workers, resume, fail_at_epoch, verbose)
+    """Ingest -> pre-train -> fine-tune -> evaluate -> register, in one command; ends with a summary block (scripts/demo.sh runs it on the bundled sample)."""
+    _train(("pretrain", "finetune"), data, source, config, set_, workdir, tracking_uri, train_workers, workers, resume, fail_at_epoch, verbose,
+           names=_names(model_name, experiment))
 
 
 @command()
@@ -279,9 +289,11 @@ def pretrain(
     data: DataOpt = None, source: PositionalData = None, config: ConfigOpt = "demo", set_: SetOpt = None,
     workdir: WorkdirOpt = Path("msmae-work"), tracking_uri: TrackingOpt = None, train_workers: WorkersOpt = None,
     workers: OldWorkersOpt = None, resume: ResumeOpt = False, verbose: VerboseOpt = False, fail_at_epoch: FailOpt = None,
+    experiment: ExperimentOpt = None,
 ) -> None:
     """MSMAE pre-training only; prints the checkpoint folder to give `msmae finetune --init`."""
-    _train(("pretrain",), data, source, config, set_, workdir, tracking_uri, train_workers, workers, resume, fail_at_epoch, verbose)
+    _train(("pretrain",), data, source, config, set_, workdir, tracking_uri, train_workers, workers, resume, fail_at_epoch, verbose,
+           names=_names(None, experiment))
 
 
 @command()
@@ -291,9 +303,11 @@ def finetune(
     config: ConfigOpt = "demo", set_: SetOpt = None, workdir: WorkdirOpt = Path("msmae-work"),
     tracking_uri: TrackingOpt = None, train_workers: WorkersOpt = None, workers: OldWorkersOpt = None,
     resume: ResumeOpt = False, verbose: VerboseOpt = False, fail_at_epoch: FailOpt = None,
+    model_name: ModelNameOpt = None, experiment: ExperimentOpt = None,
 ) -> None:
-    """Fine-tuning (tokens dropped as finetune.masking.strategy says) -> evaluate -> register."""
-    _train(("finetune",), data, source, config, set_, workdir, tracking_uri, train_workers, workers, resume, fail_at_epoch, verbose, init)
+    """Fine-tuning (tokens dropped as finetune.masking.strategy says) -> evaluate -> register; ends with a summary block."""
+    _train(("finetune",), data, source, config, set_, workdir, tracking_uri, train_workers, workers, resume, fail_at_epoch, verbose, init,
+           names=_names(model_name, experiment))
 
 
 @command()
@@ -378,12 +392,13 @@ def tune(
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the interrupted sweep in --workdir.")] = False,
     verbose: VerboseOpt = False,
     fail_trial: Annotated[int | None, typer.Option(hidden=True, help="Fault injection for tests: this trial raises.")] = None,
+    model_name: ModelNameOpt = None, experiment: ExperimentOpt = None,
 ) -> None:
     """Sweep masking ratios and schedules (Optuna TPE + ASHA on Ray Tune); register the best model.
 
     Exits 1 when no trial finished (nothing is registered)."""
     _console(verbose)
-    cfg = _config(config, set_)
+    cfg = _config(config, set_, _names(model_name, experiment) or None)
     _folder_arg(data, "--data")
     from pipelines.outputs import check_output_dir
     from tuning.space import check_space, load_space

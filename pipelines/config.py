@@ -156,19 +156,21 @@ class CheckpointConfig(_Section):
 
 class TrackingConfig(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db or $MLFLOW_TRACKING_URI")
-    experiment: str = Field("msmae", min_length=1)
+    # Both default to one derived from the dataset (msmae-<source folder or manifest name>): a preset's name would put
+    # every dataset's model under one registered name, and the last dataset's model would answer for all of them.
+    experiment: str | None = Field(None, min_length=1, description="MLflow experiment; default msmae-<dataset name> (--experiment)")
     # MLflow refuses '/' and ':' in a registered model's name, and '..' path segments, but only at registration,
     # after training: refused here instead
-    model_name: str = Field("msmae-classifier", description="registered model name: no '/', ':', '\\' or '..'")
+    model_name: str | None = Field(None, description="registered model name (default msmae-<dataset name>; --model-name): "
+                                                     "no '/', ':', '\\' or '..'")
 
     @field_validator("model_name")
     @classmethod
-    def _registrable(cls, name: str) -> str:
-        if not name.strip() or any(c in name for c in "/:\\") or ".." in name:
+    def _registrable(cls, name: str | None) -> str | None:
+        if name is not None and (not name.strip() or any(c in name for c in "/:\\") or ".." in name):
             raise ValueError("MLflow cannot register a model under this name: use letters, digits, '-', '_', '.' or spaces "
                              "(no '/', ':', '\\' or '..'), e.g. msmae-btmd")
         return name
-
 
 class RunConfig(_Section):
     data: DataConfig = DataConfig()

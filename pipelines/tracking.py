@@ -275,3 +275,16 @@ def without_expected_mlflow_warnings() -> Iterator[None]:
         for message in _EXPECTED_MLFLOW_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=UserWarning)
         yield
+
+
+def log_outcome(tag: str, line: str, data: dict | list, artifact: str) -> None:
+    """A run's verdict as a tag (its one line, searchable in the UI) and the details as a JSON artifact
+    (``msmae.promotion`` / ``promotion.json``, ``msmae.health`` / ``health.json``)."""
+    mlflow.set_tag(tag, line[:5000])  # MLflow's SQL stores keep 5,000 characters of a tag value
+    mlflow.log_dict(data, artifact)
+
+
+def metric_histories(tracking_uri: str, run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """``(step, value)`` of each metric key the run logged (empty for keys it never logged)."""
+    client = MlflowClient(tracking_uri)
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}

@@ -249,6 +249,7 @@ CASES = [
     Case("run-epochs-a-boolean", run_with("--set", "finetune.epochs=true"), 2, ("finetune.epochs", "integer"), no_workdir),
     Case("run-config-key-given-twice", duplicate_key_config, 2, ("twice.yaml", "'finetune' is given twice"), no_workdir),
     Case("run-model-name-mlflow-refuses", run_with("--set", "tracking.model_name=a/b"), 2, ("tracking.model_name", "'/'"), no_workdir),
+    Case("run-model-name-flag-mlflow-refuses", run_with("--model-name", "a:b"), 2, ("tracking.model_name", "':'"), no_workdir),
     Case("run-train-split-smaller-than-a-batch", too_few_for_a_batch, 1, ("fewer than one pretrain batch", "batch_size"),
          no_training_started),
     Case("run-workdir-inside-source", workdir_inside_source, 2, ("--workdir", "overlaps --data"), source_untouched),

@@ -21,6 +21,7 @@ from joblib import cpu_count
 from pipelines.config import RunConfig
 from pipelines.local_ray import ensure_ray
 from pipelines.outputs import write_atomic
+from pipelines.serve.registry import with_default_names
 from pipelines.train.finish import evaluate_and_register
 from pipelines.train.run import prepare_data
 from pipelines.tracking import active_run, log_params, resolve_tracking_uri, set_experiment
@@ -100,6 +101,7 @@ def run_sweep(request: SweepRequest, log=print) -> SweepOutcome:
     workdir.mkdir(parents=True, exist_ok=True)
     state = _sweep_state(workdir, request.resume)
     dataset = prepare_data(request.data, cfg, workdir, log)
+    cfg = with_default_names(cfg, dataset.summary, dataset.path)  # msmae-<dataset> where the user named none
     ensure_ray(num_cpus=local_cpus(request))
     import ray
 
@@ -136,7 +138,7 @@ def run_sweep(request: SweepRequest, log=print) -> SweepOutcome:
             final = evaluate_and_register(best["best_checkpoint"], best["pretrain_checkpoint"], dataset, best_cfg, log, version_tags=tags)
             version, champion = final.version, final.champion
             log(f"best trial {best['trial_id']}: {space.objective} {best['objective']:.4f} → {cfg.tracking.model_name} "
-                f"version {version}" + (" @champion" if champion else " (champion kept)"))
+                f"version {version}" + (f" @{final.alias}" if final.alias else " (no alias)") + f"; {final.decision.reason}")
         else:
             log("no trial finished: nothing registered")
     return SweepOutcome(state["sweep_name"], parent.info.run_id, rows, best, version, champion, time.time() - start)

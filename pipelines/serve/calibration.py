@@ -68,6 +68,38 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 @dataclass(frozen=True)
+class TemperatureChoice:
+    """The temperature a model is registered with, and why: the fitted one only when it lowers validation ECE."""
+
+    temperature: float  # what the model applies: ``fitted`` when it helped, else 1.0
+    fitted: float
+    ece_before: float  # validation ECE of the raw probabilities
+    ece_fitted: float  # validation ECE at the fitted temperature
+    applied: bool
+
+    def line(self) -> str:
+        if self.applied:
+            return (f"calibration: temperature {self.fitted:.3f} fitted on validation NLL; ECE validation "
+                    f"{self.ece_before:.4f} -> {self.ece_fitted:.4f}")
+        return (f"calibration: fitted temperature {self.fitted:.3f} did not lower validation ECE ({self.ece_before:.4f} -> "
+                f"{self.ece_fitted:.4f}); kept T = 1 (uncalibrated probabilities)")
+
+
+def choose_temperature(probs: np.ndarray, labels: np.ndarray, bins: int = DEFAULT_BINS) -> TemperatureChoice:
+    """Fit T on validation NLL, keep it only when it lowers validation ECE.
+
+    Why ECE and not NLL: T minimises validation NLL by construction, so NLL could never say "worse";
+    ECE is what the reliability plot and the card report, and a fitted T can raise it (a small
+    validation split, or label smoothing's already-soft probabilities). Both are measured on the split
+    T was fitted on, so "helped" is optimistic; a model that is not helped there is not helped anywhere."""
+    fitted = fit_temperature(probs, labels)
+    before = expected_calibration_error(probs, labels, bins)
+    after = expected_calibration_error(apply_temperature(probs, fitted), labels, bins)
+    applied = after < before
+    return TemperatureChoice(fitted if applied else 1.0, fitted, before, after, applied)
+
+
+@dataclass(frozen=True)
 class Reliability:
     """Per-bin accuracy and confidence: the numbers behind ECE and the reliability plot."""
 

@@ -32,6 +32,34 @@ class CardFacts:
     preprocessing: dict[str, Any]
     run_id: str
     git_commit: str
+    promotion: Any | None = None  # pipelines.serve.promotion.Decision
+
+
+def evaluated_line(f: "CardFacts") -> str:
+    """Exactly what was evaluated: validation only, or validation and a test split once after the choice."""
+    chosen = f"Model chosen at fine-tuning epoch {f.selected_epoch} on validation `{f.selection_metric}`"
+    if f.test is None:
+        return (f"{chosen}. Evaluated on validation only ({f.val.num_samples} images; the dataset has no test split): the "
+                "same images chose the epoch and fitted the temperature, so these numbers are optimistic.")
+    return (f"{chosen}. Evaluated on validation ({f.val.num_samples} images) and on the test split ({f.test.num_samples} "
+            "images), the test split once, after the choice.")
+
+
+def promotion_lines(decision: Any | None) -> list[str]:
+    """Why the version has (or lacks) an alias: the quality gate's numbers and the comparison with the champion."""
+    if decision is None:
+        return []
+    g = decision.gate
+    lines = ["## Promotion", decision.reason, "",
+             f"- quality gate on {g.images} {g.split} images: balanced accuracy {g.balanced_accuracy:.3f} (95% lower bound "
+             f"{g.balanced_accuracy_lower:.3f}) vs chance {g.chance:.3f}; accuracy {g.accuracy:.3f} (Wilson 95% lower bound "
+             f"{g.accuracy_lower:.3f}) vs the majority-class baseline {g.majority_accuracy:.3f} (always `{g.majority_class}`)"]
+    c = decision.comparison
+    if c is not None:
+        lines.append(f"- against champion version {c.champion_version}, both scored on the same {c.images} validation images: "
+                     f"`{c.metric}` {c.challenger:.4f} vs {c.champion:.4f}, margin {c.margin:+.4f} (paired bootstrap 95% CI "
+                     f"{c.ci_low:+.4f} to {c.ci_high:+.4f})")
+    return lines + [""]
 
 
 def model_description() -> str:
@@ -54,6 +82,15 @@ def _metrics_rows(name: str, report: Any, class_names: list[str], ece_before: fl
         f"| {report.macro_auc:.3f} | {ece_before:.3f} → {ece_after:.3f} |",
         f"|  | per-class ROC AUC: {aucs} | | | | | |",
     ]
+
+
+def _calibration_text(cal: dict) -> str:
+    if cal.get("temperature_applied", True):
+        return (f"Temperature scaling: logits divided by T = {cal['temperature']:.3f}, fitted on validation NLL (it lowered validation "
+                "ECE), applied by the registered model, `msmae predict` and `msmae evaluate`.")
+    return (f"Temperature scaling not applied: the fitted T = {cal.get('fitted_temperature', float('nan')):.3f} did not lower "
+            f"validation ECE ({cal['ece_val_before']:.4f} -> {cal.get('ece_val_fitted', float('nan')):.4f}), so the model keeps "
+            "T = 1 (its probabilities as trained).")
 
 
 def render(f: CardFacts) -> str:
@@ -88,17 +125,17 @@ def render(f: CardFacts) -> str:
         f"- {split_line}",
         f"- {s.get('quarantined', 0)} files quarantined at ingest, {s.get('duplicate_groups', 0)} duplicate groups kept in one split",
         "",
-        "## Metrics (whole images, temperature-calibrated probabilities)",
-        f"Model chosen at fine-tuning epoch {f.selected_epoch} on validation `{f.selection_metric}`; test evaluated once after.",
+        "## Metrics (whole images, the probabilities the model returns: temperature-scaled when T != 1)",
+        evaluated_line(f),
         "",
         "| split | images | accuracy | balanced acc. | macro-F1 | macro ROC AUC | ECE before → after |",
         "|---|---|---|---|---|---|---|",
         *_metrics_rows("validation", f.val, f.class_names, cal["ece_val_before"], cal["ece_val_after"]),
         *(_metrics_rows("test", f.test, f.class_names, cal["ece_test_before"], cal["ece_test_after"]) if f.test is not None else []),
         "",
+        *promotion_lines(f.promotion),
         "## Calibration",
-        f"Temperature scaling: logits divided by T = {cal['temperature']:.3f}, fitted on validation NLL, applied by the "
-        "registered model, `msmae predict` and `msmae evaluate`. ECE: 15 equal-width confidence bins (top label). "
+        _calibration_text(cal) + " ECE: 15 equal-width confidence bins (top label). "
         + ("ECE on validation is optimistic: T was fitted there." if f.test is None else "Test ECE is the honest one: T was fitted on validation."),
         "",
         "## Preprocessing (done by the model)",

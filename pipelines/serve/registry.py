@@ -1,13 +1,16 @@
-"""The model registry: the chosen classifier logged as a self-contained pyfunc, its model card, the ``champion`` alias.
+"""The model registry: the chosen classifier logged as a self-contained pyfunc, its model card, its alias.
 
-A version becomes ``@champion`` only when it beats the current champion on the same
-validation split (same dataset fingerprint); loading by URI is here too, so everything that
-reads or writes registered models is in one file.
+Which alias a version gets (``@champion``, ``@challenger`` or none) is decided before it is
+registered, by ``pipelines.serve.promotion`` (quality gate, same classes and dataset fingerprint,
+a comparison with the champion on the same validation split); this file applies it. The
+registered model's default name comes from the dataset (``default_model_name``), so two datasets
+never share a champion unless the user names them alike. Loading by URI is here too, so
+everything that reads or writes registered models is in one file.
 """
 
 from __future__ import annotations
 
-import math
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,12 +22,13 @@ from mlflow.tracking import MlflowClient
 
 import msmae
 from pipelines import tracking
+from pipelines.config import RunConfig
 from pipelines.data.preprocessing import Preprocessing
 from pipelines.serve import pyfunc
 from pipelines.serve.contamination import SeenImages
 from pipelines.serve.model_card import NOT_FOR_DIAGNOSIS
 
-CHAMPION = "champion"
+CHAMPION = "champion"  # the alias models:/NAME@champion answers with; moved only as pipelines.serve.promotion decides
 # What the registered model needs to load and run in a fresh environment (its code travels in
 # code_paths, so msmae-ray itself is not one); giving them avoids MLflow's slow inference (~20 s).
 SERVING_REQUIREMENTS = [
@@ -51,12 +55,12 @@ class ModelToRegister:
     seen: SeenImages | None = None  # fingerprints of the training and validation images, for the contamination check
 
 
-def register_model(spec: ModelToRegister, model_name: str) -> tuple[str, bool]:
-    """Log the classifier as a self-contained pyfunc, register it with its model card, move ``champion`` if it wins.
+def register_model(spec: ModelToRegister, model_name: str, alias: str | None = None) -> str:
+    """Log the classifier as a self-contained pyfunc, register it with its model card, give it ``alias`` (if any).
 
-    Returns ``(version, became_champion)``. The comparison is only against a champion
-    evaluated on the same validation split (same dataset fingerprint); a champion from
-    another dataset is replaced. ``step`` links the run's metrics at the chosen epoch (and
+    Returns the new version. ``alias`` is ``promotion.decide``'s: ``champion`` moves only to a
+    version that passed the quality gate and beat the champion on the same split; ``challenger``
+    marks one that passed but did not. ``step`` links the run's metrics at the chosen epoch (and
     anything else logged at that step number, e.g. ``pretrain/*`` of the same epoch index)
     to the logged model, which is MLflow 3's model-metric linkage.
     """
@@ -109,10 +113,9 @@ def register_model(spec: ModelToRegister, model_name: str) -> tuple[str, bool]:
     }
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
-    beats = _beats_champion(client, model_name, spec.selection_metric, spec.selection_value, spec.dataset_fingerprint)
-    if beats:
-        client.set_registered_model_alias(model_name, CHAMPION, version)
-    return version, beats
+    if alias is not None:
+        client.set_registered_model_alias(model_name, alias, version)
+    return version
 
 
 _DESCRIPTION_LIMIT = 5000  # MLflow's SQL registry stores at most 5,000 characters per description
@@ -125,15 +128,24 @@ def _fit(text: str) -> str:
     return text[:_DESCRIPTION_LIMIT - len(note)] + note
 
 
-def _beats_champion(client: MlflowClient, name: str, metric_name: str, value: float, fingerprint: str) -> bool:
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        return True  # no champion yet
-    if champion.tags.get("dataset_fingerprint") != fingerprint:
-        return True
-    current = float(champion.tags.get(metric_name, "nan"))
-    return math.isnan(current) or value > current
+def default_name(dataset_summary: dict, dataset_path: str | Path) -> str:
+    """``msmae-<dataset>``: the source folder's (or manifest's) name, else the ingested folder's, as MLflow
+    accepts a registered model's name (letters, digits, ``-``, ``_``, ``.``). One name per dataset, so
+    one dataset's model never takes another's ``@champion``."""
+    origin = dataset_summary.get("source") or {}
+    raw = origin.get("root") or origin.get("manifest")
+    stem = Path(str(raw)).stem if origin.get("manifest") and not origin.get("root") else Path(str(raw or dataset_path)).name
+    if stem in ("", ".", "data"):  # `msmae run` ingests into WORKDIR/data: that name says nothing
+        stem = Path(str(dataset_path)).resolve().parent.name or "dataset"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "dataset"
+    return f"msmae-{safe.lower()}"
+
+
+def with_default_names(cfg: RunConfig, dataset_summary: dict, dataset_path: str | Path) -> RunConfig:
+    """``cfg`` with ``tracking.model_name`` and ``tracking.experiment`` set to ``default_name`` where the user set none."""
+    name = default_name(dataset_summary, dataset_path)
+    values = {k: name for k in ("tracking.model_name", "tracking.experiment") if getattr(cfg.tracking, k.split(".")[1]) is None}
+    return cfg.with_values(values) if values else cfg
 
 
 def load_pyfunc(model_uri: str):

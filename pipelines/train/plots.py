@@ -1,4 +1,4 @@
-"""Figures logged with a run: confusion matrix, ROC curves, attention overlays, reconstructions."""
+"""Figures logged with a run: confusion matrix, ROC curves, training curves, attention overlays, reconstructions."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # n
 import msmae  # noqa: E402
 
 
-def confusion_figure(confusion: list[list[int]], class_names: list[str]) -> plt.Figure:
+def confusion_figure(confusion: list[list[int]], class_names: list[str], title: str = "") -> plt.Figure:
+    """``title``: which split, how many images, which epoch (a figure without them cannot be read later)."""
     cm = np.asarray(confusion)
     fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2, 1.2 * len(class_names) + 1.5))
     ax.imshow(cm, cmap="Blues")
@@ -25,6 +26,8 @@ def confusion_figure(confusion: list[list[int]], class_names: list[str]) -> plt.
     ax.set_ylabel("true")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    if title:
+        ax.set_title(title, fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -39,7 +42,7 @@ def roc_points(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np
     return np.r_[0, fps / max(fps[-1], 1)], np.r_[0, tps / max(tps[-1], 1)]
 
 
-def roc_figure(probs: torch.Tensor, labels: torch.Tensor, class_names: list[str], aucs: list[float]) -> plt.Figure:
+def roc_figure(probs: torch.Tensor, labels: torch.Tensor, class_names: list[str], aucs: list[float], title: str = "") -> plt.Figure:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for c, name in enumerate(class_names):
         positive = (labels == c).numpy()
@@ -51,6 +54,30 @@ def roc_figure(probs: torch.Tensor, labels: torch.Tensor, class_names: list[str]
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.legend(loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves_figure(histories: dict[str, list[tuple[int, float]]], metric: str) -> plt.Figure:
+    """Training loss and the validation ``metric`` per epoch, one column per stage that logged them.
+
+    ``histories``: MLflow keys (``pretrain/train_loss``, ``finetune/val_macro_f1``) to ``(epoch, value)``."""
+    stages = [s for s in ("pretrain", "finetune") if histories.get(f"{s}/train_loss") or histories.get(f"{s}/{metric}")]
+    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(4.8 * max(1, len(stages)), 3.6), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        loss = sorted(histories.get(f"{stage}/train_loss", []))
+        val = sorted(histories.get(f"{stage}/{metric}", []))
+        if loss:
+            ax.plot([e + 1 for e, _ in loss], [v for _, v in loss], color="tab:blue", label="train loss")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("train loss", color="tab:blue")
+        right = ax.twinx()
+        if val:
+            right.plot([e + 1 for e, _ in val], [v for _, v in val], color="tab:orange", marker="o", ms=3, label=metric)
+        right.set_ylabel(f"{metric} (validation{', CLS head' if stage == 'pretrain' else ''})", color="tab:orange")
+        ax.set_title(f"{stage}: {len(loss)} epochs", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -26,7 +26,9 @@ from pipelines.data.dataset import IngestedDataset
 from pipelines.data.ingest_options import IngestError, IngestOptionError
 from pipelines.local_ray import ensure_ray
 from pipelines.redact import mask_uri
-from pipelines.train.finish import evaluate_and_register
+from pipelines.serve import registry
+from pipelines.train import health, summary
+from pipelines.train.finish import FinalReport, evaluate_and_register
 from pipelines.train.stages import train_stages
 from pipelines.train.worker import Stage
 
@@ -53,6 +55,11 @@ class RunOutcome:
     test: dict | None
     seconds: float
     already_finished: bool = False  # --resume of a run that had finished: nothing was done
+    model_name: str | None = None
+    alias: str | None = None  # champion / challenger / None (not promoted)
+    decision: str | None = None  # why, in one line
+    warnings: list[str] | None = None  # health warnings (also the run's msmae.health tag and health.json)
+    summary: list[str] | None = None  # the end-of-run summary as printed
 
 
 def prepare_data(source: Path, cfg: RunConfig, workdir: Path, log: Callable[[str], None] = print,
@@ -108,6 +115,15 @@ def _config_line(cfg: RunConfig, stages: tuple[Stage, ...]) -> str:
     return ", ".join(parts)
 
 
+def run_prefix(dataset: IngestedDataset, config_name: str, stages: tuple[Stage, ...]) -> str:
+    """``btmd-demo-pretrain-finetune``: which data, which configuration, which stages (the time follows)."""
+    import re
+
+    data = registry.default_name(dataset.summary, dataset.path).removeprefix("msmae-")
+    config = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(config_name).stem if config_name.endswith((".yaml", ".yml")) else config_name)
+    return "-".join([data, config.strip("-") or "config", *stages])
+
+
 def _run_state(workdir: Path, resume: bool, prefix: str, log: Callable[[str], None]) -> dict:
     """The run's name and MLflow id; ``--resume`` reads them back so Ray restores the same run."""
     state_file = workdir / STATE_NAME
@@ -154,9 +170,13 @@ def _already_finished(state: dict, workdir: Path, log: Callable[[str], None]) ->
 def run_pipeline(
     source: Path, cfg: RunConfig, workdir: Path, tracking_uri: str, resume: bool = False,
     fail_at_epoch: int | None = None, log: Callable[[str], None] = print, stages: tuple[Stage, ...] = ("pretrain", "finetune"),
-    init_checkpoint: str | None = None, show_config: bool = False,
+    init_checkpoint: str | None = None, show_config: bool = False, config_name: str = "config",
 ) -> RunOutcome:
     """Run the given stages under one MLflow run; ``msmae pretrain`` / ``finetune`` / ``run`` differ only in ``stages``.
+
+    ``config_name`` (the preset or YAML file) goes into the run's name with the dataset's. The
+    registered model's name and the experiment default to ``msmae-<dataset>``. The last lines
+    printed are the summary block (``pipelines.train.summary``).
 
     Fine-tuning starts from ``init_checkpoint`` (a pre-training checkpoint folder) when given,
     from this run's own pre-training otherwise, and from random weights when neither exists
@@ -168,7 +188,7 @@ def run_pipeline(
     check_workdir(source, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir):
-        return _run_locked(source, cfg, workdir, tracking_uri, resume, fail_at_epoch, log, stages, init_checkpoint, start, show_config)
+        return _run_locked(source, cfg, workdir, tracking_uri, resume, fail_at_epoch, log, stages, init_checkpoint, start, show_config, config_name)
 
 
 def check_workdir(source: Path, workdir: Path) -> None:
@@ -209,14 +229,19 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
 def _run_locked(
     source: Path, cfg: RunConfig, workdir: Path, tracking_uri: str, resume: bool, fail_at_epoch: int | None,
     log: Callable[[str], None], stages: tuple[Stage, ...], init_checkpoint: str | None, start: float, show_config: bool = False,
+    config_name: str = "config",
 ) -> RunOutcome:
-    state = _run_state(workdir, resume, "-".join(stages), log)
-    if state.get("finished"):
+    state = _run_state(workdir, True, "", log) if resume else None
+    if state and state.get("finished"):
         return _already_finished(state, workdir, log)
     dataset = prepare_data(source, cfg, workdir, log, stages)
+    cfg = registry.with_default_names(cfg, dataset.summary, dataset.path)
+    if state is None:
+        state = _run_state(workdir, False, run_prefix(dataset, config_name, stages), log)
     ensure_ray(scaling=cfg.scaling)
 
     tracking.set_experiment(tracking_uri, cfg.tracking.experiment, workdir)
+    final: FinalReport | None = None
     with tracking.active_run(state.get("mlflow_run_id"), state["run_name"]) as run:
         state["mlflow_run_id"] = run.info.run_id
         _save_state(workdir, state)
@@ -240,18 +265,51 @@ def _run_locked(
             cfg, dataset, workdir / "storage", state["run_name"], stages=stages, init_checkpoint=init_checkpoint,
             mlflow_uri=tracking_uri, mlflow_run_id=run.info.run_id, on_pretrained=pretrained, fail_at_epoch=fail_at_epoch, log=log,
         )
-        if result.best_checkpoint is None:
-            state["finished"] = True
-            _save_state(workdir, state)
-            log(f"fine-tune it with:\n  msmae finetune {source} --init {result.pretrain_checkpoint} --config <preset> --workdir {workdir}")
-            return RunOutcome(state["run_name"], run.info.run_id, result.pretrain_checkpoint, None, False, None, None, time.time() - start)
-        final = evaluate_and_register(result.best_checkpoint, result.pretrain_checkpoint, dataset, cfg, log)
-        state.update(finished=True, model_name=cfg.tracking.model_name, model_version=final.version, champion=final.champion)
+        if result.best_checkpoint is not None:
+            final = evaluate_and_register(result.best_checkpoint, result.pretrain_checkpoint, dataset, cfg, log)
+        warnings = _health_and_curves(tracking_uri, run.info.run_id, dataset, cfg, stages, final)
+        state.update(finished=True, model_name=cfg.tracking.model_name)
+        if final is not None:
+            state.update(model_version=final.version, champion=final.champion, alias=final.alias)
         _save_state(workdir, state)
     seconds = time.time() - start
-    log(f"registered {cfg.tracking.model_name} version {final.version}" + (" as @champion" if final.champion else " (champion kept)"))
+    if final is None:
+        log(f"fine-tune it with:\n  msmae finetune {source} --init {result.pretrain_checkpoint} --config <preset> --workdir {workdir}")
+    else:
+        log(f"registered {final.model_name} version {final.version}" + (f" as @{final.alias}" if final.alias else " (no alias)"))
     log(f"done in {seconds:.0f} s. Open the MLflow UI with:\n  .venv/bin/mlflow ui --backend-store-uri {mask_uri(tracking_uri)} --host 127.0.0.1 --port 5000")
+    lines = summary.summary_lines(summary.RunSummary(
+        run_name=state["run_name"], run_id=run.info.run_id, experiment=cfg.tracking.experiment, experiment_id=run.info.experiment_id,
+        tracking_uri=tracking_uri, artifacts=run.info.artifact_uri, pretrain_checkpoint=result.pretrain_checkpoint,
+        checkpoint=result.best_checkpoint, model_name=final.model_name if final else None, version=final.version if final else None,
+        alias=final.alias if final else None, decision=final.decision.reason if final and final.decision else None,
+        warnings=[w.message for w in warnings],
+    ))
+    for line in lines:
+        log(line)
     return RunOutcome(
-        state["run_name"], run.info.run_id, result.pretrain_checkpoint, final.version, final.champion,
-        final.val.scalars(), final.test.scalars() if final.test else None, seconds,
+        state["run_name"], run.info.run_id, result.pretrain_checkpoint, final.version if final else None, bool(final and final.champion),
+        final.val.scalars() if final else None, final.test.scalars() if final and final.test else None, seconds,
+        model_name=cfg.tracking.model_name, alias=final.alias if final else None,
+        decision=final.decision.reason if final and final.decision else None, warnings=[w.message for w in warnings], summary=lines,
     )
+
+
+def _health_and_curves(tracking_uri: str, run_id: str, dataset: IngestedDataset, cfg: RunConfig, stages: tuple[Stage, ...],
+                       final: FinalReport | None) -> list[health.HealthWarning]:
+    """The run's health warnings (tag ``msmae.health``, ``health.json``) and ``plots/training_curves.png``, from its own metrics."""
+    from pipelines.train import plots
+
+    metric = cfg.checkpoint.metric
+    keys = [*health.HEALTH_KEYS, *(f"{s}/{k}" for s in ("pretrain", "finetune") for k in ("train_loss", metric))]
+    histories = tracking.metric_histories(tracking_uri, run_id, sorted(set(keys)))
+    choice = final.calibration if final else None
+    warnings = health.run_health(
+        histories, dataset.num_classes, dataset.class_counts("train"), dataset.class_names,
+        {s: (cfg.pretrain if s == "pretrain" else cfg.finetune).class_weights for s in stages},
+        (choice.applied, choice.ece_before, choice.ece_fitted, choice.fitted) if choice else None,
+    )
+    tracking.log_outcome("msmae.health", "; ".join(w.code for w in warnings) or "ok",
+                         [{"code": w.code, "message": w.message} for w in warnings], "health.json")
+    tracking.log_figures({"plots/training_curves.png": plots.training_curves_figure(histories, metric)})
+    return warnings

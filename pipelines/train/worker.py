@@ -27,6 +27,7 @@ import msmae
 from pipelines import checkpoint
 from pipelines.config import RunConfig, ScalingConfig
 from pipelines.data.streams import with_float_images
+from pipelines.train.metric_names import named_scalars
 
 Stage = msmae.Stage  # the stage names are the method's (one vocabulary)
 MAP_QUALITY_KEYS = tuple(msmae.MapQuality(0, 0, 0, 0, 0).metrics())
@@ -285,7 +286,7 @@ def train_loop(loop_config: dict) -> None:
         metrics = {
             "epoch": epoch,
             **{f"train_{k}": v for k, v in outcome.totals.means().items()},
-            **{f"val_{k}": v for k, v in report.scalars().items()},
+            **named_scalars(report, spec.class_names, "val_"),  # per-class AUC under the class's name
             "lr": optimizer.param_groups[-1]["lr"],
             "images_per_s": images_per_s,
             # time the steps waited for their batches / training time, averaged over the workers

@@ -47,6 +47,7 @@ class Registered:
     val_pixels: torch.Tensor
     val_labels: torch.Tensor
     best_epoch: int
+    dataset_path: str = ""
 
 
 def _split_pixels(dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +115,7 @@ def deliverable_registered(data_sample_ingested, ray_local, tmp_path_factory) ->
         lines: list[str] = []
         final = evaluate_and_register(str(best_dir), None, dataset, cfg, lines.append)
     best_epoch = int(best_dir.name.split("_")[1])
-    return Registered(uri, run.info.run_id, best_dir, final, lines, x_val, y_val, best_epoch)
+    return Registered(uri, run.info.run_id, best_dir, final, lines, x_val, y_val, best_epoch, str(data_sample_ingested))
 
 
 @pytest.fixture
@@ -205,10 +206,12 @@ def test_the_temperature_is_fitted_on_validation_stored_with_the_model_and_repor
     from pipelines.serve.loading import load
 
     reg = deliverable_registered
-    t = reg.final.temperature
-    line = next(x for x in reg.log if x.startswith("calibration: temperature"))
+    t, choice = reg.final.temperature, reg.final.calibration
+    line = next(x for x in reg.log if x.startswith("calibration: "))
     print(line)  # the issue's closing note quotes it
-    assert f"{t:.3f}" in line and "test" in line
+    assert f"{choice.fitted:.3f}" in line and "test" in line
+    assert t == (choice.fitted if choice.applied else 1.0)  # kept only when it lowered validation ECE (issue 27)
+    assert choice.applied == (choice.ece_fitted < choice.ece_before)
     val = reg.final.val
     assert val.extra["temperature"] == t and "ECE" in next(x for x in reg.log if x.startswith("validation"))
     # Fitted on validation: no other temperature gives a lower validation NLL.
@@ -216,8 +219,8 @@ def test_the_temperature_is_fitted_on_validation_stored_with_the_model_and_repor
     with torch.no_grad():
         raw = loaded.model(reg.val_pixels).softmax(-1).numpy()
     labels = reg.val_labels.numpy()
-    best = calibration.nll(calibration.apply_temperature(raw, t), labels)
-    for other in (t * 0.8, t * 1.25, 1.0):
+    best = calibration.nll(calibration.apply_temperature(raw, choice.fitted), labels)
+    for other in (choice.fitted * 0.8, choice.fitted * 1.25, 1.0):
         assert best <= calibration.nll(calibration.apply_temperature(raw, other), labels) + 1e-9
     # Stored with the checkpoint and the registered model, and applied by the pyfunc.
     assert checkpoint.read_inference(reg.checkpoint)["temperature"] == pytest.approx(t)
@@ -368,7 +371,7 @@ def test_mlflow_models_serve_from_the_documented_command_answers_with_labelled_p
     reg = deliverable_registered
     port = _free_port()
     command = (_serve_command().replace("sqlite:///$PWD/msmae-work/mlflow.db", reg.uri)
-               .replace("msmae-demo", MODEL).replace("--port 5001", f"--port {port}"))
+               .replace("msmae-btmd", MODEL).replace("--port 5001", f"--port {port}"))
     assert "--host 127.0.0.1" in command and "--env-manager local" in command
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "MLFLOW_TRACKING_URI")}
     env["PATH"] = "/usr/bin:/bin"  # no venv on PATH: the documented command must bring it
@@ -550,3 +553,117 @@ def test_evaluate_reports_which_images_the_model_was_trained_on_and_metrics_on_t
     table = pads.dataset(str(preds), format="parquet").to_table().to_pandas()
     flagged = {str(Path(p).relative_to(folder)) for p in table.loc[table["seen_in_training"] == True, "path"]}  # noqa: E712
     assert flagged == set(train)
+
+
+# --- promotion (issue 27): the same rules against the real registry ----------------------------------------
+
+
+def _champion_val_probs(reg: Registered):
+    """The champion's calibrated probabilities on the sample's validation split, as ``finish`` computes a new model's."""
+    from pipelines.data.dataset import IngestedDataset
+    from pipelines.serve.calibration import apply_temperature
+    from pipelines.serve.evaluate import split_probabilities
+    from pipelines.serve.loading import load
+
+    loaded = load(f"models:/{MODEL}@champion")
+    dataset = IngestedDataset.load(reg.dataset_path)
+    raw, labels, index = split_probabilities(loaded.model, dataset, "val")
+    return dataset, loaded, apply_temperature(raw.numpy(), loaded.temperature), labels.numpy(), index
+
+
+def _register_again(loaded, dataset, decision, run_name: str) -> str:
+    """The champion's own weights registered as a new version through the code path ``finish`` uses, with ``decision``'s alias."""
+    from pipelines import tracking
+    from pipelines.serve import registry
+    from pipelines.serve.contamination import SeenImages
+
+    with tracking.active_run(None, run_name):
+        return registry.register_model(registry.ModelToRegister(
+            model=loaded.model, class_names=loaded.class_names, temperature=loaded.temperature, preprocessing=loaded.preprocessing,
+            selection_metric="val_macro_f1", selection_value=0.0, dataset_fingerprint=dataset.fingerprint, step=0,
+            version_description=decision.reason, model_description="test", tags={"promotion": decision.reason},
+            seen=SeenImages.from_dataset(dataset),
+        ), MODEL, decision.alias)
+
+
+@pytest.mark.slow
+def test_the_first_version_that_passes_the_gate_becomes_champion_and_its_card_says_what_was_evaluated(deliverable_registered, deliverable_uri):
+    from mlflow.tracking import MlflowClient
+
+    reg = deliverable_registered
+    decision = reg.final.decision
+    assert decision.gate.passed and decision.alias == "champion" and decision.champion_version is None, decision.reason
+    card = MlflowClient(deliverable_uri).get_model_version(MODEL, reg.final.version).description
+    assert "## Promotion" in card and "quality gate on 120 val images" in card and "majority-class baseline" in card
+    assert "Evaluated on validation (120 images) and on the test split (60 images), the test split once" in card
+    assert "test evaluated once" not in card
+    run = MlflowClient(deliverable_uri).get_run(reg.run_id)
+    assert run.data.tags["msmae.promotion"] == decision.reason
+
+
+@pytest.mark.slow
+def test_a_model_of_another_dataset_or_other_classes_under_the_same_name_leaves_the_champion_in_place(deliverable_registered, deliverable_uri):
+    """The issue's case: a second dataset's model registered as msmae-demo took the first's @champion. Now it is
+    registered (a version) but the champion stays, and the reason says to use --model-name."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.serve import promotion
+
+    reg = deliverable_registered
+    dataset, loaded, probs, labels, index = _champion_val_probs(reg)
+    other_data = promotion.judge(MODEL, probs, labels, index, CLASSES, "f" * 64, "val_macro_f1", dataset, log=lambda _: None)
+    assert other_data.gate.passed and other_data.alias is None and other_data.comparison is None
+    assert f"{MODEL}@champion (version {reg.final.version}) stays" in other_data.reason and "another dataset" in other_data.reason
+    assert "--model-name" in other_data.reason
+    three = ["benign", "malignant", "normal"]
+    other_classes = promotion.judge(MODEL, probs[:, :3], labels % 3, index, three, dataset.fingerprint, "val_macro_f1", dataset,
+                                    log=lambda _: None)
+    assert other_classes.alias is None and "benign,malignant,normal" in other_classes.reason
+    client = MlflowClient(deliverable_uri)
+    version = _register_again(loaded, dataset, other_data, "another-dataset")
+    assert version != reg.final.version
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == reg.final.version
+    assert not client.get_model_version(MODEL, version).aliases
+
+
+@pytest.mark.slow
+def test_the_champion_is_loaded_from_the_registry_and_scored_on_the_same_split_as_the_challenger(deliverable_registered, deliverable_uri):
+    """Same weights: the same score to the last digit (the same images, in the same order), margin 0, not promoted
+    (@challenger). A challenger that gets more of those images right wins, with the margin's CI in its reason."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.serve import promotion
+
+    reg = deliverable_registered
+    dataset, loaded, probs, labels, index = _champion_val_probs(reg)
+    lines: list[str] = []
+    same = promotion.judge(MODEL, probs, labels, index, CLASSES, dataset.fingerprint, "val_macro_f1", dataset, log=lines.append)
+    c = same.comparison
+    assert c is not None and c.images == 120 and c.champion_version == reg.final.version
+    assert c.champion == c.challenger == pytest.approx(reg.final.val.macro_f1) and c.margin == 0 and c.ci_low == c.ci_high == 0
+    assert same.alias == "challenger" and f"champion version {reg.final.version} kept" in same.reason
+    assert lines and lines[0].startswith("champion comparison: val_macro_f1")
+    better = probs.copy()
+    wrong = np.flatnonzero(probs.argmax(1) != labels)[:15]
+    better[wrong] = np.eye(len(CLASSES))[labels[wrong]]
+    won = promotion.judge(MODEL, better, labels, index, CLASSES, dataset.fingerprint, "val_macro_f1", dataset, log=lambda _: None)
+    assert won.alias == "champion" and won.comparison.margin > 0 and won.comparison.ci_high >= won.comparison.margin
+    assert f"replaces version {reg.final.version}" in won.reason and "95% CI" in won.reason
+    version = _register_again(loaded, dataset, same, "same-weights")
+    client = MlflowClient(deliverable_uri)
+    assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == version
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == reg.final.version
+
+
+@pytest.mark.slow
+def test_a_majority_class_model_judged_against_the_registry_is_not_promoted(deliverable_registered, deliverable_uri):
+    from pipelines.data.dataset import IngestedDataset
+    from pipelines.serve import promotion
+
+    dataset = IngestedDataset.load(deliverable_registered.dataset_path)
+    labels = deliverable_registered.val_labels.numpy()
+    everything_one = np.tile(np.eye(len(CLASSES))[0], (len(labels), 1))
+    decision = promotion.judge(MODEL, everything_one, labels, np.arange(len(labels)), CLASSES, dataset.fingerprint,
+                               "val_macro_f1", dataset, dataset.class_counts("train"), log=lambda _: None)
+    assert decision.alias is None and decision.comparison is None  # the gate comes first: the champion is not even scored
+    assert decision.reason.startswith("not promoted: quality gate failed on 120 val images")
