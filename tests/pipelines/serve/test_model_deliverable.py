@@ -170,7 +170,7 @@ def test_registry_has_a_model_card_lineage_and_metrics_at_the_selected_epoch(del
     artifacts = {a.path for a in client.list_artifacts(reg.run_id, "plots")}
     assert "plots/reliability.png" in artifacts
     # LICENSE matches pyproject's license field.
-    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()
+    assert 'license = "Apache-2.0"' in (REPO / "pyproject.toml").read_text()
     assert "Apache License" in (REPO / "LICENSE").read_text() and "Version 2.0" in (REPO / "LICENSE").read_text()
 
 
