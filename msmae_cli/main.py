@@ -311,6 +311,31 @@ def finetune(
 
 
 @command()
+def segment(
+    data: Annotated[Path, typer.Option("--data", help="A folder made by `msmae ingest ... --masks DIR` (images with lesion masks).")],
+    init: Annotated[Path | None, typer.Option("--init", help="Pre-training checkpoint folder for the encoder (MSMAE or MAE; omit: from scratch).")] = None,
+    config: ConfigOpt = "demo", set_: SetOpt = None, workdir: WorkdirOpt = Path("msmae-work"),
+    tracking_uri: TrackingOpt = None, train_workers: WorkersOpt = None, verbose: VerboseOpt = False,
+    model_name: ModelNameOpt = None, experiment: ExperimentOpt = None,
+) -> None:
+    """Train a lesion segmenter (the encoder + a SETR head, Dice + BCE; segment.* settings), choose it on validation Dice,
+    test it once, register it (default name msmae-<dataset>-segmenter)."""
+    _console(verbose)
+    cfg = _config(config, set_, {**({"scaling.workers": train_workers} if train_workers is not None else {}), **_names(model_name, experiment)} or None)
+    _folder_arg(data, "--data")
+    from pipelines.checkpoint import STATE_FILE, is_checkpoint
+    from pipelines.outputs import check_output_dir
+
+    check_output_dir(workdir, "--workdir")
+    if init is not None and not is_checkpoint(init):
+        raise fail(f"--init {init} is not a checkpoint folder (no {STATE_FILE}); `msmae pretrain` prints one", USAGE)
+    uri = _tracking_uri(tracking_uri, cfg, workdir)
+    from pipelines.train.segment import run_segmentation
+
+    run_segmentation(data, cfg, workdir, uri, init_checkpoint=str(init.resolve()) if init else None, log=typer.echo, config_name=config)
+
+
+@command()
 def evaluate(
     model: Annotated[str, typer.Option("--model", help="models:/NAME@champion, runs:/ID/model, or a checkpoint folder.")],
     data: Annotated[Path, typer.Option("--data", help="A folder made by `msmae ingest`, or a raw labelled ImageFolder.")],
