@@ -150,7 +150,7 @@ def segment_loop(loop_config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum, with_mask, seen = loss_sum + float(loss) * n, with_mask + n, seen + len(batch["image"])
+            loss_sum, with_mask, seen = loss_sum + float(loss.detach()) * n, with_mask + n, seen + len(batch["image"])
         train_seconds = time.perf_counter() - epoch_start
         val = validate_segmentation(raw, val_shard, per_worker_batch, device, seg)
         totals = _gather((loss_sum, with_mask, seen))
