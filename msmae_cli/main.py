@@ -373,9 +373,11 @@ def predict(
     actors: Annotated[int | None, typer.Option(min=1, help="Scoring actors (default: one per GPU of the cluster, else one per 4 CPUs).")] = None,
     gpus_per_actor: Annotated[float | None, typer.Option(min=0.0, help="GPUs per scoring actor (default: 1 on a GPU cluster, else 0).")] = None,
     heatmaps: Annotated[Path | None, typer.Option(help="Folder for per-image patch-occlusion maps of each prediction (<path>.png, <path>.npy).")] = None,
+    masks: Annotated[Path | None, typer.Option("--masks", help="Segmenters only: folder for each image's lesion mask as <path>.png (at the image's size).")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Predict every file of a folder (at the model's own size) with Ray Data batch inference; write path, class, calibrated probabilities."""
+    """Predict every file of a folder (at the model's own size) with Ray Data batch inference; write path, class, calibrated probabilities.
+    With a segmenter (`msmae segment`): each image's lesion mask at its own size (a mask_png column, and --masks DIR)."""
     _console(verbose)
     input_dir = _renamed(data, old_input, "--input", "--data")
     if input_dir is None:
@@ -385,6 +387,24 @@ def predict(
 
     check_predictions_out(out)
     _model_tracking(tracking_uri, model)
+    from pipelines.serve.segment_predict import is_segmenter
+
+    if is_segmenter(model):
+        if heatmaps is not None:
+            raise fail("--heatmaps explains a classifier's prediction; this model is a segmenter (use --masks DIR)", USAGE)
+        if masks is not None:
+            check_heatmaps_out(masks, input_dir, "--masks")
+        from pipelines.serve.segment_predict import predict_masks
+
+        summary = predict_masks(model, input_dir, out, PredictSettings(batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor),
+                                masks_dir=masks)
+        reasons = f" {summary['reasons']}" if summary["reasons"] else ""
+        typer.echo(f"{summary['images']} files: {summary['images'] - summary['unreadable']} segmented, {summary['unreadable']} not images"
+                   f"{reasons} (rows with ok=false) -> {summary['out']} ({summary['shards']} Parquet shards, mask_png column)"
+                   + (f"; {summary['masks_written']} masks -> {masks}" if masks is not None else ""))
+        return
+    if masks is not None:
+        raise fail("--masks is for segmenters (models made by `msmae segment`); this model is a classifier", USAGE)
     if heatmaps is not None:
         check_heatmaps_out(heatmaps, input_dir)
     summary = predict_folder(model, input_dir, out, PredictSettings(batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor),

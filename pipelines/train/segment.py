@@ -152,6 +152,8 @@ def finish_segmentation(best_dir: str, dataset: IngestedDataset, cfg: RunConfig,
     prep = Preprocessing(img_size=model.preset.img_size, mode=dataset.summary.get("mode", "RGB"),
                          max_side=(dataset.summary.get("options") or {}).get("max_side"))
     predictor = MaskPredictor(model, prep, cfg.segment.threshold)
+    # the checkpoint folder alone is then enough for `msmae predict --model FOLDER` (same decode as the registered model)
+    checkpoint.write_inference(best_dir, temperature=1.0, preprocessing=prep.to_dict(), calibration={})
     val = evaluate_masks(predictor, dataset, "val", examples=8)
     log(val.line() + f" (chosen on validation {cfg.segment.metric}, epoch {epoch})")
     test = evaluate_masks(predictor, dataset, "test") if dataset.split_size("test") else None

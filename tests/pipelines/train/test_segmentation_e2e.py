@@ -71,3 +71,17 @@ def test_pretrain_then_segment_registers_a_pyfunc_that_returns_masks_at_the_inpu
     assert out["mask"][0].shape == (77, 101) and out["mask"][1].shape == (51, 63)
     with Image.open(io.BytesIO(out["mask_png"][0])) as png:
         assert png.size == (101, 77)
+
+    # msmae predict with the segmenter: one row per file (a non-image included), PNG masks at each image's size
+    from pipelines.serve.segment_predict import is_segmenter, predict_masks
+
+    folder = tmp_path / "to_segment"
+    (folder / "sub").mkdir(parents=True)
+    for k, name in enumerate(sorted(p.name for p in (SAMPLE / "images").iterdir())[:3]):
+        Image.open(SAMPLE / "images" / name).resize((61 + k, 45)).save(folder / ("sub" if k else "") / f"{k}.png")
+    (folder / "notes.txt").write_text("not an image")
+    assert is_segmenter("models:/msmae-seg-e2e@champion") and is_segmenter(outcome.checkpoint)
+    summary = predict_masks("models:/msmae-seg-e2e@champion", folder, tmp_path / "predictions", masks_dir=tmp_path / "masks")
+    assert (summary["images"], summary["unreadable"], summary["masks_written"]) == (4, 1, 3)
+    with Image.open(tmp_path / "masks" / "sub" / "2.png.png") as png:
+        assert png.size == (63, 45)
