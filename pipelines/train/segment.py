@@ -143,7 +143,7 @@ def run_segmentation(
 
 
 def finish_segmentation(best_dir: str, dataset: IngestedDataset, cfg: RunConfig, log: Callable[[str], None],
-                        init_checkpoint: str | None = None) -> dict:
+                        init_checkpoint: str | None = None, version_tags: dict[str, str] | None = None) -> dict:
     """The chosen checkpoint scored on validation and (once) test at each image's size, a contour figure, registered."""
     import json
 
@@ -172,7 +172,7 @@ def finish_segmentation(best_dir: str, dataset: IngestedDataset, cfg: RunConfig,
     version = segment_registry.register_segmenter(segment_registry.SegmenterToRegister(
         model=model, preprocessing=prep, threshold=cfg.segment.threshold, selection_metric=metric, selection_value=value,
         dataset_fingerprint=dataset.fingerprint, step=epoch, card=card,
-    ), cfg.tracking.model_name, alias)
+    ), cfg.tracking.model_name, alias, version_tags)
     return {"version": version, "alias": alias, "why": why, "val": val.scalars(), "test": test.scalars() if test else None}
 
 
