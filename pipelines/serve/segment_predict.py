@@ -36,7 +36,10 @@ def is_segmenter(ref: str) -> bool:
     if ref.startswith(("models:/", "runs:/")):
         import mlflow
 
-        return (mlflow.models.get_model_info(ref).metadata or {}).get("task") == "segmentation"
+        try:
+            return (mlflow.models.get_model_info(ref).metadata or {}).get("task") == "segmentation"
+        except Exception:  # noqa: BLE001 - no such model: the classifier's loading says so, in its words
+            return False
     try:
         return json.loads((Path(ref) / "meta.json").read_text()).get("stage") == "segment"
     except (OSError, ValueError):

@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -66,7 +67,7 @@ def test_pretrain_then_segment_registers_a_pyfunc_that_returns_masks_at_the_inpu
     image = Image.open(SAMPLE / "images" / sorted(p.name for p in (SAMPLE / "images").iterdir())[0]).resize((101, 77))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    out = served.predict({"image": [buffer.getvalue(), np.asarray(image)[:51, :63]]})
+    out = served.predict(pd.DataFrame({"image": [buffer.getvalue(), np.asarray(image)[:51, :63]]}))
     assert out["ok"].tolist() == [True, True]
     assert out["mask"][0].shape == (77, 101) and out["mask"][1].shape == (51, 63)
     with Image.open(io.BytesIO(out["mask_png"][0])) as png:
