@@ -311,6 +311,31 @@ def finetune(
 
 
 @command()
+def segment(
+    data: Annotated[Path, typer.Option("--data", help="A folder made by `msmae ingest ... --masks DIR` (images with lesion masks).")],
+    init: Annotated[Path | None, typer.Option("--init", help="Pre-training checkpoint folder for the encoder (MSMAE or MAE; omit: from scratch).")] = None,
+    config: ConfigOpt = "demo", set_: SetOpt = None, workdir: WorkdirOpt = Path("msmae-work"),
+    tracking_uri: TrackingOpt = None, train_workers: WorkersOpt = None, verbose: VerboseOpt = False,
+    model_name: ModelNameOpt = None, experiment: ExperimentOpt = None,
+) -> None:
+    """Train a lesion segmenter (the encoder + a SETR head, Dice + BCE; segment.* settings), choose it on validation Dice,
+    test it once, register it (default name msmae-<dataset>-segmenter)."""
+    _console(verbose)
+    cfg = _config(config, set_, {**({"scaling.workers": train_workers} if train_workers is not None else {}), **_names(model_name, experiment)} or None)
+    _folder_arg(data, "--data")
+    from pipelines.checkpoint import STATE_FILE, is_checkpoint
+    from pipelines.outputs import check_output_dir
+
+    check_output_dir(workdir, "--workdir")
+    if init is not None and not is_checkpoint(init):
+        raise fail(f"--init {init} is not a checkpoint folder (no {STATE_FILE}); `msmae pretrain` prints one", USAGE)
+    uri = _tracking_uri(tracking_uri, cfg, workdir)
+    from pipelines.train.segment import run_segmentation
+
+    run_segmentation(data, cfg, workdir, uri, init_checkpoint=str(init.resolve()) if init else None, log=typer.echo, config_name=config)
+
+
+@command()
 def evaluate(
     model: Annotated[str, typer.Option("--model", help="models:/NAME@champion, runs:/ID/model, or a checkpoint folder.")],
     data: Annotated[Path, typer.Option("--data", help="A folder made by `msmae ingest`, or a raw labelled ImageFolder.")],
@@ -348,9 +373,11 @@ def predict(
     actors: Annotated[int | None, typer.Option(min=1, help="Scoring actors (default: one per GPU of the cluster, else one per 4 CPUs).")] = None,
     gpus_per_actor: Annotated[float | None, typer.Option(min=0.0, help="GPUs per scoring actor (default: 1 on a GPU cluster, else 0).")] = None,
     heatmaps: Annotated[Path | None, typer.Option(help="Folder for per-image patch-occlusion maps of each prediction (<path>.png, <path>.npy).")] = None,
+    masks: Annotated[Path | None, typer.Option("--masks", help="Segmenters only: folder for each image's lesion mask as <path>.png (at the image's size).")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Predict every file of a folder (at the model's own size) with Ray Data batch inference; write path, class, calibrated probabilities."""
+    """Predict every file of a folder (at the model's own size) with Ray Data batch inference; write path, class, calibrated probabilities.
+    With a segmenter (`msmae segment`): each image's lesion mask at its own size (a mask_png column, and --masks DIR)."""
     _console(verbose)
     input_dir = _renamed(data, old_input, "--input", "--data")
     if input_dir is None:
@@ -360,6 +387,24 @@ def predict(
 
     check_predictions_out(out)
     _model_tracking(tracking_uri, model)
+    from pipelines.serve.segment_predict import is_segmenter
+
+    if is_segmenter(model):
+        if heatmaps is not None:
+            raise fail("--heatmaps explains a classifier's prediction; this model is a segmenter (use --masks DIR)", USAGE)
+        if masks is not None:
+            check_heatmaps_out(masks, input_dir, "--masks")
+        from pipelines.serve.segment_predict import predict_masks
+
+        summary = predict_masks(model, input_dir, out, PredictSettings(batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor),
+                                masks_dir=masks)
+        reasons = f" {summary['reasons']}" if summary["reasons"] else ""
+        typer.echo(f"{summary['images']} files: {summary['images'] - summary['unreadable']} segmented, {summary['unreadable']} not images"
+                   f"{reasons} (rows with ok=false) -> {summary['out']} ({summary['shards']} Parquet shards, mask_png column)"
+                   + (f"; {summary['masks_written']} masks -> {masks}" if masks is not None else ""))
+        return
+    if masks is not None:
+        raise fail("--masks is for segmenters (models made by `msmae segment`); this model is a classifier", USAGE)
     if heatmaps is not None:
         check_heatmaps_out(heatmaps, input_dir)
     summary = predict_folder(model, input_dir, out, PredictSettings(batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor),

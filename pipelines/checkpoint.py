@@ -50,18 +50,21 @@ def model_payload(model_state: dict, preset: msmae.ViTPreset, class_names: list[
 
 
 def write_checkpoint(
-    directory: str | Path, *, stage: str, model_state: dict, optimizer_state: dict, table: msmae.AttentionTable,
-    epoch: int, best: float | None, preset: msmae.ViTPreset, class_names: list[str], metrics: dict, config: dict,
+    directory: str | Path, *, stage: str, model_state: dict, optimizer_state: dict, table: msmae.AttentionTable | None,
+    epoch: int, best: float | None, preset: msmae.ViTPreset, class_names: list[str], metrics: dict, config: dict, **extra: Any,
 ) -> Path:
     """Write one stage's checkpoint into ``directory`` (created if missing).
 
     Each file is written whole or not at all (a temporary file, flushed to disk, renamed), and
     ``meta.json`` — written last — records ``state.pt``'s digest: a full disk or a kill leaves no
-    ``state.pt`` that passes for a checkpoint, and a file changed afterwards is refused on load."""
+    ``state.pt`` that passes for a checkpoint, and a file changed afterwards is refused on load.
+    ``table`` is None for a stage without attention maps (segmentation); ``extra``: plain values kept in ``state.pt``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {**model_payload(model_state, preset, class_names),
-             "optimizer": optimizer_state, "table": table.state_dict(), "epoch": epoch, "best": best}
+             "optimizer": optimizer_state, "epoch": epoch, "best": best, **extra}
+    if table is not None:
+        state["table"] = table.state_dict()
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
@@ -161,6 +164,32 @@ def load_pretrain_model(directory: str | Path) -> msmae.MSMAEPretrainModel:
 def load_encoder_into(classifier: msmae.MSMAEClassifier, directory: str | Path) -> None:
     """Initialise a classifier's encoder from a pre-training checkpoint (fine-tuning's start)."""
     msmae.load_pretrained_encoder(classifier, read_state(directory)["model"])
+
+
+SEGMENTATION = "segmentation"  # the ``task`` of a segmenter's weights (a classifier's weights have none)
+SEGMENT_CLASSES = ["lesion"]  # a segmenter's one output channel, as the format's class_names
+
+
+def save_segmenter(path: str | Path, model, **extra: Any) -> None:
+    """A segmenter's weights file: the same core (``task`` = segmentation, the head's width) plus ``extra`` plain values."""
+    torch.save({**model_payload(model.state_dict(), model.preset, SEGMENT_CLASSES), "task": SEGMENTATION,
+                "decoder_width": model.decoder.classify.in_channels, **extra}, path)
+
+
+def segmenter_from(state: dict[str, Any]):
+    """The segmenter a weights dict holds (eval mode); a classifier's weights are refused with the fix named."""
+    from msmae.segmentation import build_segmenter
+
+    if state.get("task") != SEGMENTATION:
+        raise CheckpointError("these weights are a classifier's, not a segmenter's; give a checkpoint or model made by `msmae segment`")
+    model = build_segmenter(preset_of(state), decoder_width=int(state["decoder_width"]))
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def load_segmenter(directory: str | Path):
+    """The segmenter of a ``msmae segment`` checkpoint folder (eval mode)."""
+    return segmenter_from(read_state(directory))
 
 
 def write_inference(directory: str | Path, *, temperature: float, preprocessing: dict, calibration: dict) -> Path:

@@ -116,6 +116,29 @@ class FinetuneConfig(OptimConfig):
     masking: MaskingConfig = MaskingConfig(sam_start=0, refresh_every=20)
 
 
+# Validation metrics a segmenter can be chosen on (both higher-is-better, per-image means).
+SEGMENT_METRICS: tuple[str, ...] = ("val_dice", "val_iou")
+
+
+class SegmentConfig(_Section):
+    """The segmentation stage (``msmae segment``): the encoder (pre-trained or not) + a SETR-PUP head, Dice + BCE.
+
+    A section of its own rather than ``finetune.*`` under a task switch: its optimiser settings, loss and
+    selection metric differ from the classifier's, and one key meaning two things by task would be a trap."""
+
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(32, ge=1, description="global batch (split across workers)")
+    blr: float = Field(1e-3, gt=0, description="base lr; lr = blr * batch_size / 256")
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(2, ge=0)
+    weight_decay: float = Field(defaults.WEIGHT_DECAY, ge=0)
+    encoder_lr_scale: float = Field(1.0, gt=0, le=1, description="the encoder's lr as a fraction of the head's (1: same lr)")
+    decoder_width: int | None = Field(None, ge=8, description="channels of the SETR-PUP head (null: max(32, embed_dim // 3))")
+    dice_weight: float = Field(1.0, ge=0, description="loss = BCE + dice_weight * (1 - soft Dice)")
+    threshold: float = Field(0.5, gt=0, lt=1, description="lesion probability above which a pixel is lesion")
+    metric: Literal[SEGMENT_METRICS] = Field("val_dice", description="validation metric that chooses the model")  # type: ignore[valid-type]
+
+
 class ScalingConfig(_Section):
     workers: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -177,6 +200,7 @@ class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    segment: SegmentConfig = SegmentConfig()
     scaling: ScalingConfig = ScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -39,7 +39,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # "(RayTrainWorker pid=123)" or "(SplitCoordinator pid=4, ip=10.0.0.2)": a line Ray forwarded from a worker.
 RAY_PREFIX = re.compile(r"^\((?P<who>[^()]*pid=[^()]*)\) (?P<msg>.*)$", re.DOTALL)
 # The project's own stage lines (rank 0's epoch lines, tracking notes): shown without Ray's prefix.
-OWN_WORKER_LINE = re.compile(r"^\[(pretrain|finetune)\] ")
+OWN_WORKER_LINE = re.compile(r"^\[(pretrain|finetune|segment)\] ")
 
 # Known-harmless lines, dropped in quiet mode; each with why it is harmless.
 QUIET_DROP: tuple[tuple[str, re.Pattern], ...] = (
@@ -50,6 +50,9 @@ QUIET_DROP: tuple[tuple[str, re.Pattern], ...] = (
     ("Ray Train's controller on its own PreemptionWatcher actor (ray-project/ray#53727): an ERROR-level note, "
      "not an error; the actor is restarted by Ray if it ever fails",
      re.compile(r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store")),
+    ("the same note (ray-project/ray#53727) on a Ray Data scoring actor of `msmae predict`, whose constructor arguments "
+     "(the model's URI, the tracking URI) stay referenced for the whole job",
+     re.compile(r"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(MapBatches\(\w+\)\)' .* has constructor arguments in the object store")),
     ("a deprecation raised inside Ray's own code (Ray Train's DatasetManager), nothing this project calls",
      re.compile(r"RayDeprecationWarning: ")),
     ("Ray's token-auth notice for the local, loopback-only cluster this command starts",

@@ -11,7 +11,9 @@ rejections). Everything else is a plain dotted config key with a distribution.
 
 Format::
 
-    objective: val_macro_f1          # a validation metric the training loop reports, maximised
+    objective: val_macro_f1          # a validation metric the training loop reports, maximised;
+                                     # val_dice / val_iou: each trial pre-trains, then trains a segmenter
+                                     # (`msmae segment`) from it; the segmenter's Dice / IoU is the objective
     scheduler: {grace_period: 4, reduction_factor: 2}   # ASHA, in fine-tuning epochs
     masking:
       pretrain: {visible: [0.15, 0.45], masked_share: [0.3, 0.9]}
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import SELECTION_METRICS, ConfigError, RunConfig, load_yaml
+from pipelines.config import SEGMENT_METRICS, SELECTION_METRICS, ConfigError, RunConfig, load_yaml
 
 DISTRIBUTIONS = ("float", "log", "int", "choice")
 STAGES = ("pretrain", "finetune")
@@ -93,6 +95,11 @@ class SearchSpace:
     masking: tuple[MaskingRange, ...] = ()
     params: tuple[Param, ...] = field(default_factory=tuple)
 
+    @property
+    def task(self) -> str:
+        """``segmentation`` when the objective is a segmenter's (trials pre-train, then segment), else ``classification``."""
+        return "segmentation" if self.objective in SEGMENT_METRICS else "classification"
+
     def define_by_run(self) -> Callable:
         """The Optuna define-by-run function: suggests every parameter, returns the config overrides.
 
@@ -144,8 +151,9 @@ def load_space(path: str | Path) -> SearchSpace:
         raise SpaceError(" ".join(str(e).split())) from None
     _mapping(path, "", tree, TOP_LEVEL)
     objective = tree.get("objective", "val_macro_f1")
-    if objective not in SELECTION_METRICS:  # what a run selects its model on, so what a sweep can maximise
-        raise SpaceError(f"{path}: objective: {objective!r} is not a validation metric a run reports; choose one of {', '.join(SELECTION_METRICS)}")
+    if objective not in SELECTION_METRICS + SEGMENT_METRICS:  # what a run selects its model on, so what a sweep can maximise
+        raise SpaceError(f"{path}: objective: {objective!r} is not a validation metric a run reports; choose one of "
+                         f"{', '.join(SELECTION_METRICS + SEGMENT_METRICS)}")
     scheduler = _mapping(path, "scheduler", tree.get("scheduler") or {}, SCHEDULER_KEYS)
     grace_period = _integer(path, "scheduler.grace_period", scheduler.get("grace_period", 4), minimum=1)
     reduction_factor = _integer(path, "scheduler.reduction_factor", scheduler.get("reduction_factor", 2), minimum=2)

@@ -21,6 +21,7 @@ from joblib import cpu_count
 from pipelines.config import RunConfig
 from pipelines.local_ray import ensure_ray
 from pipelines.outputs import write_atomic
+from pipelines.serve.registry import default_name as registry_default_name
 from pipelines.serve.registry import with_default_names
 from pipelines.train.finish import evaluate_and_register
 from pipelines.train.run import prepare_data
@@ -69,7 +70,7 @@ def sweep_base_config(request: SweepRequest, space: SearchSpace) -> RunConfig:
         "scaling.workers": request.workers_per_trial,
         "scaling.cpus_per_worker": request.cpus_per_worker,
         "scaling.use_gpu": request.gpus_per_worker > 0,
-        "checkpoint.metric": space.objective,
+        "segment.metric" if space.task == "segmentation" else "checkpoint.metric": space.objective,
     }, source="the sweep's resources")
 
 
@@ -100,7 +101,14 @@ def run_sweep(request: SweepRequest, log=print) -> SweepOutcome:
     workdir = request.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     state = _sweep_state(workdir, request.resume)
-    dataset = prepare_data(request.data, cfg, workdir, log)
+    dataset = prepare_data(request.data, cfg, workdir, log, stages=("pretrain",) if space.task == "segmentation" else ("pretrain", "finetune"))
+    if space.task == "segmentation":
+        from pipelines.serve.segment_registry import default_name as segmenter_name
+        from pipelines.train.segment import check_segmentable
+
+        check_segmentable(dataset, cfg)
+        if cfg.tracking.model_name is None:  # a segmenter never takes the dataset's classifier @champion
+            cfg = cfg.with_values({"tracking.model_name": segmenter_name(registry_default_name(dataset.summary, dataset.path))})
     cfg = with_default_names(cfg, dataset.summary, dataset.path)  # msmae-<dataset> where the user named none
     ensure_ray(num_cpus=local_cpus(request))
     import ray
@@ -135,10 +143,16 @@ def run_sweep(request: SweepRequest, log=print) -> SweepOutcome:
             mlflow.log_metric(f"sweep_best_{space.objective}", best["objective"])
             mlflow.set_tag("sweep.best_trial", best["trial_id"])
             tags = {f"param.{k}": str(v) for k, v in best["params"].items()} | {"sweep": state["sweep_name"], "trial": best["trial_id"]}
-            final = evaluate_and_register(best["best_checkpoint"], best["pretrain_checkpoint"], dataset, best_cfg, log, version_tags=tags)
-            version, champion = final.version, final.champion
+            if space.task == "segmentation":
+                from pipelines.train.segment import finish_segmentation
+
+                done = finish_segmentation(best["best_checkpoint"], dataset, best_cfg, log, best["pretrain_checkpoint"], version_tags=tags)
+                version, champion, alias, why = done["version"], done["alias"] == "champion", done["alias"], done["why"]
+            else:
+                final = evaluate_and_register(best["best_checkpoint"], best["pretrain_checkpoint"], dataset, best_cfg, log, version_tags=tags)
+                version, champion, alias, why = final.version, final.champion, final.alias, final.decision.reason
             log(f"best trial {best['trial_id']}: {space.objective} {best['objective']:.4f} → {cfg.tracking.model_name} "
-                f"version {version}" + (f" @{final.alias}" if final.alias else " (no alias)") + f"; {final.decision.reason}")
+                f"version {version}" + (f" @{alias}" if alias else " (no alias)") + f"; {why}")
         else:
             log("no trial finished: nothing registered")
     return SweepOutcome(state["sweep_name"], parent.info.run_id, rows, best, version, champion, time.time() - start)
@@ -165,6 +179,7 @@ def _tuner(request: SweepRequest, space: SearchSpace, cfg, trainable, context: S
     from ray.tune.search.optuna import OptunaSearch
 
     experiment = workdir / "tune" / context.sweep_name
+    epochs = cfg.segment.epochs if space.task == "segmentation" else cfg.finetune.epochs  # the stage Tune sees, epoch by epoch
     if request.resume and tune.Tuner.can_restore(str(experiment)):
         return tune.Tuner.restore(str(experiment), trainable, resume_errored=False, restart_errored=False)
     searcher = OptunaSearch(
@@ -173,7 +188,7 @@ def _tuner(request: SweepRequest, space: SearchSpace, cfg, trainable, context: S
     )
     scheduler = ASHAScheduler(
         time_attr="training_iteration", metric=context.tune_metric, mode="max",
-        max_t=cfg.finetune.epochs + 1, grace_period=min(space.grace_period, cfg.finetune.epochs), reduction_factor=space.reduction_factor,
+        max_t=epochs + 1, grace_period=min(space.grace_period, epochs), reduction_factor=space.reduction_factor,
     )
     return tune.Tuner(
         trainable,

@@ -1,4 +1,5 @@
-"""One sweep trial: a Tune *function* trainable that runs the training pipeline's two Ray Train stages.
+"""One sweep trial: a Tune *function* trainable that runs the training pipeline's two Ray Train stages
+(pre-training and fine-tuning, or, for a segmentation objective, pre-training and the segmentation stage).
 
 Ray Train V2 does not run a ``TorchTrainer`` as a Tune trainable directly, so each trial is
 a function that builds the trainers itself; ``TuneReportCallback`` forwards every fine-tuning
@@ -14,9 +15,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import RunConfig
+from pipelines.config import SEGMENT_METRICS, RunConfig
 from pipelines.data.dataset import IngestedDataset
-from pipelines.train.stages import train_stages
+from pipelines.train.stages import StagesResult, best_checkpoint, train_stages
 from tuning.space import run_overrides
 
 TRIAL_TAG = "msmae.trial_id"
@@ -61,10 +62,13 @@ def run_trial(config: dict, context: SweepContext) -> None:
     try:
         if context.fail_trial is not None and trial_index(trial_id, tune.get_context().get_trial_dir()) == context.fail_trial:
             raise RuntimeError(f"injected failure of trial {trial_id} (fault-injection test)")
-        result = train_stages(
-            cfg, IngestedDataset.load(context.data_dir), Path(context.workdir) / "storage", f"{context.sweep_name}-{trial_id}",
-            mlflow_uri=context.tracking_uri, mlflow_run_id=run_id, finetune_callbacks=[TuneReportCallback()],
-        )
+        if context.objective in SEGMENT_METRICS:
+            result = segment_trial(cfg, context, trial_id, run_id, [TuneReportCallback()])
+        else:
+            result = train_stages(
+                cfg, IngestedDataset.load(context.data_dir), Path(context.workdir) / "storage", f"{context.sweep_name}-{trial_id}",
+                mlflow_uri=context.tracking_uri, mlflow_run_id=run_id, finetune_callbacks=[TuneReportCallback()],
+            )
         client.log_metric(run_id, f"best_{context.objective}", result.best_score)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
@@ -74,6 +78,20 @@ def run_trial(config: dict, context: SweepContext) -> None:
         context.tune_metric: result.best_score, "best_checkpoint": result.best_checkpoint, "pretrain_checkpoint": result.pretrain_checkpoint,
         "mlflow_run_id": run_id, "trial_finished": 1,
     })
+
+
+def segment_trial(cfg: RunConfig, context: SweepContext, trial_id: str, run_id: str, callbacks: list) -> StagesResult:
+    """A segmentation trial: pre-training with the trial's masking, then the segmentation stage from its checkpoint,
+    whose epochs (``best_val_dice``) Tune sees; the encoder's pre-training masking ratios are what the sweep searches."""
+    from pipelines.train.segment import run_segment_stage
+    from pipelines.train.segment_worker import SegmentSpec
+
+    dataset, storage, name = IngestedDataset.load(context.data_dir), Path(context.workdir) / "storage", f"{context.sweep_name}-{trial_id}"
+    pretrained = train_stages(cfg, dataset, storage, name, stages=("pretrain",), mlflow_uri=context.tracking_uri, mlflow_run_id=run_id)
+    spec = SegmentSpec(cfg, dataset.split_size("train"), pretrained.pretrain_checkpoint, context.tracking_uri, run_id)
+    result = run_segment_stage(spec, dataset, storage, f"{name}-segment", callbacks=callbacks)
+    best_dir, best = best_checkpoint(result, context.objective)
+    return StagesResult(pretrained.pretrain_checkpoint, best_dir, best)
 
 
 def mark_failed_unless_settled(client: MlflowClient, run_id: str) -> None:

@@ -148,17 +148,17 @@ def check_predictions_out(out: Path, option: str = "--out") -> None:
 HEATMAPS_MARKER = "_msmae_heatmaps.json"  # a finished heatmaps folder (so a later run may replace it whole)
 
 
-def check_heatmaps_out(heatmaps: Path, input_dir: Path) -> None:
+def check_heatmaps_out(heatmaps: Path, input_dir: Path, option: str = "--heatmaps") -> None:
     """Before any work, as for ``--out``: a new or empty folder, or an earlier heatmaps folder (replaced whole),
     never the input folder or anything overlapping it — maps written there would land among the user's images."""
     if heatmaps.exists() and not heatmaps.is_dir():
-        raise OutputPathError(f"--heatmaps {heatmaps} is a file; give a folder")
+        raise OutputPathError(f"{option} {heatmaps} is a file; give a folder")
     a, b = heatmaps.resolve(), input_dir.resolve()
     if a == b or a.is_relative_to(b) or b.is_relative_to(a):
-        raise OutputPathError(f"--heatmaps {heatmaps} overlaps --input {input_dir}; give a folder outside the images")
-    if heatmaps.is_dir() and any(heatmaps.iterdir()) and not (heatmaps / HEATMAPS_MARKER).is_file():
-        raise OutputPathError(f"--heatmaps {heatmaps} is a folder holding other files; give a new folder (predict writes a map per image there)")
-    check_output_dir(heatmaps, "--heatmaps")
+        raise OutputPathError(f"{option} {heatmaps} overlaps --input {input_dir}; give a folder outside the images")
+    if heatmaps.is_dir() and any(heatmaps.iterdir()) and not (heatmaps / HEATMAPS_MARKER).is_file() and not (heatmaps / "_msmae_masks.json").is_file():
+        raise OutputPathError(f"{option} {heatmaps} is a folder holding other files; give a new folder (predict writes a map per image there)")
+    check_output_dir(heatmaps, option)
 
 
 def predict_folder(model_ref: str, input_dir: Path, out: Path, settings: PredictSettings = PredictSettings(),

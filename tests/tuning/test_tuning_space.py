@@ -76,3 +76,15 @@ def test_ratios_too_small_to_mask_one_patch_are_refused(tmp_path):
                     "params:\n  finetune.masking.strategy: {choice: [all, uniform]}\n")
     with pytest.raises(SpaceError, match="masks no patch"):
         check_space(load_space(path), load_config("demo"))
+
+
+def test_the_segmentation_space_sweeps_pretraining_masking_and_the_segment_lr_for_dice():
+    from tuning.sweep import SweepRequest, sweep_base_config
+
+    space = load_space("configs/space-segment.yaml")
+    assert (space.objective, space.task) == ("val_dice", "segmentation")
+    assert {m.stage for m in space.masking} == {"pretrain"} and "segment.blr" in {p.key for p in space.params}
+    cfg = check_space(space, load_config("demo"))
+    base = sweep_base_config(SweepRequest(data=".", space="configs/space-segment.yaml", trials=1, config=cfg), space)
+    assert base.segment.metric == "val_dice" and base.checkpoint.metric == load_config("demo").checkpoint.metric
+    assert load_space(SHIPPED).task == "classification"

@@ -1,0 +1,158 @@
+"""Segmentation transfer: which encoder segments lesions best, at the same budget, over seeds, with paired CIs.
+
+Encoders (each pre-trained by ``comparison.runner`` on the bundle's images, same recipe and epochs):
+    msmae_attention  MSMAE pre-training, attention rule (the paper)        = runner method msmae_ft_all
+    msmae_uniform    MSMAE pre-training, uniform rule (the released code)  = msmae_uniform_ft_all
+    mae              MAE pre-training (random 75 %, MAE's settings)         = mae
+    scratch          no pre-training (random encoder)
+then the same SETR-PUP head and segmentation recipe (``comparison.segmentation``) on the bundle's masks.
+
+    python benchmarks/make_bundle.py /tmp/ham_masks --out bundles/ham-64.pt --side 64 --masks
+    python benchmarks/compare_segmentation.py --bundle bundles/ham-64.pt --preset tiny --img-size 64 --patch-size 8 \\
+        --pretrain-epochs 20 --segment-epochs 20 --seeds 0 1 2 --device cuda --out results/ham-seg.json --figure results/ham-seg.png
+
+Prints a markdown table: test Dice and IoU per encoder (mean over images of the per-image mean over seeds, 95 % bootstrap
+CI over images) and the paired difference to ``scratch`` on the same test images. Imports torch, timm, numpy, msmae and
+comparison only (matplotlib for ``--figure``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ENCODERS = {"msmae_attention": "msmae_ft_all", "msmae_uniform": "msmae_uniform_ft_all", "mae": "mae", "scratch": None}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True, help="a bundle with masks (benchmarks/make_bundle.py --masks)")
+    p.add_argument("--out", type=Path, required=True, help="JSON file of every run's record (per-image scores included)")
+    p.add_argument("--figure", type=Path, help="PNG of predicted vs true contours on test images, one row per encoder (first seed)")
+    p.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--pretrain-epochs", type=int, default=20)
+    p.add_argument("--segment-epochs", type=int, default=20)
+    p.add_argument("--segment-blr", type=float, default=1e-3)
+    p.add_argument("--pretrained-dir", type=Path, help="keep pre-trained encoders here (a later call reuses them)")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    import msmae
+    from comparison.bundle import load_bundle
+    from comparison.runner import METHODS, PretrainCache, Recipe, effective_recipe, load_device_data, pretrained_encoder
+    from comparison.segmentation import SegmentRecipe, paired_mean_ci, mean_ci, segment_data, train_segmenter
+
+    args = parser().parse_args(argv)
+    device = torch.device(args.device)
+    bundle = load_bundle(args.bundle)
+    recipe = Recipe.for_epochs(args.pretrain_epochs, 1, preset=args.preset, img_size=args.img_size, patch_size=args.patch_size,
+                               batch_size=args.batch_size)
+    preset = msmae.get_preset(args.preset, args.img_size, args.patch_size)
+    device_data = load_device_data(bundle, args.img_size, device) if any(ENCODERS[e] for e in args.encoders) else None
+    data = segment_data(bundle, args.img_size, device)
+    seg_recipe = SegmentRecipe(epochs=args.segment_epochs, batch_size=args.batch_size, blr=args.segment_blr,
+                               warmup=float(max(1, round(0.1 * args.segment_epochs))))
+    cache = PretrainCache(directory=args.pretrained_dir) if args.pretrained_dir else PretrainCache()
+    if args.pretrained_dir:
+        args.pretrained_dir.mkdir(parents=True, exist_ok=True)
+    runs, examples = [], {}
+    for seed in args.seeds:
+        for encoder in args.encoders:
+            start = time.perf_counter()
+            state = None
+            if ENCODERS[encoder]:
+                method = METHODS[ENCODERS[encoder]]
+                state, _, _ = pretrained_encoder(method, effective_recipe(method, recipe), device_data, seed, device, cache=cache)
+            record = train_segmenter(state, preset, data, seg_recipe, seed, device)
+            model = record.pop("model")
+            if seed == args.seeds[0]:
+                examples[encoder] = _predict(model, data, 6, seg_recipe.threshold)
+            runs.append({"encoder": encoder, "seed": seed, "seconds": time.perf_counter() - start, **record})
+            print(f"{encoder} seed {seed}: val Dice {record['val']['dice']:.4f}  test Dice {record['test']['dice']:.4f} "
+                  f"IoU {record['test']['iou']:.4f}  ({runs[-1]['seconds']:.0f} s)", flush=True)
+    table = summarise(runs, args.encoders, mean_ci, paired_mean_ci)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "table": table}, indent=1))
+    if args.figure:
+        _figure(data, examples, args.figure)
+    return {"runs": runs, "table": table}
+
+
+def per_image(runs: list[dict], encoder: str, key: str) -> np.ndarray:
+    """The encoder's per-image score, averaged over its seeds (images in the same order for every encoder)."""
+    return np.mean([r["per_image"][key] for r in runs if r["encoder"] == encoder], axis=0)
+
+
+def summarise(runs: list[dict], encoders: list[str], mean_ci, paired_mean_ci) -> str:
+    seeds = sorted({r["seed"] for r in runs})
+    lines = [f"| encoder | test Dice [95 % CI] | test IoU [95 % CI] | Dice - scratch [95 % CI] | val Dice (selected) | seeds |",
+             "|---|---|---|---|---|---|"]
+    for encoder in encoders:
+        dice, iou = per_image(runs, encoder, "test_dice"), per_image(runs, encoder, "test_iou")
+        d, i = mean_ci(dice), mean_ci(iou)
+        paired = "—"
+        if "scratch" in encoders and encoder != "scratch":
+            m, lo, hi = paired_mean_ci(dice, per_image(runs, "scratch", "test_dice"))
+            paired = f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+        val = np.mean([r["val"]["dice"] for r in runs if r["encoder"] == encoder])
+        lines.append(f"| {encoder} | {d[0]:.4f} [{d[1]:.4f}, {d[2]:.4f}] | {i[0]:.4f} [{i[1]:.4f}, {i[2]:.4f}] | {paired} | {val:.4f} | {len(seeds)} |")
+    return "\n".join(lines)
+
+
+def _predict(model, data, n: int, threshold: float):
+    import torch
+
+    from comparison.augment import normalise
+
+    model.eval()
+    with torch.no_grad():
+        return (torch.sigmoid(model(normalise(data.test[:n]))[:, 0]) > threshold).cpu().numpy()
+
+
+def _figure(data, examples: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(examples)
+    n = examples[names[0]].shape[0]
+    fig, axes = plt.subplots(len(names), n, figsize=(2 * n, 2.1 * len(names)), squeeze=False)
+    images, truth = data.test[:n].permute(0, 2, 3, 1).cpu().numpy(), data.test_masks[:n].cpu().numpy()
+    for r, name in enumerate(names):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(images[c])
+            ax.contour(truth[c], levels=[0.5], colors=["lime"], linewidths=1)
+            if examples[name][c].any():
+                ax.contour(examples[name][c], levels=[0.5], colors=["magenta"], linewidths=1, linestyles="--")
+            ax.set_xticks([]), ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.suptitle("test images: true contour green, predicted magenta (dashed); first seed", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
