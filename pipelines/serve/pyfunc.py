@@ -157,19 +157,26 @@ class MSMAEPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Bad requests (no image or path column) end in an ``MlflowException``: the scoring server then
         answers 400 with the message alone, no server-side stack trace."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        from pipelines.serve import path_guard
-
         heatmaps = bool((params or {}).get("heatmaps", False))
-        try:
-            sources = _sources(model_input)
-        except ValueError as e:
-            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
-        suffixes = [_suffix(s) for s in sources]
-        sources = [path_guard.read_path(s) if isinstance(s, str) else s for s in sources]
+        sources, suffixes = request_sources(model_input)
         return self.scorer.table(self.scorer.score(sources, suffixes, heatmaps=heatmaps))
+
+
+def request_sources(model_input: Any) -> tuple[list, list[str]]:
+    """A request's images (bytes, arrays, or paths read under the operator's path guard) and their
+    suffixes; a request without an image or path column ends in an ``MlflowException`` (HTTP 400).
+    Shared by the classifier's and the segmenter's pyfunc, so both accept the same requests."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    from pipelines.serve import path_guard
+
+    try:
+        sources = _sources(model_input)
+    except ValueError as e:
+        raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+    suffixes = [_suffix(s) for s in sources]
+    return [path_guard.read_path(s) if isinstance(s, str) else s for s in sources], suffixes
 
 
 def _suffix(source: Any) -> str:

@@ -30,7 +30,7 @@ import pandas as pd
 
 from pipelines.data import images
 from pipelines.data.preprocessing import Preprocessing
-from pipelines.serve.pyfunc import NO_INPUT, _sources, _suffix
+from pipelines.serve.pyfunc import NO_INPUT, request_sources
 
 WEIGHTS_ARTIFACT = "segmenter"
 OUTPUT_COLUMNS = ("mask", "mask_png", "height", "width", "lesion_fraction", "ok", "reason", "detail")
@@ -121,17 +121,7 @@ class MSMAESegmentPyfunc(mlflow.pyfunc.PythonModel):
                                        float(state["threshold"]))
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        from pipelines.serve import path_guard
-
-        try:
-            sources = _sources(model_input)
-        except ValueError as e:
-            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
-        suffixes = [_suffix(s) for s in sources]
-        sources = [path_guard.read_path(s) if isinstance(s, str) else s for s in sources]
+        sources, suffixes = request_sources(model_input)
         return self.predictor.table(self.predictor.predict(sources, suffixes))
 
 
