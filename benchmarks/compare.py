@@ -374,11 +374,18 @@ def setting_of(record: dict) -> tuple:
     return (record["dataset"], *(rec[k] for k in _SETTING), record.get("device", "?"))
 
 
+def row_label(record: dict) -> str:
+    """A table row's name: the method, and the map source where it is not the paper's (``--map-source``), so runs of
+    one method with different sources are rows of their own, compared like methods."""
+    source = record["recipe"].get("map_source", "cls_attention")
+    return record["method"] if source == "cls_attention" else f"{record['method']} [{source}]"
+
+
 def summarise(records: list[dict]) -> dict[tuple, dict[str, dict]]:
-    """setting → method → {seeds, metric lists, wall seconds, compute}, in first-seen order."""
+    """setting → row (``row_label``) → {seeds, metric lists, wall seconds, compute}, in first-seen order."""
     out: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in records:
-        row = out[setting_of(r)].setdefault(r["method"], {"seeds": [], "wall": [], "selected": [], "sam": [], "flops": [], "epochs": [],
+        row = out[setting_of(r)].setdefault(row_label(r), {"seeds": [], "wall": [], "selected": [], "sam": [], "flops": [], "epochs": [],
                                                           "blr": [], "records": [], **{f"{s}_{m}": [] for s, m, _ in HEADLINE}})
         if r.get("sam_started_epoch") is not None:
             row["sam"].append(r["sam_started_epoch"] + 1)
@@ -403,7 +410,7 @@ def grid_choices(records: list[dict]) -> dict[tuple, dict]:
         selection, tuned = r.get("lr_selection"), r.get("tuned_lr") or {}
         if not selection or not tuned.get("from_grid") or r["seed"] != selection["seed"] or r.get("pretrain_checkpoint_epoch") is not None:
             continue
-        entry = out.setdefault((setting_of(r), r["method"]), {"seed": selection["seed"], "order": list(selection["grid"]), "grid": {}})
+        entry = out.setdefault((setting_of(r), row_label(r)), {"seed": selection["seed"], "order": list(selection["grid"]), "grid": {}})
         entry["grid"][tuned["blr"]] = r["val"]["macro_f1"]
     for entry in out.values():
         order = {lr: i for i, lr in enumerate(entry["order"])}
@@ -416,7 +423,7 @@ def selected_records(records: list[dict]) -> list[dict]:
     choices = grid_choices(records)
     kept = []
     for r in records:
-        choice = choices.get((setting_of(r), r["method"])) if (r.get("tuned_lr") or {}).get("from_grid") else None
+        choice = choices.get((setting_of(r), row_label(r))) if (r.get("tuned_lr") or {}).get("from_grid") else None
         if choice is None or r["tuned_lr"]["blr"] == choice["chosen"]:
             kept.append(r)
     return kept
@@ -515,6 +522,9 @@ def markdown_tables(records: list[dict]) -> str:
                          + f" | {_mean_sd(row['selected'], 1)} | {_mean_sd(row['sam'], 1)} | {_mean_sd(row['wall'], 1)} |")
         blocks.append("\n".join(lines))
         blocks.append(verdict(methods))
+        lesion = lesion_table([r for r in main if setting_of(r) == setting])
+        if lesion:
+            blocks.append(lesion)
         grid = {m: c for (st, m), c in grid_choices(records).items() if st == setting}
         if grid:
             lrs = sorted({lr for c in grid.values() for lr in c["grid"]})
@@ -541,6 +551,37 @@ def markdown_tables(records: list[dict]) -> str:
     return "\n\n".join(blocks)
 
 
+_LESION = (("lesion_mass", "mass"), ("lesion_lift", "lift"), ("lesion_pointing", "pointing"), ("lesion_auroc", "AUROC"))
+
+
+def lesion_table(records: list[dict]) -> str | None:
+    """Do the pre-trained encoders' maps find the lesion, and does the CLS head survive pre-training? Per row and map
+    source: the final encoder's lesion mass, lift, pointing game and patch AUROC on the validation masks (mean ± sd
+    over seeds; runs made with --lesion-sources on a bundle with masks), and the CLS head's validation balanced
+    accuracy at its best pre-training epoch and at the last (a collapse shows as last far below best)."""
+    rows: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if r.get("pretrain_lesion"):
+            rows[row_label(r)].append(r)
+    if not rows:
+        return None
+    sources = list(dict.fromkeys(k.split("/")[0] for rs in rows.values() for r in rs for k in r["pretrain_lesion"]))
+    lines = ["Lesion masks (validation): the final pre-trained encoder's maps per source — lesion mass / lift / pointing / "
+             "AUROC, mean ± sd over seeds — and the CLS head's validation balanced accuracy, best and last pre-training epoch:",
+             "", "| row | seeds | source | lesion mass | lift | pointing | AUROC | CLS bal. acc best | CLS bal. acc last |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for label, rs in rows.items():
+        accs = [[c["val_cls_balanced_accuracy"] for c in r["pretrain_curve"] if c.get("val_cls_balanced_accuracy") is not None] for r in rs]
+        best = _mean_sd([max(a) for a in accs if a]) if all(accs) else "—"
+        last = _mean_sd([a[-1] for a in accs if a]) if all(accs) else "—"
+        for source in sources:
+            if not all(f"{source}/lesion_mass" in r["pretrain_lesion"] for r in rs):
+                continue
+            cells = [_mean_sd([r["pretrain_lesion"][f"{source}/{k}"] for r in rs], 2 if k == "lesion_lift" else 3) for k, _ in _LESION]
+            lines.append(f"| {label} | {len(rs)} | {source} | " + " | ".join(cells) + f" | {best} | {last} |")
+    return "\n".join(lines)
+
+
 def curve_setting(record: dict) -> tuple:
     """A setting without its pre-training length: the points of one pre-training-length curve."""
     rec = record["recipe"]
@@ -553,7 +594,7 @@ def _curve_groups(records: list[dict], equal_flops: list[dict]) -> dict[tuple, d
     runs made with --pretrain-epochs E join the curve they match at E (the same FLOPs)."""
     out: dict[tuple, dict[str, dict[int, list[float]]]] = defaultdict(dict)
     for r in records:
-        out[curve_setting(r)].setdefault(r["method"], defaultdict(list))[r["pretrain_checkpoint_epoch"]].append(r["test"]["macro_f1"])
+        out[curve_setting(r)].setdefault(row_label(r), defaultdict(list))[r["pretrain_checkpoint_epoch"]].append(r["test"]["macro_f1"])
     for r in equal_flops:
         if curve_setting(r) in out:
             name = "supervised_eqflops (FLOPs of E + fine-tuning)"

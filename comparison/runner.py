@@ -392,6 +392,19 @@ def lesion_scores(model: torch.nn.Module, data: DeviceData, recipe: Recipe) -> d
     return out
 
 
+def encoder_lesion_scores(encoder_state: dict, recipe: Recipe, data: DeviceData, device: torch.device) -> dict[str, float] | None:
+    """``lesion_scores`` of a pre-trained encoder as it ends pre-training, from ``recipe.map_source`` and every one of
+    ``recipe.lesion_sources`` (keys ``<source>/lesion_*``): whatever rule trained it, so the uniform and random rules'
+    maps are scored like the attention rule's. None without ``lesion_sources`` or validation lesion masks."""
+    if not recipe.lesion_sources or data.val_masks is None or not bool(data.val_has_mask.any()):
+        return None
+    preset = msmae.get_preset(recipe.preset, recipe.img_size, recipe.patch_size, recipe.reg_tokens)
+    model = msmae.build_pretrain_model(preset, data.num_classes).to(device)
+    model.load_state_dict(encoder_state)
+    scores = lesion_scores(model.eval(), data, recipe)
+    return {k: v for k, v in scores.items() if "/" in k}
+
+
 def run_stage(
     trainer: msmae.StageTrainer, batches: TrainBatches, data: DeviceData, recipe: Recipe, device: torch.device,
     progress: Progress | None = None, validate: Validate | None = None, frozen_maps: bool = False,
@@ -835,9 +848,12 @@ def run_method(
             encoder_state, pre = cache.snapshot(pretrain_key(method, recipe, data, seed), from_snapshot)
             if method.frozen_maps:
                 raise ValueError(f"{method.name}: snapshots keep no maps; fine-tune them on all tokens")
+    scoring_start = time.perf_counter()
+    encoder_lesion = encoder_lesion_scores(encoder_state, recipe, data, device) if encoder_state is not None else None
+    scoring_seconds = time.perf_counter() - scoring_start  # a measurement, not training: kept out of the wall time
     ft_epochs, warmup = finetune_epochs(method, recipe, flops)
     selection, ft = finetune(method, recipe, data, seed, device, encoder_state, ft_epochs, warmup, progress, pre.maps)
-    measured = time.perf_counter() - wall_start
+    measured = time.perf_counter() - wall_start - scoring_seconds
     if from_snapshot is not None:  # as if run alone: pre-training up to the snapshot, then fine-tuning
         measured -= ran_here
     refreshed = sum(len(data.train) for r in [*pre.curve, *ft.curve] if r.get("maps_refreshed"))
@@ -864,6 +880,8 @@ def run_method(
         "step_flops_per_image": flops.as_dict(),
         **selection,
         "pretrain_curve": pre.curve,
+        # the final pre-trained encoder's maps scored against the validation lesion masks, per source (with --lesion-sources)
+        "pretrain_lesion": encoder_lesion,
         "finetune_curve": ft.curve,
         "pretrain_seconds": pre.seconds,
         "finetune_seconds": ft.seconds,

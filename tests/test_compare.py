@@ -176,3 +176,34 @@ def test_report_pairs_seeds_for_the_ci_and_mcnemar_and_shows_compute():
     assert f"{diff} | {test.p_exact:.3g} / {test.p_mid:.3g}" in row and diff.high < 0
     assert "| 2 | 3 + 3 |" in row  # train PFLOPs, epochs
     assert "best | —" in next(line for line in text.splitlines() if line.startswith("| msmae |"))
+
+
+def test_map_sources_are_rows_of_their_own_and_every_rule_is_scored_on_the_lesion_masks(tmp_path, capsys):
+    """Issue 29's comparison: the attention rule with two map sources and the uniform rule, each pre-trained encoder's
+    maps scored against the validation lesion masks; a source other than the paper's is a row of its own."""
+    from test_lesion_runner import _bundle_with_masks
+
+    from comparison.bundle import save_bundle
+
+    bundle, _ = _bundle_with_masks()
+    path = save_bundle(bundle, tmp_path / "lesions.pt")
+    out = tmp_path / "r.jsonl"
+    common = ["--bundle", str(path), "--out", str(out), "--seeds", "0", *TINY, "--lesion-sources", "cls_attention", "rollout", "grad_attention"]
+    compare.main([*common, "--methods", "msmae_ft_all", "msmae_uniform_ft_all"])
+    compare.main([*common, "--methods", "msmae_ft_all", "--map-source", "rollout"])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["recipe"]["map_source"]) for r in records] == [
+        ("msmae_ft_all", "cls_attention"), ("msmae_uniform_ft_all", "cls_attention"), ("msmae_ft_all", "rollout")]
+    for r in records:  # the uniform rule never refreshes maps, yet its encoder is scored like the others
+        for source in ("cls_attention", "rollout", "grad_attention"):
+            assert 0.0 <= r["pretrain_lesion"][f"{source}/lesion_auroc"] <= 1.0
+    assert records[0]["pretrain_lesion"] != records[1]["pretrain_lesion"]
+    text = compare.markdown_tables(records)
+    assert text.count("| msmae_ft_all |") == 1 + 3 and "| msmae_ft_all [rollout] | 1 |" in text
+    sources = ("cls_attention", "rollout", "grad_attention")
+    lesion = [line for line in text.splitlines() if line.startswith("| msmae_uniform_ft_all | 1 | ") and line.split(" | ")[2] in sources]
+    assert [line.split(" | ")[2] for line in lesion] == list(sources)
+    auroc = records[1]["pretrain_lesion"]["rollout/lesion_auroc"]
+    assert f"| {auroc:.3f} |" in lesion[1]
+    best = max(c["val_cls_balanced_accuracy"] for c in records[1]["pretrain_curve"])
+    assert lesion[0].endswith(f"| {best:.3f} | {records[1]['pretrain_curve'][-1]['val_cls_balanced_accuracy']:.3f} |")
