@@ -14,6 +14,10 @@ then the same SETR-PUP head and segmentation recipe (``comparison.segmentation``
 Prints a markdown table: test Dice and IoU per encoder (mean over images of the per-image mean over seeds, 95 % bootstrap
 CI over images) and the paired difference to ``scratch`` on the same test images. Imports torch, timm, numpy, msmae and
 comparison only (matplotlib for ``--figure``).
+
+Resumable: ``--out`` is rewritten after every finished run, and a later call with the same settings skips the runs
+already in it (with ``--pretrained-dir`` a finished pre-training is reused too), so a long comparison can be stopped
+and continued across sessions; only the run in progress is lost.
 """
 
 from __future__ import annotations
@@ -46,9 +50,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-epochs", type=int, default=20)
     p.add_argument("--segment-epochs", type=int, default=20)
     p.add_argument("--segment-blr", type=float, default=1e-3)
+    p.add_argument("--class-balance", action="store_true", help="pre-train with a class-balanced CLS loss (imbalanced data, e.g. HAM10000)")
     p.add_argument("--pretrained-dir", type=Path, help="keep pre-trained encoders here (a later call reuses them)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     return p
+
+
+_SETTINGS = ("bundle", "preset", "img_size", "patch_size", "batch_size", "pretrain_epochs", "segment_epochs", "segment_blr", "class_balance")
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    """What makes two runs of one encoder and seed the same run (a resumed call skips those already in ``--out``)."""
+    return {k: str(getattr(args, k)) for k in _SETTINGS}
+
+
+def finished_runs(path: Path, settings: dict) -> list[dict]:
+    """The runs already in ``path`` made with ``settings`` (others are kept in the file but not reused)."""
+    if not path.is_file():
+        return []
+    try:
+        runs = json.loads(path.read_text())["runs"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise SystemExit(f"{path}: not a results file of this script ({e}); move it away or choose another --out") from e
+    return [r for r in runs if r.get("settings") == settings]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -60,10 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
     from comparison.segmentation import SegmentRecipe, paired_mean_ci, mean_ci, segment_data, train_segmenter
 
     args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     bundle = load_bundle(args.bundle)
     recipe = Recipe.for_epochs(args.pretrain_epochs, 1, preset=args.preset, img_size=args.img_size, patch_size=args.patch_size,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, class_balance=args.class_balance)
     preset = msmae.get_preset(args.preset, args.img_size, args.patch_size)
     device_data = load_device_data(bundle, args.img_size, device) if any(ENCODERS[e] for e in args.encoders) else None
     data = segment_data(bundle, args.img_size, device)
@@ -72,28 +99,65 @@ def main(argv: list[str] | None = None) -> dict:
     cache = PretrainCache(directory=args.pretrained_dir) if args.pretrained_dir else PretrainCache()
     if args.pretrained_dir:
         args.pretrained_dir.mkdir(parents=True, exist_ok=True)
-    runs, examples = [], {}
+    settings = settings_of(args)
+    done = {(r["encoder"], r["seed"]): r for r in finished_runs(args.out, settings)}
+    if done:
+        print(f"{len(done)} runs already in {args.out} with these settings: not run again", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    runs = []
     for seed in args.seeds:
         for encoder in args.encoders:
+            if (encoder, seed) in done:
+                runs.append(done[(encoder, seed)])
+                continue
             start = time.perf_counter()
             state = None
+            tag = f"[{encoder} s{seed}]"
             if ENCODERS[encoder]:
                 method = METHODS[ENCODERS[encoder]]
-                state, _, _ = pretrained_encoder(method, effective_recipe(method, recipe), device_data, seed, device, cache=cache)
-            record = train_segmenter(state, preset, data, seg_recipe, seed, device)
+                state, _, shared = pretrained_encoder(method, effective_recipe(method, recipe), device_data, seed, device, cache=cache,
+                                                      progress=lambda row, tag=tag: _print_pretrain(tag, row))
+                if shared:
+                    print(f"{tag} pre-trained encoder reused from {args.pretrained_dir}", flush=True)
+            record = train_segmenter(state, preset, data, seg_recipe, seed, device, progress=lambda row, tag=tag: _print_segment(tag, row, args))
             model = record.pop("model")
-            if seed == args.seeds[0]:
-                examples[encoder] = _predict(model, data, 6, seg_recipe.threshold)
-            runs.append({"encoder": encoder, "seed": seed, "seconds": time.perf_counter() - start, **record})
-            print(f"{encoder} seed {seed}: val Dice {record['val']['dice']:.4f}  test Dice {record['test']['dice']:.4f} "
+            examples = _predict(model, data, 6, seg_recipe.threshold) if seed == args.seeds[0] else None
+            runs.append({"encoder": encoder, "seed": seed, "settings": settings, "seconds": time.perf_counter() - start, **record,
+                         "examples": None if examples is None else examples.astype(np.uint8).tolist()})
+            print(f"{tag} val Dice {record['val']['dice']:.4f}  test Dice {record['test']['dice']:.4f} "
                   f"IoU {record['test']['iou']:.4f}  ({runs[-1]['seconds']:.0f} s)", flush=True)
+            _save(args, runs, None)
     table = summarise(runs, args.encoders, mean_ci, paired_mean_ci)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "table": table}, indent=1))
+    _save(args, runs, table)
     if args.figure:
-        _figure(data, examples, args.figure)
+        first = {r["encoder"]: np.array(r["examples"], dtype=bool) for r in runs if r["seed"] == args.seeds[0] and r.get("examples")}
+        _figure(data, first, args.figure)
     return {"runs": runs, "table": table}
+
+
+def _save(args: argparse.Namespace, runs: list[dict], table: str | None) -> None:
+    """Rewrite ``--out`` with this call's runs and the earlier ones it did not reuse (other settings), atomically."""
+    kept = finished_runs_other(args.out, settings_of(args))
+    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+    tmp.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": kept + runs, "table": table}, indent=1))
+    tmp.replace(args.out)
+
+
+def finished_runs_other(path: Path, settings: dict) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [r for r in json.loads(path.read_text())["runs"] if r.get("settings") != settings]
+
+
+def _print_pretrain(tag: str, row: dict) -> None:
+    print(f"{tag} pretrain {row['epoch'] + 1}/{row.get('epochs', '?')} {row.get('phase', '')} loss {row['train_loss']:.4f} "
+          f"({row.get('seconds', 0):.0f} s)", flush=True)
+
+
+def _print_segment(tag: str, row: dict, args: argparse.Namespace) -> None:
+    print(f"{tag} segment {row['epoch'] + 1}/{args.segment_epochs} loss {row['train_loss']:.4f} val Dice {row['val_dice']:.4f}",
+          flush=True)
 
 
 def per_image(runs: list[dict], encoder: str, key: str) -> np.ndarray:
@@ -103,7 +167,7 @@ def per_image(runs: list[dict], encoder: str, key: str) -> np.ndarray:
 
 def summarise(runs: list[dict], encoders: list[str], mean_ci, paired_mean_ci) -> str:
     seeds = sorted({r["seed"] for r in runs})
-    lines = [f"| encoder | test Dice [95 % CI] | test IoU [95 % CI] | Dice - scratch [95 % CI] | val Dice (selected) | seeds |",
+    lines = ["| encoder | test Dice [95 % CI] | test IoU [95 % CI] | Dice - scratch [95 % CI] | val Dice (selected) | seeds |",
              "|---|---|---|---|---|---|"]
     for encoder in encoders:
         dice, iou = per_image(runs, encoder, "test_dice"), per_image(runs, encoder, "test_iou")

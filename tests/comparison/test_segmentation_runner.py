@@ -49,3 +49,12 @@ def test_the_comparison_script_runs_two_encoders_and_writes_the_table(tmp_path, 
     assert [r["encoder"] for r in result["runs"]] == ["mae", "scratch"]
     assert "| mae |" in result["table"] and "Dice - scratch" in result["table"] and (tmp_path / "f.png").stat().st_size > 0
     assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["per_image"]["test_dice"]
+    assert "examples" in result["runs"][0] and result["runs"][1]["examples"] is not None
+
+    # a second call with the same settings runs nothing again (resumable), and keeps the per-image scores
+    before = json.loads((tmp_path / "r.json").read_text())["runs"]
+    again = compare_segmentation.main(["--bundle", str(tmp_path / "b.pt"), "--out", str(tmp_path / "r.json"), "--encoders", "mae", "scratch",
+                                       "--seeds", "0", "--img-size", "32", "--batch-size", "16", "--pretrain-epochs", "1",
+                                       "--segment-epochs", "1", "--device", str(device)])
+    assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in before]
+    assert again["table"] == result["table"]
