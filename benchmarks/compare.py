@@ -579,6 +579,22 @@ def lesion_table(records: list[dict]) -> str | None:
                 continue
             cells = [_mean_sd([r["pretrain_lesion"][f"{source}/{k}"] for r in rs], 2 if k == "lesion_lift" else 3) for k, _ in _LESION]
             lines.append(f"| {label} | {len(rs)} | {source} | " + " | ".join(cells) + f" | {best} | {last} |")
+    return "\n".join(lines) + "\n\n" + lesion_curve_table(rows, sources)
+
+
+def lesion_curve_table(rows: dict[str, list[dict]], sources: list[str]) -> str:
+    """Patch AUROC of each source's maps against the lesion masks along pre-training (mean over seeds): at every
+    refresh of the attention rule, and on the same schedule for rules that never refresh (scored, not used)."""
+    epochs = sorted({c["epoch"] for rs in rows.values() for r in rs for c in r["pretrain_curve"] if f"{sources[0]}/lesion_auroc" in c})
+    lines = ["Lesion patch AUROC along pre-training (mean over seeds; E = pre-training epochs done):", "",
+             "| row | source | " + " | ".join(f"E = {e + 1}" for e in epochs) + " |", "|---|---|" + "---:|" * len(epochs)]
+    for label, rs in rows.items():
+        for source in sources:
+            cells = []
+            for e in epochs:
+                values = [c[f"{source}/lesion_auroc"] for r in rs for c in r["pretrain_curve"] if c["epoch"] == e and f"{source}/lesion_auroc" in c]
+                cells.append(f"{statistics.fmean(values):.3f}" if values else "—")
+            lines.append(f"| {label} | {source} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -425,11 +425,16 @@ def run_stage(
     stage, epochs = trainer.plan.stage, trainer.schedule.epochs
     result = StageResult(list(resume.curve), resume.seconds) if resume is not None else StageResult()
     prior = result.seconds
+    # rules that never refresh maps (uniform, random) get their maps scored on the lesion masks on the same schedule,
+    # so every pre-training rule has a lesion curve to set beside the attention rule's
+    score_lesions = stage == "pretrain" and trainer.table is None and bool(recipe.lesion_sources) and data.val_masks is not None
     start = time.perf_counter()
     for epoch in range(len(result.curve), epochs):
         epoch_start = time.perf_counter()
         quality.clear()
         outcome = trainer.run_epoch(epoch, batches, len(batches), refresh)
+        if score_lesions and (epoch + 1) % recipe.refresh_every == 0:
+            quality.update(lesion_scores(trainer.model, data, recipe))
         row = {"stage": stage, "epoch": epoch, "epochs": epochs, "phase": outcome.phase, "maps_refreshed": outcome.maps_refreshed > 0,
                **{f"train_{k}": v for k, v in outcome.totals.means().items()}, **quality}  # one host sync per epoch
         timing = {}

@@ -199,7 +199,7 @@ def test_map_sources_are_rows_of_their_own_and_every_rule_is_scored_on_the_lesio
             assert 0.0 <= r["pretrain_lesion"][f"{source}/lesion_auroc"] <= 1.0
     assert records[0]["pretrain_lesion"] != records[1]["pretrain_lesion"]
     text = compare.markdown_tables(records)
-    assert text.count("| msmae_ft_all |") == 1 + 3 and "| msmae_ft_all [rollout] | 1 |" in text
+    assert text.count("| msmae_ft_all |") == 1 + 3 + 3 and "| msmae_ft_all [rollout] | 1 |" in text
     sources = ("cls_attention", "rollout", "grad_attention")
     lesion = [line for line in text.splitlines() if line.startswith("| msmae_uniform_ft_all | 1 | ") and line.split(" | ")[2] in sources]
     assert [line.split(" | ")[2] for line in lesion] == list(sources)
@@ -207,3 +207,7 @@ def test_map_sources_are_rows_of_their_own_and_every_rule_is_scored_on_the_lesio
     assert f"| {auroc:.3f} |" in lesion[1]
     best = max(c["val_cls_balanced_accuracy"] for c in records[1]["pretrain_curve"])
     assert lesion[0].endswith(f"| {best:.3f} | {records[1]['pretrain_curve'][-1]['val_cls_balanced_accuracy']:.3f} |")
+    scored = [c["epoch"] for c in records[1]["pretrain_curve"] if "rollout/lesion_auroc" in c]  # the uniform rule, never refreshed
+    assert scored == [0, 1] and not any(c["maps_refreshed"] for c in records[1]["pretrain_curve"])
+    curve_row = next(line for line in text.splitlines() if line.startswith("| msmae_uniform_ft_all | rollout | "))
+    assert curve_row.rstrip(" |").split(" | ")[2:4] == [f"{c['rollout/lesion_auroc']:.3f}" for c in records[1]["pretrain_curve"]]
