@@ -205,9 +205,8 @@ def run_main(argv: list[str]) -> None:
     import msmae
     from comparison.budget import calibrate, estimate_run, fit_epochs
     from comparison.bundle import load_bundle
-    from comparison.runner import (
-        METHODS, PretrainCache, effective_recipe, finetune_epochs, load_device_data, run_method, step_flops,
-    )
+    from comparison.pretrain_store import PretrainCache
+    from comparison.runner import METHODS, effective_recipe, finetune_epochs, load_device_data, run_method, step_flops
 
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import msmae
     from comparison.bundle import load_bundle
-    from comparison.runner import METHODS, PretrainCache, Recipe, effective_recipe, load_device_data, pretrained_encoder
+    from comparison.pretrain_store import PretrainCache
+    from comparison.runner import METHODS, Recipe, effective_recipe, load_device_data, pretrained_encoder
     from comparison.segmentation import SegmentRecipe, paired_mean_ci, mean_ci, segment_data, train_segmenter
 
     args = parser().parse_args(argv)

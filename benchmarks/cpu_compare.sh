@@ -21,24 +21,10 @@ PRESET=${PRESET:-tiny} IMG=${IMG:-48} PATCH=${PATCH:-8} BATCH=${BATCH:-64}
 SIDE=${SIDE:-64}                               # stored bundle side; crops are resized to IMG
 mkdir -p "$OUT" "$WORK" bundles
 
-bundle() {  # name -> path of its bundle, ingesting and bundling on first use
-  local name=$1 data="$WORK/$1" out="bundles/$1-$SIDE.pt"
-  if [ ! -f "$out" ]; then
-    if [ ! -f "$data/dataset.json" ]; then
-      case $name in
-        btmd) "$MSMAE" ingest "$SHARED/btmd/Training" --out "$data" --val 0.15 --test 0.15 --seed 0 >&2 ;;
-        ham10000) "$MSMAE" ingest --manifest "$SHARED/ham10000/HAM10000_metadata.csv" \
-            --image-root "$SHARED/ham10000/images" --image-col image_id --label-col dx \
-            --group-col lesion_id --out "$data" --val 0.15 --test 0.15 --seed 0 --max-side 160 >&2 ;;
-      esac
-    fi
-    "$PY" benchmarks/make_bundle.py "$data" --out "$out" --name "$name" --side "$SIDE" >&2
-  fi
-  echo "$out"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib/bundle.sh"   # bundle NAME PATH: ingest and bundle on first use
 
 for name in btmd ham10000; do
-  path=$(bundle "$name")
+  path=$(bundle "$name" "bundles/$name-$SIDE.pt")
   echo "== compare $name ($path): budget ${BUDGET}s"
   "$PY" benchmarks/compare.py --bundle "$path" --preset "$PRESET" --img-size "$IMG" --patch-size "$PATCH" \
     --pretrain-epochs "$MAX_EPOCHS" --finetune-epochs "$MAX_EPOCHS" --seeds $SEEDS --batch-size "$BATCH" \

@@ -50,23 +50,9 @@ BUNDLES=${BUNDLES:-bundles}
 mkdir -p "$OUT" "$WORK" "$BUNDLES"
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}   # spinning OpenMP threads slow a shared 2-core machine 3-4x
 
-bundle() {  # name -> path of its bundle, ingesting and bundling on first use
-  local name=$1 data="$WORK/$1" out="$BUNDLES/$1-dedup-$SIDE.pt"
-  if [ ! -f "$out" ]; then
-    if [ ! -f "$data/dataset.json" ]; then
-      case $name in
-        btmd) "$MSMAE" ingest "$SHARED/btmd/Training" --out "$data" --val 0.15 --test 0.15 --seed 0 >&2 ;;
-        ham10000) "$MSMAE" ingest --manifest "$SHARED/ham10000/HAM10000_metadata.csv" \
-            --image-root "$SHARED/ham10000/images" --image-col image_id --label-col dx \
-            --group-col lesion_id --out "$data" --val 0.15 --test 0.15 --seed 0 --max-side 160 >&2 ;;
-      esac
-    fi
-    "$PY" benchmarks/make_bundle.py "$data" --out "$out" --name "$name" --side "$SIDE" >&2
-  fi
-  echo "$out"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib/bundle.sh"   # bundle NAME PATH: ingest and bundle on first use
 
-path=${BUNDLE:-$(bundle "$DATASET")}
+path=${BUNDLE:-$(bundle "$DATASET" "$BUNDLES/$DATASET-dedup-$SIDE.pt")}
 n_methods=$(wc -w <<< "$METHODS"); n_seeds=$(wc -w <<< "$SEEDS"); n_grid=$(wc -w <<< "$LR_GRID")
 echo "== $DATASET ($path): $n_methods methods x ($n_grid grid values on the first seed + $((n_seeds - 1)) seeds), $PRE + $FT epochs -> $OUT/$DATASET.jsonl"
 "$PY" benchmarks/compare.py --bundle "$path" --preset "$PRESET" --img-size "$IMG" --patch-size "$PATCH" --batch-size "$BATCH" \

@@ -6,6 +6,7 @@ augmented there (``comparison.augment``); every epoch is ``msmae.StageTrainer.ru
 the same epoch skeleton the Ray workers run, with the same optimisers
 (``msmae.build_optimizer``), learning-rate schedule, masking schedule and attention-table
 refreshes as ``pipelines/train/worker.py``.
+Pre-trainings are kept, resumed and snapshotted on disk by ``comparison.pretrain_store``.
 
 Methods (``METHODS``), each on its own recipe where its authors' differs (``Method.adapt``):
     supervised            ViT from random init on all tokens, no pre-training, no layer decay
@@ -32,12 +33,10 @@ A learning rate per method comes from a grid chosen on validation (``blr`` of ``
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -46,6 +45,9 @@ import msmae
 from comparison import flops as flops_mod
 from comparison.augment import TrainBatches, eval_batches, resize_whole
 from comparison.bundle import Bundle, decode_all
+from comparison.pretrain_store import (
+    Checkpointing, PretrainCache, StageResult, restore_training_state, save_training_state,
+)
 from msmae import defaults
 from msmae import ClsLoss, MaskingStrategy, MaskRatios, evaluate, report_from_probs
 
@@ -333,15 +335,6 @@ Progress = Callable[[dict], None]
 Validate = Callable[[int], dict[str, float]]
 
 
-@dataclass
-class StageResult:
-    curve: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-    # pre-training by attention: every training image's map from the final model ([N, L], CPU),
-    # which frozen-map fine-tuning draws from
-    maps: torch.Tensor | None = None
-
-
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -454,58 +447,6 @@ def run_stage(
     return result
 
 
-@dataclass(frozen=True)
-class Checkpointing:
-    """Where one long pre-training keeps its state, so it survives an interruption.
-
-    Every ``every`` epochs the whole training state (model, optimiser, attention table, the
-    random generators, the SAM start, the curve) replaces ``<stem>-latest.pt``; at each epoch
-    count in ``snapshots`` the model and its curve go to ``<stem>-e<epochs>.pt``, to fine-tune
-    from (the pre-training-length curve). Files are written whole or not at all.
-    """
-
-    directory: Path
-    stem: str
-    every: int | None = None
-    snapshots: tuple[int, ...] = ()
-
-    @property
-    def latest(self) -> Path:
-        return self.directory / f"{self.stem}-latest.pt"
-
-    def snapshot(self, epochs: int) -> Path:
-        return self.directory / f"{self.stem}-e{epochs}.pt"
-
-    def load_latest(self, key: str) -> dict | None:
-        if not self.latest.is_file():
-            return None
-        state = torch.load(self.latest, map_location="cpu", weights_only=True)  # tensors and plain values only
-        if state["key"] != key:
-            raise ValueError(f"{self.latest} holds another pre-training ({state['key'][:120]}...); remove it")
-        return state
-
-    def due(self, epochs_done: int, total: int) -> bool:
-        return self.every is not None and (epochs_done % self.every == 0 or epochs_done == total)
-
-
-def save_atomic(payload: dict, path: Path) -> None:
-    """``torch.save`` to a side file, then rename: a killed process leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial_path = path.with_suffix(".partial")
-    torch.save(payload, partial_path)
-    partial_path.replace(path)
-
-
-def _cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cpu(v) for v in value)
-    return value
-
-
 def pretrain(
     method: Method, recipe: Recipe, data: DeviceData, seed: int, device: torch.device, progress: Progress | None = None,
     checkpoints: Checkpointing | None = None, key: str = "",
@@ -543,45 +484,13 @@ def pretrain(
     if checkpoints is not None:
         state = checkpoints.load_latest(key)
         if state is not None:
-            resume = _restore(state, trainer, batches)
-        after_epoch = partial(_checkpoint, checkpoints, key, trainer, batches)
+            resume = restore_training_state(state, trainer, batches)
+        after_epoch = partial(save_training_state, checkpoints, key, trainer, batches)
     result = run_stage(trainer, batches, data, recipe, device, progress, validate, resume=resume, after_epoch=after_epoch)
     if table is not None:  # the final model's maps, for fine-tuning that keeps them (frozen_maps)
         index = torch.arange(len(data.train_plain), device=data.train_plain.device)
         result.maps = msmae.refresh_maps(model, eval_batches(data.train_plain, index, recipe.eval_batch_size)).maps
     return model, result
-
-
-def _checkpoint(checkpoints: Checkpointing, key: str, trainer: msmae.StageTrainer, batches: TrainBatches,
-                epoch: int, result: StageResult) -> None:
-    """Save what ``checkpoints`` asks for after ``epoch`` (the training state, a snapshot, both or nothing)."""
-    done, total = epoch + 1, trainer.schedule.epochs
-    if done in checkpoints.snapshots:
-        save_atomic({"key": key, "epochs": done, "encoder_state": _cpu(trainer.model.state_dict()),
-                     "curve": result.curve, "seconds": result.seconds}, checkpoints.snapshot(done))
-    if checkpoints.due(done, total):
-        masking = trainer.schedule.masking
-        save_atomic({
-            "key": key, "epochs_done": done, "model": _cpu(trainer.model.state_dict()), "optimizer": _cpu(trainer.optimizer.state_dict()),
-            "table": trainer.table.state_dict() if trainer.table is not None else None,
-            "generators": [batches.generator.get_state(), trainer.generator.get_state()], "rng": torch.get_rng_state(),
-            "sam_start": masking.sam_start if masking is not None else None, "curve": result.curve, "seconds": result.seconds,
-        }, checkpoints.latest)
-
-
-def _restore(state: dict, trainer: msmae.StageTrainer, batches: TrainBatches) -> StageResult:
-    """Put a saved training state back into ``trainer`` and ``batches``; the stage so far."""
-    trainer.model.load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    if trainer.table is not None and state["table"] is not None:
-        trainer.table.maps.copy_(state["table"]["maps"])
-        trainer.table.refreshed_at = state["table"]["refreshed_at"]
-    batches.generator.set_state(state["generators"][0])
-    trainer.generator.set_state(state["generators"][1])
-    torch.set_rng_state(state["rng"])
-    if state["sam_start"] is not None:
-        trainer.schedule = replace(trainer.schedule, masking=replace(trainer.schedule.masking, sam_start=state["sam_start"]))
-    return StageResult(list(state["curve"]), float(state["seconds"]))
 
 
 def class_weights(recipe: Recipe, data: DeviceData) -> torch.Tensor | None:
@@ -711,73 +620,6 @@ def _headline(report: msmae.ClassificationReport) -> dict[str, float]:
 
 
 # --- one method, one seed ----------------------------------------------------------------
-
-
-@dataclass
-class PretrainCache:
-    """Pre-trained encoders kept for reuse, keyed by what determines them.
-
-    ``msmae``, ``msmae_frozen_maps`` and ``msmae_ft_all`` pre-train identically (same seed,
-    same recipe): the later ones reuse the first's encoder, so their results differ only by
-    fine-tuning. With a ``directory`` every pre-training is also saved there and found by a
-    later process: a GPU box whose commands are capped at 10 minutes pre-trains in one call
-    and fine-tunes in the next (``compare.py --stage pretrain``, then the same command
-    without it). With ``checkpoint_every`` and ``snapshots`` (both need the directory) a long
-    pre-training also saves its state as it goes and resumes after an interruption
-    (``Checkpointing``), and keeps encoders to fine-tune from at the ``snapshots`` epochs.
-    """
-
-    entries: dict[tuple, StageResult | tuple] = field(default_factory=dict)
-    directory: Path | None = None
-    checkpoint_every: int | None = None
-    snapshots: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.directory is None and (self.checkpoint_every or self.snapshots):
-            raise ValueError("checkpoints and snapshots of pre-training need a directory (--pretrained-dir)")
-
-    def path(self, key: tuple) -> Path:
-        return self.directory / f"pretrain-{self.stem(key)}.pt"
-
-    @staticmethod
-    def stem(key: tuple) -> str:
-        return hashlib.sha1(repr(key).encode()).hexdigest()[:16]
-
-    def checkpointing(self, key: tuple) -> Checkpointing | None:
-        """Where ``key``'s pre-training checkpoints live (with a directory: a pre-training left
-        half-done by an earlier command resumes even when this one saves no checkpoints)."""
-        if self.directory is None:
-            return None
-        return Checkpointing(self.directory, f"pretrain-{self.stem(key)}", self.checkpoint_every, tuple(self.snapshots))
-
-    def get(self, key: tuple) -> tuple[dict, StageResult] | None:
-        if key not in self.entries and self.directory is not None and self.path(key).is_file():
-            saved = torch.load(self.path(key), map_location="cpu", weights_only=True)  # tensors and plain values only
-            if saved["key"] != repr(key):
-                raise ValueError(f"{self.path(key)} holds another pre-training ({saved['key'][:120]}...); remove it")
-            self.entries[key] = (saved["encoder_state"], StageResult(saved["curve"], saved["seconds"], saved.get("maps")))
-        return self.entries.get(key)
-
-    def put(self, key: tuple, encoder_state: dict, result: StageResult) -> None:
-        self.entries[key] = (encoder_state, result)
-        if self.directory is not None:  # written whole or not at all: a killed call leaves no half file
-            payload = {"key": repr(key), "encoder_state": _cpu(encoder_state), "curve": result.curve, "seconds": result.seconds,
-                       "maps": result.maps}
-            save_atomic(payload, self.path(key))
-            checkpoints = self.checkpointing(key)
-            if checkpoints is not None:  # finished: the training state is no longer needed
-                checkpoints.latest.unlink(missing_ok=True)
-
-    def snapshot(self, key: tuple, epochs: int) -> tuple[dict, StageResult]:
-        """The encoder saved after ``epochs`` epochs of the pre-training ``key`` (``snapshots``)."""
-        path = self.checkpointing(key).snapshot(epochs) if self.checkpointing(key) else None
-        if path is None or not path.is_file():
-            raise FileNotFoundError(f"no snapshot after {epochs} pre-training epochs ({path}); "
-                                    f"pre-train with snapshots {list(self.snapshots)} including {epochs}")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["key"] != repr(key):
-            raise ValueError(f"{path} holds another pre-training ({saved['key'][:120]}...); remove it")
-        return saved["encoder_state"], StageResult(saved["curve"], saved["seconds"])
 
 
 def pretrain_key(method: Method, recipe: Recipe, data: DeviceData, seed: int) -> tuple:

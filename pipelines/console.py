@@ -47,12 +47,12 @@ QUIET_DROP: tuple[tuple[str, re.Pattern], ...] = (
      re.compile(r"Dataset \S+ execution finished in [\d.]+ seconds")),
     ("Ray Data saying the progress bars this project turned off are off",
      re.compile(r"Progress bars (for operators )?disabled\. To enable")),
-    ("Ray Train's controller on its own PreemptionWatcher actor (ray-project/ray#53727): an ERROR-level note, "
-     "not an error; the actor is restarted by Ray if it ever fails",
-     re.compile(r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store")),
-    ("the same note (ray-project/ray#53727) on a Ray Data scoring actor of `msmae predict`, whose constructor arguments "
-     "(the model's URI, the tracking URI) stay referenced for the whole job",
-     re.compile(r"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(MapBatches\(\w+\)\)' .* has constructor arguments in the object store")),
+    ("Ray's ERROR-level note that an actor's constructor arguments sit in the object store (ray-project/ray#53727), "
+     "not an error, on two actors: Ray Train's controller's own PreemptionWatcher (restarted by Ray if it ever fails) "
+     "and a Ray Data scoring actor of `msmae predict`, whose constructor arguments (the model's URI, "
+     "the tracking URI) stay referenced for the whole job",
+     re.compile(r"core_worker\.cc:\d+: Actor with class name: '(PreemptionWatcher|MapWorker\(MapBatches\(\w+\)\))' "
+                r".* has constructor arguments in the object store")),
     ("a deprecation raised inside Ray's own code (Ray Train's DatasetManager), nothing this project calls",
      re.compile(r"RayDeprecationWarning: ")),
     ("Ray's token-auth notice for the local, loopback-only cluster this command starts",

@@ -22,9 +22,10 @@ from torchvision.transforms import RandomResizedCrop
 from comparison.augment import CROP_RATIO, CROP_SCALE, TrainBatches, resized_crop, sample_crop_boxes
 from comparison.budget import StepTimes, estimate_run, estimate_total, fit_epochs, plan_runs
 from comparison.bundle import SPLITS, decode_all, load_bundle, make_bundle, save_bundle
+from comparison.pretrain_store import PretrainCache
 from comparison.runner import (
-    METHODS, Method, PretrainCache, Recipe, class_weights, effective_recipe, finetune, load_device_data, pretrain, pretrain_key,
-    pretrained_encoder, run_method,
+    METHODS, Method, Recipe, class_weights, effective_recipe, finetune, load_device_data, pretrain, pretrain_key, pretrained_encoder,
+    run_method,
 )
 from msmae.geometry import crop_flip_maps
 

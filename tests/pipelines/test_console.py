@@ -117,3 +117,12 @@ def test_ray_data_logging_config_keeps_its_info_lines_off_the_console():
     assert quiet.returncode == 0, quiet.stderr
     assert "Cluster resources are not enough" in quiet.stderr
     assert "execution finished" not in quiet.stderr and "Progress bars disabled" not in quiet.stderr
+
+
+def test_the_constructor_arguments_note_is_dropped_for_the_two_known_actors_only():
+    """Ray's ray#53727 note, as captured above for PreemptionWatcher, with the class name of predict's scoring
+    actors (Ray Data prints them as MapWorker(MapBatches(<class>))); the same note on any other actor is kept."""
+    note = next(line for line in CAPTURED if "'PreemptionWatcher'" in line)
+    scoring = [note.replace("'PreemptionWatcher'", f"'MapWorker(MapBatches({cls}))'") for cls in ("PredictBatchScorer", "MaskBatchScorer")]
+    other = note.replace("'PreemptionWatcher'", "'RowCounter'")
+    assert _through([note, *scoring, other]) == [console.strip_ansi(other)]
