@@ -89,8 +89,11 @@ def bootstrap_mean_lower(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLE
 class Gate(Protocol):
     """What ``decide`` reads of a quality gate (the classifier's ``GateResult``, the segmenter's ``SegmentGateResult``)."""
 
-    passed: bool
-    reason: str
+    @property
+    def passed(self) -> bool: ...
+
+    @property
+    def reason(self) -> str: ...  # one line
 
 
 @dataclass(frozen=True)

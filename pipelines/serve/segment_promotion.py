@@ -131,7 +131,9 @@ def comparison_tags(comparison: Comparison | None) -> dict[str, str]:
 
 def decision_tags(decision: Decision) -> dict[str, str]:
     """Every version tag the decision sets: ``promotion`` (its one line), the gate's verdict and numbers, the comparison."""
-    return {"promotion": decision.reason[:5000], **decision.gate.tags(), **comparison_tags(decision.comparison)}
+    gate = decision.gate
+    assert isinstance(gate, SegmentGateResult), "a segmenter's decision carries the segmenter's gate"
+    return {"promotion": decision.reason[:5000], **gate.tags(), **comparison_tags(decision.comparison)}
 
 
 def card_lines(decision: Decision) -> list[str]:

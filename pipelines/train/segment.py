@@ -32,8 +32,8 @@ from pipelines.data.preprocessing import Preprocessing
 from pipelines.data.streams import eval_stream, train_stream
 from pipelines.local_ray import ensure_ray, quiet_ray_data
 from pipelines.serve import registry, segment_promotion, segment_registry
-from pipelines.serve.segment_evaluate import contour_figure, evaluate_masks
 from pipelines.serve.promotion import Decision
+from pipelines.serve.segment_evaluate import contour_figure, evaluate_masks
 from pipelines.serve.segment_pyfunc import MaskPredictor
 from pipelines.train.launcher import StageDataConfig
 from pipelines.train.run import check_workdir, run_prefix, workdir_lock
