@@ -8,7 +8,9 @@ split; two models are only comparable on the same images, so the champion is loa
 registry and scored here (same dataset fingerprint, hence the same split), and the per-image
 predictions are resampled together (a paired bootstrap) for a confidence interval of the margin.
 
-The functions are pure numpy on probabilities and labels, except ``champion_of`` (reads the registry).
+The functions are pure numpy on probabilities and labels, except ``champion_version`` and ``judge`` (read the
+registry). The rule itself (``decide``, ``Comparison.wins``) and the per-image pieces (``bootstrap_mean_lower``,
+``paired_mean_difference``, ``other_dataset``) serve the segmenter too (``pipelines.serve.segment_promotion``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -73,6 +76,24 @@ def metric_value(probs: np.ndarray, labels: np.ndarray, metric: str) -> float:
 
 def _resamples(n: int, resamples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))  # [B, N] image indices, with replacement
+
+
+def bootstrap_mean_lower(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> float:
+    """The 2.5 % percentile of the mean of per-image ``values`` over images resampled with replacement (NaN when empty)."""
+    values = np.asarray(values, dtype=np.float64)
+    if not len(values):
+        return float("nan")
+    return float(np.percentile(values[_resamples(len(values), resamples, seed)].mean(1), 2.5))
+
+
+class Gate(Protocol):
+    """What ``decide`` reads of a quality gate (the classifier's ``GateResult``, the segmenter's ``SegmentGateResult``)."""
+
+    @property
+    def passed(self) -> bool: ...
+
+    @property
+    def reason(self) -> str: ...  # one line
 
 
 @dataclass(frozen=True)
@@ -172,15 +193,32 @@ def paired_bootstrap(challenger_probs: np.ndarray, champion_probs: np.ndarray, l
     return Comparison(f"val_{metric}", mine, theirs, mine - theirs, float(low), float(high), len(labels), champion_version)
 
 
+def paired_mean_difference(challenger: np.ndarray, champion: np.ndarray, metric: str, champion_version: str = "?",
+                           resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Comparison:
+    """``paired_bootstrap`` for a metric that is a mean of per-image scores (a segmenter's Dice): both models'
+    scores of the same resampled images each round, the interval of the difference of the means."""
+    a, b = np.asarray(challenger, dtype=np.float64), np.asarray(champion, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"challenger {a.shape} and champion {b.shape} are not per-image scores of the same images")
+    diffs = (a - b)[_resamples(len(a), resamples, seed)].mean(1)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return Comparison(metric, float(a.mean()), float(b.mean()), float(a.mean() - b.mean()), float(low), float(high), len(a), champion_version)
+
+
+def other_dataset(champion_tags: Mapping[str, str], fingerprint: str) -> str | None:
+    """Why a champion trained on another dataset (hence another split) cannot be compared with this model, or None."""
+    if champion_tags.get("dataset_fingerprint") != fingerprint:
+        return (f"it was trained on another dataset (fingerprint {str(champion_tags.get('dataset_fingerprint'))[:12]}…, "
+                f"this one {fingerprint[:12]}…)")
+    return None
+
+
 def incompatibility(champion_tags: Mapping[str, str], class_names: list[str], fingerprint: str) -> str | None:
     """Why the champion cannot be compared with (nor replaced by) this model, or None when it can."""
     theirs = champion_tags.get("class_names")
     if theirs is None or theirs.split(",") != list(class_names):
         return f"its classes are [{theirs or 'unknown'}], this model's [{','.join(class_names)}]"
-    if champion_tags.get("dataset_fingerprint") != fingerprint:
-        return (f"it was trained on another dataset (fingerprint {str(champion_tags.get('dataset_fingerprint'))[:12]}…, "
-                f"this one {fingerprint[:12]}…)")
-    return None
+    return other_dataset(champion_tags, fingerprint)
 
 
 @dataclass(frozen=True)
@@ -189,7 +227,7 @@ class Decision:
 
     alias: str | None
     reason: str
-    gate: GateResult
+    gate: Gate  # a dataclass: GateResult or SegmentGateResult
     comparison: Comparison | None = None
     champion_version: str | None = None  # the champion in place before this version
 
@@ -202,7 +240,7 @@ class Decision:
                 "comparison": asdict(self.comparison) if self.comparison else None, "champion_version": self.champion_version}
 
 
-def decide(gate: GateResult, model_name: str, champion_version: str | None, why_incompatible: str | None,
+def decide(gate: Gate, model_name: str, champion_version: str | None, why_incompatible: str | None,
            comparison: Comparison | None) -> Decision:
     """The promotion rule: gate first, then compatibility with the champion, then the comparison on the same split."""
     if not gate.passed:

@@ -26,6 +26,8 @@ class MaskReport:
     without_mask: int  # images of the split with no mask (not scored)
     unusable: int  # images the predictor could not read (not scored)
     examples: list = field(default_factory=list)  # (image RGB uint8, true mask, predicted mask) for figures
+    index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # the dataset's row index of each scored image
+    lesion_share: np.ndarray = field(default_factory=lambda: np.zeros(0))  # each scored image's true lesion share (trivial baselines)
 
     def scalars(self) -> dict[str, float]:
         return {"dice": float(self.dice.mean()) if len(self.dice) else float("nan"),
@@ -51,7 +53,7 @@ def evaluate_masks(predictor: MaskPredictor, dataset: IngestedDataset, split: st
     """Dice / IoU per image of ``split`` (see the module docstring); ``examples``: keep that many for a figure."""
     from pipelines.data.transforms import decode
 
-    dice, iou, without, unusable, kept = [], [], 0, 0, []
+    dice, iou, without, unusable, kept, index, share = [], [], 0, 0, [], [], []
     rows = [r for r in dataset.rows(split)]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -68,9 +70,11 @@ def evaluate_masks(predictor: MaskPredictor, dataset: IngestedDataset, split: st
             d, i = dice_iou_np(predicted, truth)
             dice.append(d)
             iou.append(i)
+            index.append(int(r["index"]))
+            share.append(float(truth.mean()))
             if len(kept) < examples:
                 kept.append((np.asarray(decode(r["image"])), truth, predicted.astype(bool)))
-    return MaskReport(split, np.asarray(dice), np.asarray(iou), without, unusable, kept)
+    return MaskReport(split, np.asarray(dice), np.asarray(iou), without, unusable, kept, np.asarray(index, np.int64), np.asarray(share))
 
 
 def contour_figure(examples: list, title: str):

@@ -1,10 +1,15 @@
 """The registered segmenter: logged as a self-contained pyfunc with its model card, given ``@champion`` when it earns it.
 
 A segmenter is registered under its own name (default ``msmae-<dataset>-segmenter``), so it never
-takes a classifier's ``@champion``. Promotion is simpler than the classifier's
-(``pipelines.serve.promotion``): the new version becomes ``@champion`` when there is none, or when
-the champion was trained on a dataset with the same fingerprint and has a lower validation score on
-the same metric; otherwise ``@challenger``.
+takes a classifier's ``@champion``. Which alias a new version gets is decided before registration by
+``pipelines.serve.segment_promotion``, with the classifier's rule (``pipelines.serve.promotion``):
+a quality gate first (the bootstrap 95 % lower bound of the validation Dice must clear the trivial
+masks "everything is lesion" and "nothing is lesion" on the same images; failing: no alias), then
+the champion, if it is a segmenter of the same dataset fingerprint, loaded from the registry
+(``registered_predictor``: its weights file alone, read ``weights_only``) and scored on this run's
+validation images; a positive margin on the selection metric takes ``@champion``, else
+``@challenger``. A champion of another dataset is never replaced (no alias). The reason, the gate's
+numbers and the margin with its paired-bootstrap 95 % CI are version tags (``segment_promotion.decision_tags``).
 """
 
 from __future__ import annotations
@@ -17,14 +22,12 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 import msmae
-from pipelines import tracking
+from pipelines import checkpoint, tracking
 from pipelines.data.preprocessing import Preprocessing
 from pipelines.serve import segment_pyfunc
 from pipelines.serve.model_card import NOT_FOR_DIAGNOSIS
 from pipelines.serve.pyfunc import example_image
-from pipelines.serve.registry import CHAMPION, SERVING_REQUIREMENTS, _fit
-
-CHALLENGER = "challenger"
+from pipelines.serve.registry import SERVING_REQUIREMENTS, _fit
 
 
 @dataclass(frozen=True)
@@ -44,23 +47,21 @@ def default_name(classifier_default: str) -> str:
     return f"{classifier_default}-segmenter"
 
 
-def choose_alias(model_name: str, metric: str, value: float, fingerprint: str) -> tuple[str, str]:
-    """``(alias, why)`` for a new version, from the current champion's tags (see the module docstring)."""
-    client = MlflowClient()
-    try:
-        champion = client.get_model_version_by_alias(model_name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        return CHAMPION, f"no @{CHAMPION} yet"
-    tags = champion.tags or {}
-    if tags.get("dataset_fingerprint") != fingerprint:
-        return CHALLENGER, f"@{CHAMPION} (version {champion.version}) was trained on another dataset; not compared"
-    try:
-        theirs = float(tags[metric])
-    except (KeyError, ValueError):
-        return CHAMPION, f"@{CHAMPION} (version {champion.version}) has no {metric} tag"
-    if value > theirs:
-        return CHAMPION, f"{metric} {value:.4f} > @{CHAMPION} version {champion.version}'s {theirs:.4f}"
-    return CHALLENGER, f"{metric} {value:.4f} <= @{CHAMPION} version {champion.version}'s {theirs:.4f}"
+def registered_predictor(model_name: str, version: str):
+    """The ``MaskPredictor`` of a registered segmenter version from its weights file alone (threshold and preprocessing
+    travel in it), read ``weights_only``: the pyfunc's pickled ``python_model`` is never loaded, so a registry entry
+    written by someone else cannot run code here."""
+    uri = f"models:/{model_name}/{version}"
+    flavor = (mlflow.models.get_model_info(uri).flavors or {}).get("python_function", {})
+    entry = (flavor.get("artifacts") or {}).get(segment_pyfunc.WEIGHTS_ARTIFACT)
+    if not entry:
+        raise ValueError(f"{uri} has no '{segment_pyfunc.WEIGHTS_ARTIFACT}' weights artifact; was it registered by `msmae segment`?")
+    with tempfile.TemporaryDirectory(prefix="msmae-champion-") as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{MlflowClient().get_model_version_download_uri(model_name, version)}/{entry['path']}", dst_path=tmp)
+        state = checkpoint.read_weights(path)
+    return segment_pyfunc.MaskPredictor(checkpoint.segmenter_from(state), Preprocessing.from_dict(state["preprocessing"]),
+                                        float(state["threshold"]))
 
 
 def register_segmenter(spec: SegmenterToRegister, model_name: str, alias: str | None, tags: dict[str, str] | None = None) -> str:

@@ -5,7 +5,9 @@ masks, validation Dice / IoU each epoch (``segment/val_dice``), Ray keeping the 
 by ``segment.metric``; then the chosen checkpoint is scored on validation and, once, on test,
 at each image's own size through the served decode path (``pipelines.serve.segment_evaluate``),
 a figure of predicted vs true contours is logged, and the segmenter is registered as a pyfunc
-with its model card (``pipelines.serve.segment_registry``). The encoder starts from a
+with its model card (``pipelines.serve.segment_registry``), its alias decided first by
+``pipelines.serve.segment_promotion`` (a quality gate against trivial masks, then the champion
+scored on the same validation images). The encoder starts from a
 pre-training checkpoint (``--init``: MSMAE or MAE pre-training, any masking rule) or from random
 weights. Not resumable yet: a stopped run is started again.
 """
@@ -29,7 +31,8 @@ from pipelines.data.ingest_options import IngestError
 from pipelines.data.preprocessing import Preprocessing
 from pipelines.data.streams import eval_stream, train_stream
 from pipelines.local_ray import ensure_ray, quiet_ray_data
-from pipelines.serve import registry, segment_registry
+from pipelines.serve import registry, segment_promotion, segment_registry
+from pipelines.serve.promotion import Decision
 from pipelines.serve.segment_evaluate import contour_figure, evaluate_masks
 from pipelines.serve.segment_pyfunc import MaskPredictor
 from pipelines.train.launcher import StageDataConfig
@@ -45,7 +48,8 @@ class SegmentOutcome:
     checkpoint: str  # the chosen checkpoint folder
     model_name: str
     version: str
-    alias: str
+    alias: str | None  # None: not promoted (the quality gate failed, or another dataset's champion stays)
+    why: str  # the promotion decision's one line
     val: dict
     test: dict | None
     seconds: float
@@ -137,14 +141,16 @@ def run_segmentation(
             best_dir, _ = best_checkpoint(result, cfg.segment.metric)
             outcome = finish_segmentation(best_dir, dataset, cfg, log, init_checkpoint)
         seconds = time.time() - start
-        log(f"registered {cfg.tracking.model_name} version {outcome['version']} as @{outcome['alias']} ({outcome['why']}); done in {seconds:.0f} s")
+        aliased = f" as @{outcome['alias']}" if outcome["alias"] else " (no alias)"
+        log(f"registered {cfg.tracking.model_name} version {outcome['version']}{aliased}; done in {seconds:.0f} s")
         return SegmentOutcome(run_name, run.info.run_id, best_dir, cfg.tracking.model_name, outcome["version"], outcome["alias"],
-                              outcome["val"], outcome["test"], seconds)
+                              outcome["why"], outcome["val"], outcome["test"], seconds)
 
 
 def finish_segmentation(best_dir: str, dataset: IngestedDataset, cfg: RunConfig, log: Callable[[str], None],
                         init_checkpoint: str | None = None, version_tags: dict[str, str] | None = None) -> dict:
-    """The chosen checkpoint scored on validation and (once) test at each image's size, a contour figure, registered."""
+    """The chosen checkpoint scored on validation and (once) test at each image's size, a contour figure, judged
+    (``segment_promotion``: the quality gate, then the champion scored on the same validation images), registered."""
     import json
 
     model = checkpoint.load_segmenter(best_dir)
@@ -166,18 +172,21 @@ def finish_segmentation(best_dir: str, dataset: IngestedDataset, cfg: RunConfig,
     tracking.log_figures({"plots/segmentation_contours.png": contour_figure(val.examples, f"validation, epoch {epoch} (selected)")})
     metric = cfg.segment.metric
     value = val.scalars()[metric.removeprefix("val_")]
-    alias, why = segment_registry.choose_alias(cfg.tracking.model_name, metric, value, dataset.fingerprint)
-    card = segmenter_card(cfg, dataset, val.scalars(), test.scalars() if test else None, epoch, prep, why, init_checkpoint)
+    decision = segment_promotion.judge(cfg.tracking.model_name, val, dataset, dataset.fingerprint, metric, log)
+    log(f"promotion: {decision.reason}")
+    tracking.log_outcome("msmae.promotion", decision.reason, decision.to_dict(), "promotion.json")
+    card = segmenter_card(cfg, dataset, val.scalars(), test.scalars() if test else None, epoch, prep, decision, init_checkpoint)
     tracking.log_text(card, "model_card.md")
     version = segment_registry.register_segmenter(segment_registry.SegmenterToRegister(
         model=model, preprocessing=prep, threshold=cfg.segment.threshold, selection_metric=metric, selection_value=value,
         dataset_fingerprint=dataset.fingerprint, step=epoch, card=card,
-    ), cfg.tracking.model_name, alias, version_tags)
-    return {"version": version, "alias": alias, "why": why, "val": val.scalars(), "test": test.scalars() if test else None}
+    ), cfg.tracking.model_name, decision.alias, {**segment_promotion.decision_tags(decision), **(version_tags or {})})
+    return {"version": version, "alias": decision.alias, "why": decision.reason, "decision": decision, "val": val.scalars(),
+            "test": test.scalars() if test else None}
 
 
-def segmenter_card(cfg: RunConfig, dataset: IngestedDataset, val: dict, test: dict | None, epoch: int, prep: Preprocessing, why: str,
-                   init: str | None = None) -> str:
+def segmenter_card(cfg: RunConfig, dataset: IngestedDataset, val: dict, test: dict | None, epoch: int, prep: Preprocessing,
+                   decision: Decision, init: str | None = None) -> str:
     """The model card (markdown) of a registered segmenter."""
     from pipelines.serve.model_card import NOT_FOR_DIAGNOSIS
 
@@ -194,5 +203,5 @@ def segmenter_card(cfg: RunConfig, dataset: IngestedDataset, val: dict, test: di
     ]
     if test:
         lines.append(f"- Test ({test['images']} images, evaluated once): Dice {test['dice']:.4f}, IoU {test['iou']:.4f}")
-    lines += [f"- Alias: {why}", f"- Preprocessing: {prep.to_dict()}"]
+    lines += [f"- Preprocessing: {prep.to_dict()}", "", *segment_promotion.card_lines(decision)]
     return "\n".join(lines) + "\n"

@@ -1,5 +1,7 @@
 """1 + 1 epochs on the bundled HAM10000 sample with masks: pre-training, then `msmae segment` on Ray Train from its
-checkpoint, registered, loaded back as a pyfunc from the registry, a mask returned at the input's size."""
+checkpoint, judged (quality gate against trivial masks), registered, loaded back as a pyfunc from the registry, a mask
+returned at the input's size; then the registered version, standing as champion, loaded from its weights file and
+scored on the same validation images as a challenger."""
 
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def test_pretrain_then_segment_registers_a_pyfunc_that_returns_masks_at_the_inpu
     lines: list[str] = []
     outcome = run_segmentation(seg_ham_ingested, cfg, tmp_path / "work", uri, init_checkpoint=pretrained, log=lines.append)
 
-    assert (outcome.model_name, outcome.version, outcome.alias) == ("msmae-seg-e2e", "1", "champion")
+    # One epoch at 32 px rarely beats "everything is lesion" with 95 % confidence on 10 images: the alias follows the gate.
+    assert (outcome.model_name, outcome.version) == ("msmae-seg-e2e", "1")
     assert 0.0 <= outcome.val["dice"] <= 1.0 and outcome.val["images"] == dataset.split_size("val")
     assert outcome.test is not None and outcome.test["images"] == dataset.split_size("test")
     client = MlflowClient(uri)
@@ -61,9 +64,10 @@ def test_pretrain_then_segment_registers_a_pyfunc_that_returns_masks_at_the_inpu
     assert "plots/segmentation_contours.png" in [a.path for a in client.list_artifacts(outcome.mlflow_run_id, "plots")]
     version = client.get_model_version("msmae-seg-e2e", "1")
     assert version.tags["task"] == "segmentation" and "Dice" in version.description
+    _assert_the_gate_is_recorded(dataset, outcome, version, run, client, lines)
 
     mlflow.set_tracking_uri(uri)
-    served = mlflow.pyfunc.load_model("models:/msmae-seg-e2e@champion")
+    served = mlflow.pyfunc.load_model("models:/msmae-seg-e2e/1")
     image = Image.open(SAMPLE / "images" / sorted(p.name for p in (SAMPLE / "images").iterdir())[0]).resize((101, 77))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -81,8 +85,53 @@ def test_pretrain_then_segment_registers_a_pyfunc_that_returns_masks_at_the_inpu
     for k, name in enumerate(sorted(p.name for p in (SAMPLE / "images").iterdir())[:3]):
         Image.open(SAMPLE / "images" / name).resize((61 + k, 45)).save(folder / ("sub" if k else "") / f"{k}.png")
     (folder / "notes.txt").write_text("not an image")
-    assert is_segmenter("models:/msmae-seg-e2e@champion") and is_segmenter(outcome.checkpoint)
-    summary = predict_masks("models:/msmae-seg-e2e@champion", folder, tmp_path / "predictions", masks_dir=tmp_path / "masks")
+    assert is_segmenter("models:/msmae-seg-e2e/1") and is_segmenter(outcome.checkpoint)
+    summary = predict_masks("models:/msmae-seg-e2e/1", folder, tmp_path / "predictions", masks_dir=tmp_path / "masks")
     assert (summary["images"], summary["unreadable"], summary["masks_written"]) == (4, 1, 3)
     with Image.open(tmp_path / "masks" / "sub" / "2.png.png") as png:
         assert png.size == (63, 45)
+
+    _assert_the_champion_is_scored_on_the_same_images(dataset, outcome, client)
+
+
+def _assert_the_gate_is_recorded(dataset, outcome, version, run, client, lines: list[str]) -> None:
+    """The gate's baseline is the all-lesion mask's mean Dice on the validation masks (computed here independently),
+    and the verdict is the same in the printed line, the run's tag, promotion.json, the version's tags and its card."""
+    from pipelines.data.masks import decode_mask
+
+    shares = np.array([decode_mask(r["mask"], (0, 0)).mean() for r in dataset.rows("val") if r.get("mask") is not None])
+    tags = version.tags
+    assert tags["quality_gate.baseline"] == "everything is lesion"  # every sample image has a lesion: "nothing" scores 0
+    assert float(tags["quality_gate.baseline_dice"]) == pytest.approx(float(np.mean(2 * shares / (1 + shares))), abs=1e-6)
+    passed = float(tags["quality_gate.dice_lower"]) > float(tags["quality_gate.baseline_dice"])
+    assert tags["quality_gate"] == ("passed" if passed else "failed") and float(tags["quality_gate.dice_lower"]) <= outcome.val["dice"]
+    assert outcome.alias == ("champion" if passed else None) and "champion_comparison.margin" not in tags  # no champion before it
+    assert tags["promotion"] == run.data.tags["msmae.promotion"] == outcome.why
+    assert f"promotion: {outcome.why}" in lines and f"quality gate {tags['quality_gate']} on {len(shares)} val images" in outcome.why
+    assert "## Promotion" in version.description and outcome.why in version.description
+    assert "promotion.json" in [a.path for a in client.list_artifacts(outcome.mlflow_run_id)]
+
+
+def _assert_the_champion_is_scored_on_the_same_images(dataset, outcome, client) -> None:
+    """Version 1 made @champion; a challenger that is exactly right on every validation image (Dice 1) is judged
+    against it: the champion, loaded from its weights file alone, scores the Dice the run measured, on the same
+    images, and loses; a champion of another dataset is never compared."""
+    from pipelines.serve import segment_promotion
+    from pipelines.serve.segment_evaluate import MaskReport, evaluate_masks
+    from pipelines.serve.segment_registry import registered_predictor
+
+    client.set_registered_model_alias("msmae-seg-e2e", "champion", "1")
+    champion = evaluate_masks(registered_predictor("msmae-seg-e2e", "1"), dataset, "val")
+    assert champion.scalars()["dice"] == pytest.approx(outcome.val["dice"], abs=1e-12)
+    order = np.argsort(champion.index)[::-1]  # another order than the champion's: matched by image, not by position
+    perfect = MaskReport("val", np.ones(len(order)), np.ones(len(order)), 0, 0, [], champion.index[order], champion.lesion_share[order])
+    lines: list[str] = []
+    decision = segment_promotion.judge("msmae-seg-e2e", perfect, dataset, dataset.fingerprint, "val_dice", lines.append)
+    c = decision.comparison
+    assert decision.promoted and decision.gate.passed and c is not None and c.champion_version == "1"
+    assert c.images == outcome.val["images"] and c.champion == pytest.approx(outcome.val["dice"], abs=1e-12)
+    assert c.margin == pytest.approx(1 - outcome.val["dice"]) and c.ci_low <= c.margin <= c.ci_high
+    assert lines and lines[0].startswith("champion comparison: val_dice 1.0000 vs champion v1")
+    assert float(segment_promotion.decision_tags(decision)["champion_comparison.margin"]) == pytest.approx(c.margin, abs=1e-6)
+    other = segment_promotion.judge("msmae-seg-e2e", perfect, dataset, "b" * 64, "val_dice", lines.append)
+    assert other.alias is None and other.comparison is None and "another dataset" in other.reason
