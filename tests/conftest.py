@@ -110,9 +110,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def train_mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server (SQLite backend, local artifacts) on 127.0.0.1."""
+    """A real MLflow tracking server (SQLite backend, local artifacts) on 127.0.0.1, one per session.
+
+    Its start-up costs ~15 s on 2 cores, so the end-to-end modules share it; each keeps to its own
+    experiment and model name, so none sees another's runs."""
     root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
@@ -120,6 +123,9 @@ def train_mlflow_server(tmp_path_factory):
         [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"), start_new_session=True,
+        # No job runner: its 7 queue consumers (MLflow's GenAI jobs, which no test uses) are 8 more Python
+        # processes importing MLflow beside the server, which doubled its start-up on 2 cores.
+        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -128,14 +134,14 @@ def train_mlflow_server(tmp_path_factory):
             if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
                 break
         except OSError:
-            time.sleep(1)
+            time.sleep(0.25)
     else:
         proc.kill()
         pytest.fail(f"MLflow server did not start; see {root / 'server.log'}")
     yield uri
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:  # the server's workers ignore a polite stop now and then
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # the server's workers ignore a polite stop now and then (15 s were waited out)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=15)

@@ -35,6 +35,7 @@ def seg_ham_ingested(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # two Ray Train runs and the registry: ~150 s, the largest test the fast loop had
 def test_pretrain_then_segment_registers_a_pyfunc_that_returns_masks_at_the_inputs_size(ray_local, seg_ham_ingested, tmp_path) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
