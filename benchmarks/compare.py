@@ -584,14 +584,23 @@ def lesion_table(records: list[dict]) -> str | None:
 def lesion_curve_table(rows: dict[str, list[dict]], sources: list[str]) -> str:
     """Patch AUROC of each source's maps against the lesion masks along pre-training (mean over seeds): at every
     refresh of the attention rule, and on the same schedule for rules that never refresh (scored, not used)."""
-    epochs = sorted({c["epoch"] for rs in rows.values() for r in rs for c in r["pretrain_curve"] if f"{sources[0]}/lesion_auroc" in c})
-    lines = ["Lesion patch AUROC along pre-training (mean over seeds; E = pre-training epochs done):", "",
-             "| row | source | " + " | ".join(f"E = {e + 1}" for e in epochs) + " |", "|---|---|" + "---:|" * len(epochs)]
+    def points(r: dict, source: str) -> dict[int, float]:
+        """Epochs done → AUROC: a refresh precedes its epoch's training, the other rules are scored after it, and the
+        final encoder (``pretrain_lesion``) closes every curve."""
+        key = f"{source}/lesion_auroc"
+        out = {(c["epoch"] if c.get("maps_refreshed") else c["epoch"] + 1): c[key] for c in r["pretrain_curve"] if key in c}
+        if key in r["pretrain_lesion"]:
+            out.setdefault(len(r["pretrain_curve"]), r["pretrain_lesion"][key])
+        return out
+
+    epochs = sorted({e for rs in rows.values() for r in rs for source in sources for e in points(r, source)})
+    lines = ["Lesion patch AUROC along pre-training (mean over seeds; E = pre-training epochs done when the maps were made):", "",
+             "| row | source | " + " | ".join(f"E = {e}" for e in epochs) + " |", "|---|---|" + "---:|" * len(epochs)]
     for label, rs in rows.items():
         for source in sources:
             cells = []
             for e in epochs:
-                values = [c[f"{source}/lesion_auroc"] for r in rs for c in r["pretrain_curve"] if c["epoch"] == e and f"{source}/lesion_auroc" in c]
+                values = [v for r in rs for done, v in points(r, source).items() if done == e]
                 cells.append(f"{statistics.fmean(values):.3f}" if values else "—")
             lines.append(f"| {label} | {source} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
