@@ -67,6 +67,29 @@ def subset(bundle: Bundle, max_train: int | None, max_val: int | None, max_test:
                   torch.arange(len(rows)), bundle.aspect[rows], bundle.mask[rows], bundle.has_mask[rows])
 
 
+def overlay_figures(model: torch.nn.Module, data, classes: list[str], sources: tuple[str, ...], stem: Path) -> list[Path]:
+    """Per source, the pipeline's attention-overlay figure (``pipelines.train.plots.attention_figure``: map over the
+    image, lesion contour in white, mass on the lesion) of the first validation image of each class that has a lesion."""
+    from comparison.augment import normalise
+    from pipelines.train.plots import attention_figure, plt
+
+    has = data.val_has_mask.cpu()
+    labels = data.val_labels.cpu()
+    rows = [int(torch.nonzero((labels == c) & has)[0]) for c in range(len(classes)) if bool(((labels == c) & has).any())]
+    images, masks = normalise(data.val[rows]), data.val_masks[rows]
+    names = [classes[int(labels[k])] for k in rows]
+    paths = []
+    model.eval()
+    for source in sources:
+        path = stem.with_name(f"{stem.stem}-{source}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig = attention_figure(model, images, names, masks=masks, source=source)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path, help="a bundle made with benchmarks/make_bundle.py --masks")
@@ -84,6 +107,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="write the pre-training curve (every refresh's scores) here as JSON")
+    p.add_argument("--figure", type=Path, help="write one PNG per source here (FIGURE-<source>.png): the final model's maps of "
+                   "the first validation image of each class with its lesion contour")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -113,7 +138,7 @@ def main() -> None:
     centre = msmae.lesion_scores(centre_prior(preset.grid).repeat(len(lesion), 1), lesion)
     print(f"control, a fixed centre-peaked map (no model): lesion mass {centre.lesion_mass:.3f} of share {centre.lesion_share:.3f}, "
           f"lift {centre.lesion_lift:.2f}, pointing {centre.pointing:.3f}, AUROC {centre.auroc:.3f}", flush=True)
-    _, result = pretrain(METHODS["msmae"], recipe, data, args.seed, device, progress)
+    model, result = pretrain(METHODS["msmae"], recipe, data, args.seed, device, progress)
     print(f"\npre-training {time.perf_counter() - start:.0f} s\n")
     print(table(result.curve, (args.map_source, *recipe.lesion_sources)))
     print("\n| epoch | phase | CLS head val balanced acc | seen lesion share | masked lesion share | table refresh s |")
@@ -121,6 +146,9 @@ def main() -> None:
     for row in result.curve:
         print(f"| {row['epoch']} | {row['phase']} | {row['val_cls_balanced_accuracy']:.3f} | {row.get('lesion_seen_share', float('nan')):.3f} "
               f"| {row.get('lesion_masked_share', float('nan')):.3f} | {row.get('refresh_seconds', float('nan')):.1f} |")
+    if args.figure:
+        for path in overlay_figures(model, data, bundle.classes, sources, args.figure):
+            print(f"wrote {path}")
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "counts": data.counts(),
                                         "centre_control": centre.metrics(), "curve": result.curve}, indent=1))
