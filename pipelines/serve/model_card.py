@@ -56,9 +56,7 @@ def promotion_lines(decision: Any | None) -> list[str]:
              f"{g.accuracy_lower:.3f}) vs the majority-class baseline {g.majority_accuracy:.3f} (always `{g.majority_class}`)"]
     c = decision.comparison
     if c is not None:
-        lines.append(f"- against champion version {c.champion_version}, both scored on the same {c.images} validation images: "
-                     f"`{c.metric}` {c.challenger:.4f} vs {c.champion:.4f}, margin {c.margin:+.4f} (paired bootstrap 95% CI "
-                     f"{c.ci_low:+.4f} to {c.ci_high:+.4f})")
+        lines.append(c.card_line())
     return lines + [""]
 
 

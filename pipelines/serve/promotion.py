@@ -167,6 +167,12 @@ class Comparison:
         validation images it rarely would, and a champion that can never be replaced is no better)."""
         return self.margin > 0
 
+    def card_line(self) -> str:
+        """The model card's line for this comparison (the classifier's and the segmenter's cards share it)."""
+        return (f"- against champion version {self.champion_version}, both scored on the same {self.images} validation images: "
+                f"`{self.metric}` {self.challenger:.4f} vs {self.champion:.4f}, margin {self.margin:+.4f} (paired bootstrap 95% CI "
+                f"{self.ci_low:+.4f} to {self.ci_high:+.4f})")
+
     def line(self) -> str:
         return (f"{self.metric} {self.challenger:.4f} vs champion v{self.champion_version} {self.champion:.4f} on the same "
                 f"{self.images} images: margin {self.margin:+.4f} (95% CI {self.ci_low:+.4f} to {self.ci_high:+.4f})")

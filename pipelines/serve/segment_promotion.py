@@ -141,7 +141,5 @@ def card_lines(decision: Decision) -> list[str]:
     lines = ["## Promotion", decision.reason, "", f"- {decision.gate.reason}"]
     c = decision.comparison
     if c is not None:
-        lines.append(f"- against champion version {c.champion_version}, both scored on the same {c.images} validation images: "
-                     f"`{c.metric}` {c.challenger:.4f} vs {c.champion:.4f}, margin {c.margin:+.4f} (paired bootstrap 95% CI "
-                     f"{c.ci_low:+.4f} to {c.ci_high:+.4f})")
+        lines.append(c.card_line())
     return lines + [""]
