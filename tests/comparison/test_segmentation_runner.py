@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from comparison.bundle import save_bundle
 from comparison.segmentation import SegmentRecipe, paired_mean_ci, segment_data, train_segmenter
