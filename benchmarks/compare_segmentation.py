@@ -65,15 +65,14 @@ def settings_of(args: argparse.Namespace) -> dict:
     return {k: str(getattr(args, k)) for k in _SETTINGS}
 
 
-def finished_runs(path: Path, settings: dict) -> list[dict]:
-    """The runs already in ``path`` made with ``settings`` (others are kept in the file but not reused)."""
+def read_runs(path: Path) -> list[dict]:
+    """Every run already in ``path`` (none when it does not exist yet)."""
     if not path.is_file():
         return []
     try:
-        runs = json.loads(path.read_text())["runs"]
+        return json.loads(path.read_text())["runs"]
     except (json.JSONDecodeError, KeyError) as e:
         raise SystemExit(f"{path}: not a results file of this script ({e}); move it away or choose another --out") from e
-    return [r for r in runs if r.get("settings") == settings]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,7 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pretrained_dir:
         args.pretrained_dir.mkdir(parents=True, exist_ok=True)
     settings = settings_of(args)
-    done = {(r["encoder"], r["seed"]): r for r in finished_runs(args.out, settings)}
+    earlier = read_runs(args.out)
+    others = [r for r in earlier if r.get("settings") != settings]  # kept in the file, not reused
+    done = {(r["encoder"], r["seed"]): r for r in earlier if r.get("settings") == settings}
     if done:
         print(f"{len(done)} runs already in {args.out} with these settings: not run again", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,10 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "examples": None if examples is None else examples.astype(np.uint8).tolist()})
             print(f"{tag} val Dice {record['val']['dice']:.4f}  test Dice {record['test']['dice']:.4f} "
                   f"IoU {record['test']['iou']:.4f}  ({runs[-1]['seconds']:.0f} s)", flush=True)
-            _save(args, runs, None)
+            _save(args, others + runs, None)
     table = summarise(runs, args.encoders, mean_ci, paired_mean_ci)
     print(table)
-    _save(args, runs, table)
+    _save(args, others + runs, table)
     if args.figure:
         first = {r["encoder"]: np.array(r["examples"], dtype=bool) for r in runs if r["seed"] == args.seeds[0] and r.get("examples")}
         _figure(data, first, args.figure)
@@ -138,17 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _save(args: argparse.Namespace, runs: list[dict], table: str | None) -> None:
-    """Rewrite ``--out`` with this call's runs and the earlier ones it did not reuse (other settings), atomically."""
-    kept = finished_runs_other(args.out, settings_of(args))
+    """Rewrite ``--out`` with ``runs`` (this call's and the earlier ones of other settings), atomically."""
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": kept + runs, "table": table}, indent=1))
+    tmp.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "table": table}, indent=1))
     tmp.replace(args.out)
-
-
-def finished_runs_other(path: Path, settings: dict) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [r for r in json.loads(path.read_text())["runs"] if r.get("settings") != settings]
 
 
 def _print_pretrain(tag: str, row: dict) -> None:
