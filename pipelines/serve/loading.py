@@ -2,7 +2,8 @@
 
 ``msmae evaluate``, ``msmae predict`` and their Ray actors all load through ``load``, so a model
 is scored at the temperature and with the preprocessing it was registered with, whichever
-form the user names.
+form the user names. A registered model is read from its weights file alone, ``weights_only``
+(``registry.registered_weights``): MLflow's own loader would unpickle the pyfunc's ``python_model``.
 """
 
 from __future__ import annotations
@@ -30,17 +31,9 @@ def load(ref: str) -> LoadedModel:
     """A classifier from an MLflow model URI (``models:/NAME@champion``, ``runs:/…``) or a checkpoint folder,
     with its temperature and preprocessing (from the registered model, or the checkpoint's ``inference.json``)."""
     if ref.startswith(("models:/", "runs:/")):
-        from pipelines.serve import registry
+        from pipelines.serve import pyfunc, registry
 
-        info = registry.model_info(ref)
-        meta = info.metadata or {}
-        names = list(meta.get("class_names") or [])
-        if not names:
-            raise ValueError(f"{ref} carries no class_names metadata; was it registered by msmae?")
-        if "pytorch" in (info.flavors or {}):  # registered before the pyfunc: no temperature, default preprocessing
-            model = registry.load_pytorch(ref).eval()
-            return LoadedModel(model, names, 1.0, Preprocessing(img_size=model.preset.img_size))
-        scorer = registry.load_pyfunc(ref).unwrap_python_model().scorer
+        scorer = pyfunc.scorer_from_state(registry.registered_weights(ref, pyfunc.WEIGHTS_ARTIFACT))
         return LoadedModel(scorer.model, scorer.class_names, scorer.temperature, scorer.preprocessing, scorer.seen)
     if not checkpoint.is_checkpoint(ref):
         raise FileNotFoundError(f"{ref} is neither an MLflow model URI (models:/NAME@alias) nor a checkpoint folder with {checkpoint.STATE_FILE}")

@@ -142,12 +142,7 @@ class MSMAEPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from pipelines import checkpoint
 
-        state = checkpoint.read_weights(context.artifacts[WEIGHTS_ARTIFACT])
-        model = checkpoint.classifier_from(state)
-        if state.get("seen_fingerprints") is not None:
-            state["seen_fingerprints"] = state["seen_fingerprints"].numpy()
-        self.scorer = ImageScorer(model, state["class_names"], state["temperature"], Preprocessing.from_dict(state["preprocessing"]),
-                                  SeenImages.from_state(state))
+        self.scorer = scorer_from_state(checkpoint.read_weights(context.artifacts[WEIGHTS_ARTIFACT]))
 
     # The classifier and its settings, for callers in this project (``pipelines.serve.loading.load``).
     @property
@@ -181,6 +176,17 @@ def request_sources(model_input: Any) -> tuple[list, list[str]]:
 
 def _suffix(source: Any) -> str:
     return "." + source.rsplit(".", 1)[-1] if isinstance(source, str) and "." in source else ""
+
+
+def scorer_from_state(state: dict) -> ImageScorer:
+    """The scorer a weights file (``weights_file``) describes: the served pyfunc and the project's own loading
+    (``pipelines.serve.loading``, which never unpickles the pyfunc) build it the same way."""
+    from pipelines import checkpoint
+
+    if state.get("seen_fingerprints") is not None:
+        state = {**state, "seen_fingerprints": state["seen_fingerprints"].numpy()}
+    return ImageScorer(checkpoint.classifier_from(state), state["class_names"], state["temperature"],
+                       Preprocessing.from_dict(state["preprocessing"]), SeenImages.from_state(state))
 
 
 def weights_file(path, model, class_names: list[str], temperature: float, preprocessing: Preprocessing,

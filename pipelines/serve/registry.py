@@ -148,15 +148,24 @@ def with_default_names(cfg: RunConfig, dataset_summary: dict, dataset_path: str 
     return cfg.with_values(values) if values else cfg
 
 
-def load_pyfunc(model_uri: str):
-    """``models:/NAME@champion`` (or any model URI) as MLflow loads it (a ``PyFuncModel``)."""
-    return mlflow.pyfunc.load_model(model_uri)
-
-
 def model_info(model_uri: str):
     return mlflow.models.get_model_info(model_uri)
 
 
-def load_pytorch(model_uri: str) -> msmae.MSMAEClassifier:
-    """A model registered before the pyfunc (pytorch flavour, pickled module)."""
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+def registered_weights(model_uri: str, artifact: str) -> dict:
+    """The state in a registered pyfunc's weights artifact (``artifact``: its key), read ``weights_only``.
+
+    ``mlflow.pyfunc.load_model`` would unpickle the model's ``python_model``: a registry entry written by
+    someone else could run code here. Everything msmae needs travels in the weights file, so the project's own
+    commands (evaluate, predict, the champion's re-scoring) read that file alone."""
+    from pipelines import checkpoint
+
+    flavors = model_info(model_uri).flavors or {}
+    entry = (flavors.get("python_function", {}).get("artifacts") or {}).get(artifact)
+    if not entry:
+        legacy = " (it was logged with the pytorch flavour, a pickled module msmae no longer loads)" if "pytorch" in flavors else ""
+        raise ValueError(f"{model_uri} has no '{artifact}' weights artifact{legacy}; register it again with msmae "
+                         "(`msmae finetune` or `msmae segment`), or pass a checkpoint folder")
+    with tempfile.TemporaryDirectory(prefix="msmae-registered-") as tmp:
+        root = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+        return checkpoint.read_weights(Path(root) / entry["path"])

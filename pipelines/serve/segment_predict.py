@@ -49,9 +49,10 @@ def is_segmenter(ref: str) -> bool:
 def load_predictor(ref: str) -> MaskPredictor:
     """The segmenter of a registered model URI, or of a ``msmae segment`` checkpoint folder (its run's threshold and preprocessing)."""
     if ref.startswith(("models:/", "runs:/")):
-        import mlflow
+        from pipelines.serve import segment_pyfunc
+        from pipelines.serve.registry import registered_weights
 
-        return mlflow.pyfunc.load_model(ref).unwrap_python_model().predictor
+        return segment_pyfunc.predictor_from_state(registered_weights(ref, segment_pyfunc.WEIGHTS_ARTIFACT))
     from pipelines import checkpoint
     from pipelines.data.preprocessing import Preprocessing
 

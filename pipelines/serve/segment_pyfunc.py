@@ -116,13 +116,19 @@ class MSMAESegmentPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from pipelines import checkpoint
 
-        state = checkpoint.read_weights(context.artifacts[WEIGHTS_ARTIFACT])
-        self.predictor = MaskPredictor(checkpoint.segmenter_from(state), Preprocessing.from_dict(state["preprocessing"]),
-                                       float(state["threshold"]))
+        self.predictor = predictor_from_state(checkpoint.read_weights(context.artifacts[WEIGHTS_ARTIFACT]))
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         sources, suffixes = request_sources(model_input)
         return self.predictor.table(self.predictor.predict(sources, suffixes))
+
+
+def predictor_from_state(state: dict) -> MaskPredictor:
+    """The predictor a weights file (``weights_file``) describes, for the served pyfunc and the project's own
+    loading alike (``segment_predict.load_predictor``, ``segment_registry.registered_predictor``)."""
+    from pipelines import checkpoint
+
+    return MaskPredictor(checkpoint.segmenter_from(state), Preprocessing.from_dict(state["preprocessing"]), float(state["threshold"]))
 
 
 def weights_file(path, model, preprocessing: Preprocessing, threshold: float) -> None:

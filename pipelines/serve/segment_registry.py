@@ -22,12 +22,12 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 import msmae
-from pipelines import checkpoint, tracking
+from pipelines import tracking
 from pipelines.data.preprocessing import Preprocessing
 from pipelines.serve import segment_pyfunc
 from pipelines.serve.model_card import NOT_FOR_DIAGNOSIS
 from pipelines.serve.pyfunc import example_image
-from pipelines.serve.registry import SERVING_REQUIREMENTS, _fit
+from pipelines.serve.registry import SERVING_REQUIREMENTS, _fit, registered_weights
 
 
 @dataclass(frozen=True)
@@ -49,19 +49,9 @@ def default_name(classifier_default: str) -> str:
 
 def registered_predictor(model_name: str, version: str):
     """The ``MaskPredictor`` of a registered segmenter version from its weights file alone (threshold and preprocessing
-    travel in it), read ``weights_only``: the pyfunc's pickled ``python_model`` is never loaded, so a registry entry
-    written by someone else cannot run code here."""
-    uri = f"models:/{model_name}/{version}"
-    flavor = (mlflow.models.get_model_info(uri).flavors or {}).get("python_function", {})
-    entry = (flavor.get("artifacts") or {}).get(segment_pyfunc.WEIGHTS_ARTIFACT)
-    if not entry:
-        raise ValueError(f"{uri} has no '{segment_pyfunc.WEIGHTS_ARTIFACT}' weights artifact; was it registered by `msmae segment`?")
-    with tempfile.TemporaryDirectory(prefix="msmae-champion-") as tmp:
-        path = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{MlflowClient().get_model_version_download_uri(model_name, version)}/{entry['path']}", dst_path=tmp)
-        state = checkpoint.read_weights(path)
-    return segment_pyfunc.MaskPredictor(checkpoint.segmenter_from(state), Preprocessing.from_dict(state["preprocessing"]),
-                                        float(state["threshold"]))
+    travel in it), read ``weights_only`` (``registry.registered_weights``)."""
+    weights = registered_weights(f"models:/{model_name}/{version}", segment_pyfunc.WEIGHTS_ARTIFACT)
+    return segment_pyfunc.predictor_from_state(weights)
 
 
 def register_segmenter(spec: SegmenterToRegister, model_name: str, alias: str | None, tags: dict[str, str] | None = None) -> str:

@@ -229,6 +229,55 @@ def test_the_temperature_is_fitted_on_validation_stored_with_the_model_and_repor
     assert load(str(reg.checkpoint)).temperature == pytest.approx(t)
 
 
+class _Trapped:
+    """Unpickling this runs code: it creates the file it names (what a hostile registry entry's ``python_model`` could do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.slow
+def test_msmae_reads_a_registered_model_from_its_weights_file_and_never_unpickles_its_python_model(
+        deliverable_registered, deliverable_uri, tmp_path):
+    """A version whose pickled ``python_model`` runs code on load: ``msmae evaluate``/``predict``'s loader reads
+    the weights file alone (``weights_only``), so nothing runs; MLflow's own loader, the control, does run it."""
+    import cloudpickle
+    import mlflow
+
+    from pipelines.serve import pyfunc, registry
+    from pipelines.serve.loading import load
+
+    champion = f"models:/{MODEL}@champion"
+    info = mlflow.models.get_model_info(champion)
+    trapped_dir = tmp_path / "trapped"
+    mlflow.artifacts.download_artifacts(artifact_uri=champion, dst_path=str(trapped_dir))
+    marker = tmp_path / "code-ran"
+    (trapped_dir / info.flavors["python_function"]["python_model"]).write_bytes(cloudpickle.dumps(_Trapped(marker)))
+    with mlflow.start_run(run_name="trapped") as run:
+        mlflow.log_artifacts(str(trapped_dir), "trapped")
+    uri = f"runs:/{run.info.run_id}/trapped"
+
+    loaded = load(uri)
+    assert not marker.exists()
+    assert loaded.class_names == CLASSES
+    assert loaded.temperature == pytest.approx(deliverable_registered.final.temperature)
+    reference = load(champion)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(deliverable_registered.val_pixels[:4]), reference.model(deliverable_registered.val_pixels[:4]))
+    with pytest.raises(ValueError, match="no 'nothing' weights artifact"):
+        registry.registered_weights(uri, "nothing")
+    assert pyfunc.WEIGHTS_ARTIFACT in info.flavors["python_function"]["artifacts"]
+
+    try:  # the control: MLflow's loader unpickles python_model, and the trap springs
+        mlflow.pyfunc.load_model(uri)
+    except Exception:  # noqa: BLE001 - the trap is no PythonModel: MLflow fails after unpickling it
+        pass
+    assert marker.exists()
+
+
 # --- one decode path -----------------------------------------------------------------------------------
 
 
