@@ -135,6 +135,9 @@ def run_sweep(request: SweepRequest, log=print) -> SweepOutcome:
         results = tuner.fit()
         rows = trial_rows(results, context.tune_metric)
         settle_child_runs(tracking_uri, parent.info.experiment_id, parent.info.run_id, rows)
+        orphans = fail_orphan_trials(workdir / "optuna.db", state["sweep_name"])
+        if orphans:
+            log(f"{orphans} Optuna trial(s) an interrupted driver had asked for but never started: marked FAILED in the study")
         log_summary(rows, space, workdir / "optuna.db", state["sweep_name"], log)
         best = max((r for r in rows if r["status"] != "error" and r.get("best_checkpoint")), key=lambda r: r["objective"], default=None)
         version, champion = None, False
@@ -201,6 +204,21 @@ def _tuner(request: SweepRequest, space: SearchSpace, cfg, trainable, context: S
             verbose=1,
         ),
     )
+
+
+def fail_orphan_trials(optuna_db: Path, study_name: str) -> int:
+    """Mark FAILED the study's trials still RUNNING once Tune has finished; returns how many.
+
+    A driver killed between Optuna's ``ask`` and Tune's start of the trial leaves it RUNNING in the
+    study for good: it never trains and Tune never reports on it. Left so, it reads as work in progress
+    in Optuna's dashboard and keeps its half-sampled parameters in TPE's history."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{optuna_db}")
+    orphans = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in orphans:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(orphans)
 
 
 MLFLOW_STATUS = {"finished": "FINISHED", "error": "FAILED", "stopped early": "KILLED"}

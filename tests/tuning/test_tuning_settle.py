@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from tuning.sweep import settle_child_runs
+from tuning.sweep import fail_orphan_trials, settle_child_runs
 from tuning.trial import PARENT_TAG, TRIAL_TAG, mark_failed_unless_settled
 
 
@@ -61,3 +61,22 @@ def test_a_stopped_trial_failing_late_does_not_overwrite_the_settled_verdict(tmp
     mark_failed_unless_settled(client, crashing)  # a trial that really fails while running
     assert client.get_run(stopped).info.status == "KILLED"
     assert client.get_run(crashing).info.status == "FAILED"
+
+
+def test_trials_an_interrupted_driver_left_running_are_marked_failed_and_the_others_kept(tmp_path):
+    """Real Optuna (SQLite study): after Tune has finished, a RUNNING trial is an orphan of a killed driver."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="sweep", storage=storage, direction="maximize")
+    done = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    study.tell(done, 0.7)
+    pruned = study.ask()
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    orphan = study.ask()  # asked for, never told: the driver died here
+
+    assert fail_orphan_trials(tmp_path / "optuna.db", "sweep") == 1
+    states = {t.number: t.state for t in optuna.load_study(study_name="sweep", storage=storage).trials}
+    assert states == {done.number: optuna.trial.TrialState.COMPLETE, pruned.number: optuna.trial.TrialState.PRUNED,
+                      orphan.number: optuna.trial.TrialState.FAIL}
+    assert fail_orphan_trials(tmp_path / "optuna.db", "sweep") == 0  # nothing left to mark

@@ -107,12 +107,13 @@ def test_a_sweep_survives_a_failing_trial_and_a_killed_driver_then_registers_its
     assert len(study.trials) >= TRIALS
     for number, params in history_before.items():  # Optuna's history survived the restart
         assert study.trials[number].params == params
+    # A trial asked for as the driver was killed never started: the resumed sweep marks it FAILED.
+    assert not [t.number for t in study.trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
     for trial in study.trials:  # the masking constraint held in every sampled trial
-        if trial.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING):
-            continue  # asked for as the driver was killed: its sampling may have been cut short, and it never trained
         for stage, low in (("pretrain", 0.2), ("finetune", 0.2)):
+            if trial.state == optuna.trial.TrialState.FAIL and f"{stage}.masking.visible" not in trial.params:
+                continue  # such an orphan: its sampling may have been cut short, and it never trained
             assert trial.params[f"{stage}.masking.visible"] >= low, (trial.number, trial.state, trial.params)
-    assert sum(t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING) for t in study.trials) <= 2  # at most the killed ones
 
     # Each trial trained by the masking rule it drew: the encoder saw what that rule shows it.
     # (Which rules the seeded sampler draws is its business; the other real-Ray runs cover each rule.)
