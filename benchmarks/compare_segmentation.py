@@ -11,9 +11,10 @@ then the same SETR-PUP head and segmentation recipe (``comparison.segmentation``
     python benchmarks/compare_segmentation.py --bundle bundles/ham-64.pt --preset tiny --img-size 64 --patch-size 8 \\
         --pretrain-epochs 20 --segment-epochs 20 --seeds 0 1 2 --device cuda --out results/ham-seg.json --figure results/ham-seg.png
 
-Prints a markdown table: test Dice and IoU per encoder (mean over images of the per-image mean over seeds, 95 % bootstrap
-CI over images) and the paired difference to ``scratch`` on the same test images. Imports torch, timm, numpy, msmae and
-comparison only (matplotlib for ``--figure``).
+Prints markdown: test Dice and IoU per encoder (mean ± sd over seeds; 95 % bootstrap CI over images of the per-image
+mean over seeds) and the paired difference to ``scratch`` on the same test images; the paired difference of every other
+pair of encoders; the Dice of the trivial masks (everything / nothing is lesion) on the same images. Imports torch,
+timm, numpy, msmae and comparison (matplotlib for ``--figure``; the trivial masks' Dice from ``pipelines.serve``).
 
 Resumable: ``--out`` is rewritten after every finished run, and a later call with the same settings skips the runs
 already in it (with ``--pretrained-dir`` a finished pre-training is reused too), so a long comparison can be stopped
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{tag} val Dice {record['val']['dice']:.4f}  test Dice {record['test']['dice']:.4f} "
                   f"IoU {record['test']['iou']:.4f}  ({runs[-1]['seconds']:.0f} s)", flush=True)
             _save(args, others + runs, None)
-    table = summarise(runs, args.encoders, mean_ci, paired_mean_ci)
+    table = summarise(runs, args.encoders, mean_ci, paired_mean_ci, data.test_masks.float().flatten(1).mean(1).cpu().numpy())
     print(table)
     _save(args, others + runs, table)
     if args.figure:
@@ -160,19 +161,42 @@ def per_image(runs: list[dict], encoder: str, key: str) -> np.ndarray:
     return np.mean([r["per_image"][key] for r in runs if r["encoder"] == encoder], axis=0)
 
 
-def summarise(runs: list[dict], encoders: list[str], mean_ci, paired_mean_ci) -> str:
+def summarise(runs: list[dict], encoders: list[str], mean_ci, paired_mean_ci, lesion_share: np.ndarray | None = None) -> str:
+    """Three blocks of markdown: per encoder (mean ± sd over seeds, 95 % CI over images of the seed-averaged per-image
+    score, the paired difference to ``scratch``); every other pair of encoders (paired 95 % CI on the same test
+    images: which differences are real); and, given each test image's true lesion share, the trivial masks' Dice."""
     seeds = sorted({r["seed"] for r in runs})
-    lines = ["| encoder | test Dice [95 % CI] | test IoU [95 % CI] | Dice - scratch [95 % CI] | val Dice (selected) | seeds |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| encoder | test Dice, mean ± sd over seeds | [95 % CI over images] | test IoU, mean ± sd | [95 % CI] "
+             "| Dice − scratch [95 % CI] | val Dice | seeds |", "|---|---|---|---|---|---|---|---|"]
     for encoder in encoders:
         dice, iou = per_image(runs, encoder, "test_dice"), per_image(runs, encoder, "test_iou")
         d, i = mean_ci(dice), mean_ci(iou)
+        by_seed = {k: [r["test"][k] for r in runs if r["encoder"] == encoder] for k in ("dice", "iou")}
         paired = "—"
         if "scratch" in encoders and encoder != "scratch":
             m, lo, hi = paired_mean_ci(dice, per_image(runs, "scratch", "test_dice"))
             paired = f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
         val = np.mean([r["val"]["dice"] for r in runs if r["encoder"] == encoder])
-        lines.append(f"| {encoder} | {d[0]:.4f} [{d[1]:.4f}, {d[2]:.4f}] | {i[0]:.4f} [{i[1]:.4f}, {i[2]:.4f}] | {paired} | {val:.4f} | {len(seeds)} |")
+        n = len(by_seed["dice"])
+        lines.append(f"| {encoder} | {np.mean(by_seed['dice']):.4f} ± {np.std(by_seed['dice'], ddof=1) if n > 1 else 0:.4f} "
+                     f"| [{d[1]:.4f}, {d[2]:.4f}] | {np.mean(by_seed['iou']):.4f} ± {np.std(by_seed['iou'], ddof=1) if n > 1 else 0:.4f} "
+                     f"| [{i[1]:.4f}, {i[2]:.4f}] | {paired} | {val:.4f} | {n} |")
+    pairs = [(a, b) for k, a in enumerate(encoders) for b in encoders[k + 1:] if "scratch" not in (a, b)]
+    if pairs:
+        lines += ["", "| pair (same test images) | Δ Dice [95 % CI] | Δ IoU [95 % CI] |", "|---|---|---|"]
+        for a, b in pairs:
+            cells = []
+            for key in ("test_dice", "test_iou"):
+                m, lo, hi = paired_mean_ci(per_image(runs, a, key), per_image(runs, b, key))
+                cells.append(f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+            lines.append(f"| {a} − {b} | {cells[0]} | {cells[1]} |")
+    if lesion_share is not None:
+        from pipelines.serve.segment_promotion import trivial_dice
+
+        trivial = trivial_dice(lesion_share)
+        lines += ["", "Trivial masks on the same test images: " + ", ".join(
+            f"{name} Dice {float(np.mean(values)):.4f}" for name, values in trivial.items()) +
+            f" (mean lesion share {float(np.mean(lesion_share)):.3f}); seeds {seeds}."]
     return "\n".join(lines)
 
 

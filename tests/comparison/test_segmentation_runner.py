@@ -46,7 +46,7 @@ def test_the_comparison_script_runs_two_encoders_and_writes_the_table(tmp_path, 
                                         "--seeds", "0", "--img-size", "32", "--batch-size", "16", "--pretrain-epochs", "1",
                                         "--segment-epochs", "1", "--device", str(device), "--figure", str(tmp_path / "f.png")])
     assert [r["encoder"] for r in result["runs"]] == ["mae", "scratch"]
-    assert "| mae |" in result["table"] and "Dice - scratch" in result["table"] and (tmp_path / "f.png").stat().st_size > 0
+    assert "| mae |" in result["table"] and "Dice − scratch" in result["table"] and "Trivial masks" in result["table"] and (tmp_path / "f.png").stat().st_size > 0
     assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["per_image"]["test_dice"]
     assert "examples" in result["runs"][0] and result["runs"][1]["examples"] is not None
 
@@ -57,3 +57,26 @@ def test_the_comparison_script_runs_two_encoders_and_writes_the_table(tmp_path, 
                                        "--segment-epochs", "1", "--device", str(device)])
     assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in before]
     assert again["table"] == result["table"]
+
+
+def test_the_summary_gives_seed_spread_every_pair_of_encoders_and_the_trivial_masks():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import compare_segmentation
+    from comparison.segmentation import mean_ci
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 0.9, 200)
+    runs = []
+    for encoder, shift in (("msmae_attention", 0.05), ("mae", 0.0), ("scratch", -0.05)):
+        for seed, jitter in ((0, -0.01), (1, 0.01)):
+            dice = np.clip(base + shift + jitter, 0, 1)
+            runs.append({"encoder": encoder, "seed": seed, "val": {"dice": 0.8}, "test": {"dice": float(dice.mean()), "iou": float((dice / (2 - dice)).mean())},
+                         "per_image": {"test_dice": dice.tolist(), "test_iou": (dice / (2 - dice)).tolist()}})
+    table = compare_segmentation.summarise(runs, ["msmae_attention", "mae", "scratch"], mean_ci, paired_mean_ci, np.full(200, 0.25))
+    row = next(line for line in table.splitlines() if line.startswith("| msmae_attention |"))
+    assert f"{np.mean(base + 0.05):.4f} ± {np.std([-0.01, 0.01], ddof=1):.4f}" in row  # mean ± sd over the two seeds
+    assert "+0.1000 [+0.1000, +0.1000]" in row  # a constant paired difference to scratch has a CI of width 0
+    pair = next(line for line in table.splitlines() if line.startswith("| msmae_attention − mae |"))
+    assert pair.split("|")[2].strip() == "+0.0500 [+0.0500, +0.0500]"
+    assert not any(line.startswith("| mae − scratch") for line in table.splitlines())  # scratch has its own column
+    assert "everything is lesion Dice 0.4000" in table and "nothing is lesion Dice 0.0000" in table  # 2p/(1+p) at p = 0.25
