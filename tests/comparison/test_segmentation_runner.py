@@ -78,5 +78,7 @@ def test_the_summary_gives_seed_spread_every_pair_of_encoders_and_the_trivial_ma
     assert "+0.1000 [+0.1000, +0.1000]" in row  # a constant paired difference to scratch has a CI of width 0
     pair = next(line for line in table.splitlines() if line.startswith("| msmae_attention − mae |"))
     assert pair.split("|")[2].strip() == "+0.0500 [+0.0500, +0.0500]"
-    assert not any(line.startswith("| mae − scratch") for line in table.splitlines())  # scratch has its own column
+    assert pair.split("|")[4].strip() == "+0.0500, +0.0500"  # seed by seed
+    to_scratch = next(line for line in table.splitlines() if line.startswith("| mae − scratch |"))
+    assert to_scratch.split("|")[4].strip() == "+0.0500, +0.0500"
     assert "everything is lesion Dice 0.4000" in table and "nothing is lesion Dice 0.0000" in table  # 2p/(1+p) at p = 0.25
