@@ -211,7 +211,7 @@ def fail_orphan_trials(optuna_db: Path, study_name: str) -> int:
 
     A driver killed between Optuna's ``ask`` and Tune's start of the trial leaves it RUNNING in the
     study for good: it never trains and Tune never reports on it. Left so, it reads as work in progress
-    in Optuna's dashboard and keeps its half-sampled parameters in TPE's history."""
+    in Optuna's dashboard and in ``study.trials`` (the sweep summary, anyone auditing the study)."""
     import optuna
 
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{optuna_db}")
