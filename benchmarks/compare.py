@@ -10,6 +10,10 @@ under one experiment per dataset:
 
     python benchmarks/compare.py report results/btmd.jsonl --mlflow-uri sqlite:///mlflow.db
 
+Print the base learning rate a run with --lr-grid chose for one method (for a later run on another schedule):
+
+    python benchmarks/compare.py chosen-lr results/dedup/btmd.jsonl msmae_ft_all
+
 The run mode imports torch, torchvision, timm, numpy, msmae and comparison only. See docs/compare.md.
 """
 
@@ -668,10 +672,39 @@ def report_main(argv: list[str]) -> None:
             print(line)
 
 
+def chosen_lr(records: list[dict], method: str) -> float:
+    """The base lr the learning-rate grid chose for ``method`` (``grid_choices``): what a later run of the same
+    method on another schedule (the pre-training-length curve) should train at. Refused, with the reason, when the
+    records hold no finished grid for it or grids of several settings."""
+    grids = [c for (_, label), c in grid_choices(records).items() if label == method]
+    if not grids:
+        raise ValueError(f"no learning-rate grid run of {method} in these records (run the comparison with --lr-grid first)")
+    if len(grids) > 1:
+        raise ValueError(f"{method} has grids of {len(grids)} settings in these records; pass the file of one comparison")
+    grid = grids[0]
+    missing = [lr for lr in grid["order"] if lr not in grid["grid"]]
+    if missing:
+        raise ValueError(f"the grid of {method} has not finished on seed {grid['seed']}: blr {missing} not run yet")
+    return float(grid["chosen"])
+
+
+def chosen_lr_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="compare.py chosen-lr", description="Print the base lr the grid chose for a method.")
+    p.add_argument("results", type=Path, help="JSON-lines file of a comparison run with --lr-grid")
+    p.add_argument("method")
+    args = p.parse_args(argv)
+    try:
+        print(f"{chosen_lr(read_records([args.results]), args.method):g}")
+    except ValueError as e:
+        sys.exit(f"{args.results}: {e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
         report_main(argv[1:])
+    elif argv[:1] == ["chosen-lr"]:
+        chosen_lr_main(argv[1:])
     else:
         run_main(argv)
 

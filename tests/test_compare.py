@@ -146,7 +146,15 @@ def test_a_rerun_skips_finished_runs_and_the_grid_chooses_on_validation(cmp_bund
         chosen = max(grid, key=lambda lr: (grid[lr], -list(grid).index(lr)))
         later = next(r for r in records if r["method"] == method and r["seed"] == 1)
         assert later["recipe"][field] == chosen and later["tuned_lr"]["from_grid"]
+        assert compare.chosen_lr(records, method) == chosen  # what cpu_pretrain_curve.sh reads (`compare.py chosen-lr`)
     assert len(records) == 6 and all(r["lr_selection"] == {"grid": [1e-4, 3e-3], "seed": 0} for r in records)
+    with pytest.raises(ValueError, match=r"grid of mae_cls has not finished on seed 0: blr \[0.003\]"):
+        compare.chosen_lr(records[:3], "mae_cls")
+    with pytest.raises(ValueError, match="no learning-rate grid run of msmae"):
+        compare.chosen_lr(records, "msmae")
+    capsys.readouterr()
+    compare.main(["chosen-lr", str(out), "mae_cls"])
+    assert float(capsys.readouterr().out) == compare.chosen_lr(records, "mae_cls")
     capsys.readouterr()
     compare.main(args)
     assert len(out.read_text().splitlines()) == 6  # nothing appended
