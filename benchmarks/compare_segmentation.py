@@ -180,22 +180,20 @@ def summarise(runs: list[dict], encoders: list[str], mean_ci, paired_mean_ci, le
             m, lo, hi = paired_mean_ci(dice, per_image(runs, "scratch", "test_dice"))
             paired = f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
         val = np.mean([r["val"]["dice"] for r in runs if r["encoder"] == encoder])
-        n = len(by_seed["dice"])
-        lines.append(f"| {encoder} | {np.mean(by_seed['dice']):.4f} ± {np.std(by_seed['dice'], ddof=1) if n > 1 else 0:.4f} "
-                     f"| [{d[1]:.4f}, {d[2]:.4f}] | {np.mean(by_seed['iou']):.4f} ± {np.std(by_seed['iou'], ddof=1) if n > 1 else 0:.4f} "
-                     f"| [{i[1]:.4f}, {i[2]:.4f}] | {paired} | {val:.4f} | {n} |")
+        lines.append(f"| {encoder} | {_mean_sd(by_seed['dice'])} | [{d[1]:.4f}, {d[2]:.4f}] | {_mean_sd(by_seed['iou'])} "
+                     f"| [{i[1]:.4f}, {i[2]:.4f}] | {paired} | {val:.4f} | {len(by_seed['dice'])} |")
     pairs = [(a, b) for k, a in enumerate(encoders) for b in encoders[k + 1:]]
     if pairs:
         lines += ["", "| pair (same test images) | Δ Dice [95 % CI over images] | Δ IoU [95 % CI] | Δ Dice per seed |",
                   "|---|---|---|---|"]
+        test_dice = {(r["encoder"], r["seed"]): r["test"]["dice"] for r in runs}
         for a, b in pairs:
             cells = []
             for key in ("test_dice", "test_iou"):
                 m, lo, hi = paired_mean_ci(per_image(runs, a, key), per_image(runs, b, key))
                 cells.append(f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]")
-            test_of = {(r["encoder"], r["seed"]): r["test"]["dice"] for r in runs}
-            by_seed = ", ".join(f"{test_of[a, s] - test_of[b, s]:+.4f}" for s in seeds if (a, s) in test_of and (b, s) in test_of)
-            lines.append(f"| {a} − {b} | {cells[0]} | {cells[1]} | {by_seed} |")
+            per_seed = ", ".join(f"{test_dice[a, s] - test_dice[b, s]:+.4f}" for s in seeds if (a, s) in test_dice and (b, s) in test_dice)
+            lines.append(f"| {a} − {b} | {cells[0]} | {cells[1]} | {per_seed} |")
     if lesion_share is not None:
         from pipelines.serve.segment_promotion import trivial_dice
 
@@ -204,6 +202,11 @@ def summarise(runs: list[dict], encoders: list[str], mean_ci, paired_mean_ci, le
             f"{name} Dice {float(np.mean(values)):.4f}" for name, values in trivial.items()) +
             f" (mean lesion share {float(np.mean(lesion_share)):.3f}); seeds {seeds}."]
     return "\n".join(lines)
+
+
+def _mean_sd(values: list[float]) -> str:
+    """``mean ± sd`` over seeds (sd 0 for one seed)."""
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.4f}"
 
 
 def _predict(model, data, n: int, threshold: float):
