@@ -227,9 +227,10 @@ MLFLOW_STATUS = {"finished": "FINISHED", "error": "FAILED", "stopped early": "KI
 def settle_child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str, rows: list[dict]) -> int:
     """Make every trial's MLflow run say what Tune decided; returns how many runs were corrected.
 
-    A trial settles its own run, but one that ASHA stops can be cut off before it does (left
-    RUNNING) or can see the stop arrive as an exception and mark itself FAILED. Tune's verdict
-    (the sweep's rows) is the one users should find in MLflow: stopped early is KILLED, not a failure.
+    A trial ends its own run only when it succeeds (FINISHED); one that raises tags the error and
+    leaves the status here (``trial.record_trial_error``), and one that ASHA stops is cut off
+    RUNNING. Tune's verdict (the sweep's rows) is the one users should find in MLflow: stopped
+    early is KILLED, not a failure; an error is FAILED.
     """
     from mlflow.tracking import MlflowClient
 

@@ -22,6 +22,7 @@ from tuning.space import run_overrides
 
 TRIAL_TAG = "msmae.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
+ERROR_TAG = "msmae.trial_error"  # what a trial raised; the driver sets its run's status
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,8 @@ def run_trial(config: dict, context: SweepContext) -> None:
             )
         client.log_metric(run_id, f"best_{context.objective}", result.best_score)
         client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        mark_failed_unless_settled(client, run_id)
+    except Exception as error:
+        record_trial_error(client, run_id, error)
         raise
     tune.report({
         context.tune_metric: result.best_score, "best_checkpoint": result.best_checkpoint, "pretrain_checkpoint": result.pretrain_checkpoint,
@@ -94,15 +95,16 @@ def segment_trial(cfg: RunConfig, context: SweepContext, trial_id: str, run_id: 
     return StagesResult(pretrained.pretrain_checkpoint, best_dir, best)
 
 
-def mark_failed_unless_settled(client: MlflowClient, run_id: str) -> None:
-    """End a trial's run as FAILED, unless it has ended already.
+def record_trial_error(client: MlflowClient, run_id: str, error: BaseException) -> None:
+    """Tag a trial's run with the error it raised, and leave its status to the sweep driver.
 
-    A trial ASHA stops sees the stop arrive as an exception, sometimes only after the sweep has
-    settled its run to Tune's verdict (KILLED, ``sweep.settle_child_runs``): seen once in the
-    sweep test, where the late FAILED overwrote the verdict. Whichever comes first, the run ends
-    with Tune's word."""
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, "FAILED")
+    Only the driver knows why a trial ended: a trial ASHA stops can see the stop arrive as an
+    exception (its Ray Train controller torn down under it), indistinguishable here from a crash.
+    A trial that ended its own run FAILED raced the driver's verdict (``sweep.settle_child_runs``):
+    checking first that the run was still RUNNING narrowed the window but could not close it, and
+    the sweep test still saw two FAILED runs where Tune had one error. So the driver is the one
+    writer of a run's end state other than success; the tag keeps the error on the run meanwhile."""
+    client.set_tag(run_id, ERROR_TAG, f"{type(error).__name__}: {error}"[:500])
 
 
 def _child_run(client: MlflowClient, context: SweepContext, trial_id: str, config: dict) -> str:

@@ -1,7 +1,7 @@
 """After a sweep, each trial's MLflow run must carry Tune's verdict, whatever the trial wrote itself.
 
 Real MLflow (SQLite store); the rows are what `trial_rows` builds from Tune's results. The races
-this guards against were seen in the sweep test: a trial ASHA stopped marked itself FAILED.
+this guards against were seen in the sweep test: a trial ASHA stopped ended FAILED.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 
 from tuning.sweep import fail_orphan_trials, settle_child_runs
-from tuning.trial import PARENT_TAG, TRIAL_TAG, mark_failed_unless_settled
+from tuning.trial import ERROR_TAG, PARENT_TAG, TRIAL_TAG, record_trial_error
 
 
 def _row(trial_id: str, status: str) -> dict:
@@ -48,19 +48,28 @@ def test_runs_are_settled_to_tunes_verdict_and_keep_their_end_time(tmp_path):
     assert settle_child_runs(uri, experiment_id, parent, rows) == 0  # settling twice changes nothing
 
 
-def test_a_stopped_trial_failing_late_does_not_overwrite_the_settled_verdict(tmp_path):
+def test_a_trial_error_is_tagged_and_its_status_left_to_the_verdict_whenever_it_arrives(tmp_path):
+    """A stopped trial's exception can arrive before or after the sweep settles its run: either way
+    the run ends with Tune's word, and a real crash ends FAILED with the error on the run."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment_id = client.create_experiment("late", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(experiment_id, run_name="sweep").info.run_id
-    stopped = client.create_run(experiment_id, run_name="s", tags={PARENT_TAG: parent, TRIAL_TAG: "s"}).info.run_id
 
-    assert settle_child_runs(uri, experiment_id, parent, [_row("s", "stopped early")]) == 1  # the sweep settles first...
-    mark_failed_unless_settled(client, stopped)  # ...then the stopped trial's exception arrives
-    crashing = client.create_run(experiment_id, run_name="c", tags={PARENT_TAG: parent, TRIAL_TAG: "c"}).info.run_id
-    mark_failed_unless_settled(client, crashing)  # a trial that really fails while running
-    assert client.get_run(stopped).info.status == "KILLED"
-    assert client.get_run(crashing).info.status == "FAILED"
+    def trial(trial_id: str) -> str:
+        return client.create_run(experiment_id, run_name=trial_id, tags={PARENT_TAG: parent, TRIAL_TAG: trial_id}).info.run_id
+
+    stopped_late, stopped_early, crashed = trial("late"), trial("early"), trial("crash")
+    record_trial_error(client, stopped_early, RuntimeError("controller gone"))  # the exception before the verdict...
+    record_trial_error(client, crashed, ValueError("bad batch"))
+    assert client.get_run(crashed).info.status == "RUNNING"  # ...changes no status
+    rows = [_row("late", "stopped early"), _row("early", "stopped early"), _row("crash", "error")]
+    assert settle_child_runs(uri, experiment_id, parent, rows) == 3
+    record_trial_error(client, stopped_late, RuntimeError("controller gone"))  # ...or after it
+    assert client.get_run(stopped_late).info.status == "KILLED"
+    assert client.get_run(stopped_early).info.status == "KILLED"
+    assert client.get_run(crashed).info.status == "FAILED"
+    assert client.get_run(crashed).data.tags[ERROR_TAG] == "ValueError: bad batch"
 
 
 def test_trials_an_interrupted_driver_left_running_are_marked_failed_and_the_others_kept(tmp_path):

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tuning.trial import ERROR_TAG
+
 TINY = [
     "pretrain.epochs=1", "pretrain.warmup_epochs=0", "pretrain.masking.sam_start=0", "pretrain.masking.refresh_every=1",
     "finetune.epochs=2", "finetune.warmup_epochs=1", "finetune.masking.refresh_every=1",
@@ -101,7 +103,8 @@ def test_a_sweep_survives_a_failing_trial_and_a_killed_driver_then_registers_its
         assert run.info.status == "FAILED" if status == "ERROR" else run.info.status in ("FINISHED", "KILLED")  # KILLED: ASHA stopped it
         epochs = client.get_metric_history(run.info.run_id, "finetune/epoch")
         assert all(m.timestamp < killed_at_ms for m in epochs), f"trial {trial_id} trained again after the resume"
-    assert sum(r.info.status == "FAILED" for r in children) == 1
+    ended = {t: (r.info.status, r.data.tags.get(ERROR_TAG, "")) for t, r in by_trial.items()}
+    assert sum(r.info.status == "FAILED" for r in children) == 1, f"{ended}\n{resumed.stdout[-3000:]}"
 
     study = optuna.load_study(study_name=sweep["sweep_name"], storage=storage)
     assert len(study.trials) >= TRIALS
