@@ -435,26 +435,19 @@ def selected_records(records: list[dict]) -> list[dict]:
 def paired_against_best(methods: dict[str, dict], key: str = "test_macro_f1") -> dict[str, str]:
     """method → "Δ [95 % CI] | McNemar p exact / mid" against the best mean (``comparison.stats``),
     pairing each seed's per-image test predictions; "—" where predictions are missing."""
-    from comparison.stats import mcnemar, paired_bootstrap
+    from comparison.contrasts import paired_runs
 
     best = max(methods, key=lambda m: statistics.fmean(methods[m][key]))
-    by_seed = {m: {r["seed"]: r for r in row["records"] if r.get("predictions")} for m, row in methods.items()}
     out = {best: "best | —"}
     for method in methods:
         if method == best:
             continue
-        seeds = sorted(set(by_seed[method]) & set(by_seed[best]))
-        pairs = [(by_seed[method][s], by_seed[best][s]) for s in seeds
-                 if by_seed[method][s]["predictions"]["test_label"] == by_seed[best][s]["predictions"]["test_label"]]
-        if not pairs:
+        paired = paired_runs(methods[method]["records"], methods[best]["records"])
+        if paired is None:
             out[method] = "— | —"
             continue
-        a = [p["predictions"]["test_pred"] for p, _ in pairs]
-        b = [q["predictions"]["test_pred"] for _, q in pairs]
-        y = [p["predictions"]["test_label"] for p, _ in pairs]
-        classes = len(pairs[0][0]["classes"])
-        ci, test = paired_bootstrap(a, b, y, classes), mcnemar(a, b, y)
-        out[method] = f"{ci} | {test.p_exact:.3g} / {test.p_mid:.3g}"
+        test = paired.mcnemar()
+        out[method] = f"{paired.bootstrap()} | {test.p_exact:.3g} / {test.p_mid:.3g}"
     return out
 
 
@@ -489,6 +482,8 @@ def markdown_tables(records: list[dict]) -> str:
     with a paired 95 % CI of the macro-F1 difference and McNemar's p, compute per row), the
     verdict, the learning-rate grid where one chose the rates, and the pre-training-length
     curve where runs were fine-tuned from snapshots."""
+    from comparison.contrasts import contrast_table
+
     if not records:
         return "(no finished runs)"
     chosen = selected_records(records)
@@ -525,6 +520,9 @@ def markdown_tables(records: list[dict]) -> str:
                          + f" | {_mean_sd(row['selected'], 1)} | {_mean_sd(row['sam'], 1)} | {_mean_sd(row['wall'], 1)} |")
         blocks.append("\n".join(lines))
         blocks.append(verdict(methods))
+        contrasts = contrast_table(methods)
+        if contrasts:
+            blocks.append(contrasts)
         lesion = lesion_table([r for r in main if setting_of(r) == setting])
         if lesion:
             blocks.append(lesion)

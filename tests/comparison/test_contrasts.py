@@ -1,0 +1,61 @@
+"""comparison.contrasts: the named A − B questions, judged by the images and the seeds together."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from comparison.contrasts import contrast_table, judge, paired_runs
+from comparison.stats import PairedDifference, macro_f1
+
+LABELS = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0] * 4
+
+
+def _wrong_every(k: int) -> list[int]:
+    """Right except on every k-th image (k = 0: right everywhere)."""
+    return [(y + 1) % 3 if k and i % k == 0 else y for i, y in enumerate(LABELS)]
+
+
+def _row(per_seed_preds: list[list[int]]) -> dict:
+    records = [{"seed": seed, "classes": ["a", "b", "c"], "predictions": {"test_pred": preds, "test_label": LABELS},
+                "test": {"macro_f1": macro_f1(np.array(preds), np.array(LABELS), 3)}} for seed, preds in enumerate(per_seed_preds)]
+    return {"records": records}
+
+
+def _line(table: str, contrast: str) -> str:
+    return next(line for line in table.splitlines() if line.startswith(f"| {contrast} |"))
+
+
+def test_each_contrast_is_judged_by_its_interval_and_its_seeds():
+    rows = {
+        "msmae_ft_all": _row([_wrong_every(0)] * 3),
+        "msmae_uniform_ft_all": _row([_wrong_every(4)] * 3),  # worse in every seed: holds
+        "mae_cls": _row([_wrong_every(2), _wrong_every(2), _wrong_every(0)]),  # worse in two seeds, level in one
+        "mae": _row([_wrong_every(2), _wrong_every(2), _wrong_every(0)]),  # the same predictions as mae_cls: no difference
+    }
+    table = contrast_table(rows)
+    assert _line(table, "msmae_ft_all − msmae_uniform_ft_all").endswith("| **holds** |")
+    assert _line(table, "msmae_ft_all − mae_cls").endswith("| **seed-dependent** |")
+    assert _line(table, "mae_cls − mae").endswith("| **noise** |")
+    assert "| 3 | +0.000 ± 0.000 | +0.000, +0.000, +0.000 |" in _line(table, "mae_cls − mae")
+    assert "msmae − msmae_ft_all" not in table  # msmae did not run
+    uniform = _line(table, "msmae_ft_all − msmae_uniform_ft_all")
+    gap = 1 - rows["msmae_uniform_ft_all"]["records"][0]["test"]["macro_f1"]
+    assert f"| {gap:+.3f} ± 0.000 | {gap:+.3f}, {gap:+.3f}, {gap:+.3f} |" in uniform
+
+
+def test_runs_pair_only_on_seeds_both_rows_ran_over_the_same_labels():
+    a = _row([_wrong_every(0)] * 3)["records"]
+    b = _row([_wrong_every(4)] * 2)["records"]  # seeds 0 and 1 only
+    b[1] = {**b[1], "predictions": {"test_pred": b[1]["predictions"]["test_pred"], "test_label": _wrong_every(3)}}  # another test split
+    paired = paired_runs(a, b)
+    assert paired.seeds == [0] and paired.num_classes == 3
+    assert paired_runs(a, [{**r, "predictions": None} for r in b]) is None
+    assert contrast_table({"msmae_ft_all": {"records": a}}) is None  # no contrast has both rows
+
+
+def test_the_verdict_needs_the_interval_and_every_seed():
+    positive = PairedDifference(0.05, 0.01, 0.09, 3, 40, 100)
+    assert judge(positive, [0.02, 0.05, 0.08]) == "holds"
+    assert judge(positive, [0.12, 0.05, -0.02]) == "seed-dependent"
+    assert judge(PairedDifference(0.02, -0.01, 0.05, 3, 40, 100), [0.02, 0.03, 0.01]) == "noise"
+    assert judge(PairedDifference(-0.05, -0.09, -0.01, 1, 40, 100), [-0.05]) == "one seed"
