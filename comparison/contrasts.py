@@ -9,10 +9,12 @@ difference seed by seed, the paired bootstrap interval over test images and McNe
 pre-training's rate for pre-trained rows), so two rows that share a pre-training recipe share its
 weights only where they chose the same rate: a contrast compares the rows as each was tuned.
 
-The image interval holds the seeds fixed, so on its own it overstates certainty when the seeds
-disagree; the verdict therefore asks both: a difference **holds** when its interval excludes 0
-and every seed has its sign, is **noise** when the interval includes 0, and is
-**seed-dependent** otherwise (the images say it is there, the seeds do not agree).
+Two intervals, because two things vary: the image interval (bootstrap over test images, seeds
+held fixed) says whether these runs differ on this test split; the seed interval (mean ± t ×
+sd / √n over the per-seed differences) says whether training again would give the same sign.
+With 3 seeds the t factor is 4.3, so only a difference large against its seed spread passes.
+A difference **holds** when both intervals exclude 0, is **noise** when the image interval
+includes 0, and is **seed-dependent** when the images show it but the seeds do not agree on it.
 """
 
 from __future__ import annotations
@@ -65,14 +67,25 @@ def paired_runs(records_a: list[dict], records_b: list[dict]) -> Paired | None:
                   [by_seed_a[s]["predictions"]["test_label"] for s in seeds], len(by_seed_a[seeds[0]]["classes"]))
 
 
-def judge(interval: PairedDifference, per_seed: list[float]) -> str:
+def seed_interval(per_seed: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """Student-t interval of the mean per-seed difference (None below two seeds)."""
+    if len(per_seed) < 2:
+        return None
+    from scipy.stats import t  # scipy comes with MLflow; only the report needs it
+
+    mean, half = statistics.fmean(per_seed), 0.0
+    if statistics.stdev(per_seed) > 0:
+        half = float(t.ppf((1 + confidence) / 2, len(per_seed) - 1)) * statistics.stdev(per_seed) / len(per_seed) ** 0.5
+    return mean - half, mean + half
+
+
+def judge(interval: PairedDifference, seeds: tuple[float, float] | None) -> str:
     """holds / noise / seed-dependent (see the module doc); one seed cannot show agreement."""
     if interval.low <= 0 <= interval.high:
         return "noise"
-    if len(per_seed) < 2:
+    if seeds is None:
         return "one seed"
-    sign = 1 if interval.diff > 0 else -1
-    return "holds" if all(d * sign > 0 for d in per_seed) else "seed-dependent"
+    return "seed-dependent" if seeds[0] <= 0 <= seeds[1] else "holds"
 
 
 def contrast_table(rows: dict[str, dict]) -> str | None:
@@ -86,15 +99,17 @@ def contrast_table(rows: dict[str, dict]) -> str | None:
             continue
         f1 = {name: {r["seed"]: r["test"]["macro_f1"] for r in rows[name]["records"]} for name in (a, b)}
         per_seed = [f1[a][s] - f1[b][s] for s in paired.seeds]
-        interval, test = paired.bootstrap(), paired.mcnemar()
+        interval, test, seeds = paired.bootstrap(), paired.mcnemar(), seed_interval(per_seed)
         spread = f" ± {statistics.stdev(per_seed):.3f}" if len(per_seed) > 1 else ""
         lines.append(f"| {a} − {b} | {question} | {len(paired.seeds)} | {statistics.fmean(per_seed):+.3f}{spread} | "
                      + ", ".join(f"{d:+.3f}" for d in per_seed)
-                     + f" | [{interval.low:+.3f}, {interval.high:+.3f}] | {test.p_exact:.3g} | **{judge(interval, per_seed)}** |")
+                     + f" | [{interval.low:+.3f}, {interval.high:+.3f}] | " + (f"[{seeds[0]:+.3f}, {seeds[1]:+.3f}]" if seeds else "—")
+                     + f" | {test.p_exact:.3g} | **{judge(interval, seeds)}** |")
     if not lines:
         return None
     head = ("Contrasts (test macro-F1, A − B on paired seeds): mean ± sd of the per-seed differences, each seed's, the 95 % "
-            "paired bootstrap interval over test images, McNemar's exact p; **holds**: the interval excludes 0 and every "
-            "seed agrees, **noise**: the interval includes 0, **seed-dependent**: the seeds disagree.")
-    return "\n".join([head, "", "| A − B | what it isolates | seeds | Δ mean ± sd | Δ per seed | 95 % CI (images) | McNemar p | verdict |",
-                      "|---|---|---:|---:|---|---|---:|---|", *lines])
+            "paired bootstrap interval over test images (seeds held fixed), the 95 % t interval over seeds, McNemar's exact p; "
+            "**holds**: both intervals exclude 0, **noise**: the image interval includes 0, **seed-dependent**: the images "
+            "show a difference the seeds do not agree on.")
+    return "\n".join([head, "", "| A − B | what it isolates | seeds | Δ mean ± sd | Δ per seed | 95 % CI (images) | 95 % CI (seeds) "
+                      "| McNemar p | verdict |", "|---|---|---:|---:|---|---|---|---:|---|", *lines])

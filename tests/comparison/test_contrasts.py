@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from comparison.contrasts import contrast_table, judge, paired_runs
+from comparison.contrasts import contrast_table, judge, paired_runs, seed_interval
 from comparison.stats import PairedDifference, macro_f1
 
 LABELS = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0] * 4
@@ -29,18 +29,20 @@ def test_each_contrast_is_judged_by_its_interval_and_its_seeds():
     rows = {
         "msmae_ft_all": _row([_wrong_every(0)] * 3),
         "msmae_uniform_ft_all": _row([_wrong_every(4)] * 3),  # worse in every seed: holds
-        "mae_cls": _row([_wrong_every(2), _wrong_every(2), _wrong_every(0)]),  # worse in two seeds, level in one
+        "mae_cls": _row([_wrong_every(2), _wrong_every(2), _wrong_every(0)]),  # worse in two seeds, level in the third
         "mae": _row([_wrong_every(2), _wrong_every(2), _wrong_every(0)]),  # the same predictions as mae_cls: no difference
     }
     table = contrast_table(rows)
     assert _line(table, "msmae_ft_all − msmae_uniform_ft_all").endswith("| **holds** |")
-    assert _line(table, "msmae_ft_all − mae_cls").endswith("| **seed-dependent** |")
+    assert _line(table, "msmae_ft_all − mae_cls").endswith("| **seed-dependent** |")  # the seed interval crosses 0
     assert _line(table, "mae_cls − mae").endswith("| **noise** |")
-    assert "| 3 | +0.000 ± 0.000 | +0.000, +0.000, +0.000 |" in _line(table, "mae_cls − mae")
+    assert "| 3 | +0.000 ± 0.000 | +0.000, +0.000, +0.000 | [+0.000, +0.000] | [+0.000, +0.000] |" in _line(table, "mae_cls − mae")
     assert "msmae − msmae_ft_all" not in table  # msmae did not run
     uniform = _line(table, "msmae_ft_all − msmae_uniform_ft_all")
     gap = 1 - rows["msmae_uniform_ft_all"]["records"][0]["test"]["macro_f1"]
     assert f"| {gap:+.3f} ± 0.000 | {gap:+.3f}, {gap:+.3f}, {gap:+.3f} |" in uniform
+    assert f"| [{gap:+.3f}, {gap:+.3f}] | {2 * 0.5 ** 30:.3g} |" in uniform  # no seed spread: the seed interval is the point;
+    # McNemar: 10 of 40 images wrong in each of 3 seeds, all 30 discordant pairs one way
 
 
 def test_runs_pair_only_on_seeds_both_rows_ran_over_the_same_labels():
@@ -53,9 +55,12 @@ def test_runs_pair_only_on_seeds_both_rows_ran_over_the_same_labels():
     assert contrast_table({"msmae_ft_all": {"records": a}}) is None  # no contrast has both rows
 
 
-def test_the_verdict_needs_the_interval_and_every_seed():
+def test_the_verdict_needs_the_image_interval_and_the_seed_interval():
     positive = PairedDifference(0.05, 0.01, 0.09, 3, 40, 100)
-    assert judge(positive, [0.02, 0.05, 0.08]) == "holds"
-    assert judge(positive, [0.12, 0.05, -0.02]) == "seed-dependent"
-    assert judge(PairedDifference(0.02, -0.01, 0.05, 3, 40, 100), [0.02, 0.03, 0.01]) == "noise"
-    assert judge(PairedDifference(-0.05, -0.09, -0.01, 1, 40, 100), [-0.05]) == "one seed"
+    assert judge(positive, seed_interval([0.04, 0.05, 0.06])) == "holds"  # ± 4.30 × 0.01 / √3 = ± 0.025
+    assert judge(positive, seed_interval([0.02, 0.05, 0.08])) == "seed-dependent"  # ± 0.075: crosses 0
+    assert judge(positive, seed_interval([0.12, 0.05, -0.02])) == "seed-dependent"
+    assert judge(PairedDifference(0.02, -0.01, 0.05, 3, 40, 100), seed_interval([0.02, 0.02, 0.02])) == "noise"
+    assert judge(PairedDifference(-0.05, -0.09, -0.01, 1, 40, 100), seed_interval([-0.05])) == "one seed"
+    low, high = seed_interval([0.02, 0.05, 0.08])
+    assert abs(low - (0.05 - 4.302653 * 0.03 / 3 ** 0.5)) < 1e-5 and abs(high + low - 0.10) < 1e-12
