@@ -489,7 +489,9 @@ def markdown_tables(records: list[dict]) -> str:
     chosen = selected_records(records)
     main = [r for r in chosen if r.get("pretrain_checkpoint_epoch") is None]
     blocks = []
+    first_run = {label: i for i, label in enumerate(dict.fromkeys(row_label(r) for r in records))}
     for setting, methods in summarise(main).items():
+        methods = dict(sorted(methods.items(), key=lambda item: first_run[item[0]]))  # run order, not the chosen runs' order
         first = next(r for r in main if setting_of(r) == setting)
         rec = first["recipe"]
         blocks.append(

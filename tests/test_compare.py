@@ -85,6 +85,17 @@ def test_tables_keep_datasets_and_settings_apart():
     assert "| msmae | 2 | 0.600 ± 0.141 |" in text and "| msmae | 1 | 0.900 |" in text and "| mae | 1 | 0.100 |" in text
 
 
+def test_rows_keep_the_order_methods_first_ran_in_when_a_grid_value_added_later_wins():
+    def grid_run(method: str, blr: float, val: float) -> dict:
+        r = _record(method, 0, val)
+        return r | {"lr_selection": {"grid": [1e-3, 4e-3], "seed": 0}, "tuned_lr": {"field": "finetune_blr", "blr": blr, "from_grid": True}}
+
+    records = [grid_run("supervised", 1e-3, 0.6), grid_run("resnet18", 1e-3, 0.7), grid_run("mae", 1e-3, 0.5),
+               grid_run("resnet18", 4e-3, 0.8)]  # the later grid value, appended last, is resnet18's choice
+    rows = [line.split(" | ")[0] for line in compare.markdown_tables(records).splitlines() if line.startswith("| ") and " | 1 | " in line]
+    assert rows == ["| supervised", "| resnet18", "| mae"]
+
+
 def test_verdict_names_the_winner_and_measures_margins_in_seed_sds():
     records = [_record("mae", s, f1) for s, f1 in enumerate([0.50, 0.52, 0.54])]
     records += [_record("msmae", s, f1) for s, f1 in enumerate([0.60, 0.70, 0.80])]
