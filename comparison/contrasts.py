@@ -2,7 +2,7 @@
 
 The table ranks every row against the best, but the questions the controls were built for are
 pairwise: attention vs uniform masking with the CLS term held, the CLS term with random masking
-held, SAM fine-tuning vs all tokens on one pre-training, and so on. ``contrast_table`` answers
+held, SAM fine-tuning vs all tokens after MSMAE pre-training, and so on. ``contrast_table`` answers
 each with the same evidence: the mean over paired seeds of the test macro-F1 difference, the
 difference seed by seed, the paired bootstrap interval over test images and McNemar's p
 (``comparison.stats``). Each row runs at the learning rate its own grid chose (the grid sets

@@ -10,6 +10,7 @@ its metrics are those of the CLS head, not of the model the sweep selects.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,10 +102,15 @@ def record_trial_error(client: MlflowClient, run_id: str, error: BaseException) 
     Only the driver knows why a trial ended: a trial ASHA stops can see the stop arrive as an
     exception (its Ray Train controller torn down under it), indistinguishable here from a crash.
     A trial that ended its own run FAILED raced the driver's verdict (``sweep.settle_child_runs``):
-    checking first that the run was still RUNNING narrowed the window but could not close it, and
-    the sweep test still saw two FAILED runs where Tune had one error. So the driver is the one
-    writer of a run's end state other than success; the tag keeps the error on the run meanwhile."""
-    client.set_tag(run_id, ERROR_TAG, f"{type(error).__name__}: {error}"[:500])
+    checking first that the run was still RUNNING narrowed the window but could not close it (the
+    sweep test once ended with two FAILED runs where one trial had been made to fail). So the driver
+    is the one writer of a run's end state other than success; the tag keeps the error on the run
+    meanwhile. Best effort: a tracking server that cannot take the tag must not hide the trial's
+    own error, which Tune records either way."""
+    try:
+        client.set_tag(run_id, ERROR_TAG, f"{type(error).__name__}: {error}"[:500])
+    except Exception as tag_error:  # noqa: BLE001 - the trial's error is the one to raise
+        print(f"could not tag run {run_id} with the trial's error: {tag_error}", file=sys.stderr)
 
 
 def _child_run(client: MlflowClient, context: SweepContext, trial_id: str, config: dict) -> str:

@@ -89,3 +89,9 @@ def test_trials_an_interrupted_driver_left_running_are_marked_failed_and_the_oth
     assert states == {done.number: optuna.trial.TrialState.COMPLETE, pruned.number: optuna.trial.TrialState.PRUNED,
                       orphan.number: optuna.trial.TrialState.FAIL}
     assert fail_orphan_trials(tmp_path / "optuna.db", "sweep") == 0  # nothing left to mark
+
+
+def test_a_run_that_cannot_take_the_error_tag_does_not_hide_the_trials_error(tmp_path, capsys):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    record_trial_error(client, "0" * 32, RuntimeError("out of memory"))  # no such run: the tag fails, nothing is raised
+    assert "could not tag run 00000000000000000000000000000000 with the trial's error" in capsys.readouterr().err
