@@ -73,9 +73,8 @@ def seed_interval(per_seed: list[float], confidence: float = 0.95) -> tuple[floa
         return None
     from scipy.stats import t  # scipy comes with MLflow; only the report needs it
 
-    mean, half = statistics.fmean(per_seed), 0.0
-    if statistics.stdev(per_seed) > 0:
-        half = float(t.ppf((1 + confidence) / 2, len(per_seed) - 1)) * statistics.stdev(per_seed) / len(per_seed) ** 0.5
+    mean = statistics.fmean(per_seed)
+    half = float(t.ppf((1 + confidence) / 2, len(per_seed) - 1)) * statistics.stdev(per_seed) / len(per_seed) ** 0.5
     return mean - half, mean + half
 
 
