@@ -24,6 +24,10 @@
 # msmae_frozen_maps and msmae_ft_all choose different rates and cannot share a pre-training).
 # The grid's top value, 1.6e-2, was added after seven of ten BTMD rows chose 4e-3, then the top.
 # HAM10000 (5,558 training images, 8 rows): ~6 x 39 min ~ 3.9 h. SMOKE=1 took 42 s (320 images).
+# THREADS (default 2): torch threads. Two jobs at THREADS=1 side by side (say this script and
+# cpu_pretrain_curve.sh) get ~1.45x the work of one job at 2 threads out of 2 cores (pre-training,
+# tiny ViT at 48 px: 387 img/s alone at 2 threads, 280 + 280 img/s as two 1-thread jobs; the
+# losses are the same at either thread count), at the cost of longer wall times per run.
 set -euo pipefail
 
 DATASET=${DATASET:-btmd}
@@ -36,6 +40,7 @@ PRE=${PRE_EPOCHS:-8} FT=${FT_EPOCHS:-4}
 SEEDS=${SEEDS:-"0 1 2"}
 LR_GRID=${LR_GRID:-"2.5e-4 1e-3 4e-3 1.6e-2"}   # base lr (lr = blr * batch / 256) of each method's tuned stage
 PRESET=${PRESET:-tiny} IMG=${IMG:-48} PATCH=${PATCH:-8} BATCH=${BATCH:-64} SIDE=${SIDE:-64}
+THREADS=${THREADS:-2}
 ALL_ROWS="supervised supervised_eqflops resnet18 mae mae_cls msmae msmae_frozen_maps msmae_ft_all msmae_uniform_ft_all msmae_released"
 MAIN_ROWS="supervised supervised_eqflops resnet18 mae mae_cls msmae msmae_ft_all msmae_uniform_ft_all"
 case $DATASET in
@@ -58,6 +63,6 @@ n_methods=$(wc -w <<< "$METHODS"); n_seeds=$(wc -w <<< "$SEEDS"); n_grid=$(wc -w
 echo "== $DATASET ($path): $n_methods methods x ($n_grid grid values on the first seed + $((n_seeds - 1)) seeds), $PRE + $FT epochs -> $OUT/$DATASET.jsonl"
 "$PY" benchmarks/compare.py --bundle "$path" --preset "$PRESET" --img-size "$IMG" --patch-size "$PATCH" --batch-size "$BATCH" \
   --pretrain-epochs "$PRE" --finetune-epochs "$FT" --seeds $SEEDS --methods $METHODS --lr-grid $LR_GRID \
-  --sam-start-fraction 0.1 --sam-gate 0.5 --layer-decay 1.0 --device cpu --threads 2 "${EXTRA_ARGS[@]}" ${EXTRA:-} \
+  --sam-start-fraction 0.1 --sam-gate 0.5 --layer-decay 1.0 --device cpu --threads "$THREADS" "${EXTRA_ARGS[@]}" ${EXTRA:-} \
   --out "$OUT/$DATASET.jsonl" 2>&1 | tee -a "$OUT/$DATASET.log"
 "$PY" benchmarks/compare.py report "$OUT/$DATASET.jsonl" --out "$OUT/$DATASET.md"
