@@ -274,7 +274,8 @@ def run_main(argv: list[str]) -> None:
         print(f"plan: {len(jobs)} runs, estimated {sum(estimates):.0f}s in all", flush=True)
 
     session = {"session": uuid.uuid4().hex[:12], "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "bundle": str(args.bundle), "torch": torch.__version__, "msmae": msmae.__version__}
+               "bundle": str(args.bundle), "torch": torch.__version__, "msmae": msmae.__version__,
+               "threads": torch.get_num_threads()}  # wall times are only comparable at the same thread count
     if args.lr_grid:
         session["lr_selection"] = {"grid": list(args.lr_grid), "seed": select_seed}
     args.out.parent.mkdir(parents=True, exist_ok=True)

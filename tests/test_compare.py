@@ -48,6 +48,7 @@ def test_run_mode_writes_one_line_per_run_seed_major_and_reports(cmp_bundle, tmp
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["seed"], r["method"]) for r in records] == [(0, "supervised"), (0, "msmae"), (1, "supervised"), (1, "msmae")]
     assert {r["session"] for r in records} == {records[0]["session"]}
+    assert {r["threads"] for r in records} == {1}  # the autouse fixture's one thread, kept to read wall times by
     assert all(r["dataset"] == "synthetic" and r["device"] == "cpu" and r["recipe"]["pretrain_epochs"] == 2 for r in records)
     printed = capsys.readouterr().out
     assert "[synthetic msmae s1] finetune 1/1 sam" in printed and "| msmae | 2 |" in printed
