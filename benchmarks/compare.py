@@ -483,7 +483,7 @@ def markdown_tables(records: list[dict]) -> str:
     with a paired 95 % CI of the macro-F1 difference and McNemar's p, compute per row), the
     verdict, the learning-rate grid where one chose the rates, and the pre-training-length
     curve where runs were fine-tuned from snapshots."""
-    from comparison.contrasts import contrast_table
+    from comparison.contrasts import contrast_table, curve_contrast_table
 
     if not records:
         return "(no finished runs)"
@@ -550,8 +550,12 @@ def markdown_tables(records: list[dict]) -> str:
                  "pre-training epochs (one pre-training run per rule and seed, snapshots along its schedule):",
                  "", "| method | " + " | ".join(f"E = {e}" for e in epochs) + " |", "|---|" + "---:|" * len(epochs)]
         for method, per in rows.items():
-            lines.append(f"| {method} | " + " | ".join(_mean_sd(per.get(e, [])) for e in epochs) + " |")
+            label = f"{method} (FLOPs of E + fine-tuning)" if method == "supervised_eqflops" else method
+            lines.append(f"| {label} | " + " | ".join(_mean_sd([r["test"]["macro_f1"] for r in per.get(e, [])]) for e in epochs) + " |")
         blocks.append("\n".join(lines))
+        contrasts = curve_contrast_table({e: {m: {"records": per[e]} for m, per in rows.items() if e in per} for e in epochs})
+        if contrasts:
+            blocks.append(contrasts)
     return "\n\n".join(blocks)
 
 
@@ -618,16 +622,15 @@ def curve_setting(record: dict) -> tuple:
             record.get("device", "?"))
 
 
-def _curve_groups(records: list[dict], equal_flops: list[dict]) -> dict[tuple, dict[str, dict[int, list[float]]]]:
-    """curve setting → method → snapshot epoch E → test macro-F1 per seed; supervised_eqflops
+def _curve_groups(records: list[dict], equal_flops: list[dict]) -> dict[tuple, dict[str, dict[int, list[dict]]]]:
+    """curve setting → method → snapshot epoch E → its runs (one per seed); supervised_eqflops
     runs made with --pretrain-epochs E join the curve they match at E (the same FLOPs)."""
-    out: dict[tuple, dict[str, dict[int, list[float]]]] = defaultdict(dict)
+    out: dict[tuple, dict[str, dict[int, list[dict]]]] = defaultdict(dict)
     for r in records:
-        out[curve_setting(r)].setdefault(row_label(r), defaultdict(list))[r["pretrain_checkpoint_epoch"]].append(r["test"]["macro_f1"])
+        out[curve_setting(r)].setdefault(row_label(r), defaultdict(list))[r["pretrain_checkpoint_epoch"]].append(r)
     for r in equal_flops:
         if curve_setting(r) in out:
-            name = "supervised_eqflops (FLOPs of E + fine-tuning)"
-            out[curve_setting(r)].setdefault(name, defaultdict(list))[r["recipe"]["pretrain_epochs"]].append(r["test"]["macro_f1"])
+            out[curve_setting(r)].setdefault("supervised_eqflops", defaultdict(list))[r["recipe"]["pretrain_epochs"]].append(r)
     return out
 
 

@@ -15,6 +15,7 @@ sd / √n over the per-seed differences) says whether training again would give 
 With 3 seeds the t factor is 4.3, so only a difference large against its seed spread passes.
 A difference **holds** when both intervals exclude 0, is **noise** when the image interval
 includes 0, and is **seed-dependent** when the images show it but the seeds do not agree on it.
+``curve_contrast_table`` asks the pre-training-length curve's questions the same way at each length.
 """
 
 from __future__ import annotations
@@ -36,6 +37,15 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("msmae_ft_all", "supervised_eqflops", "MSMAE pre-training + fine-tuning vs a supervised ViT at equal training FLOPs"),
     ("supervised", "supervised_eqflops", "the supervised ViT's full schedule vs its equal-FLOPs one"),
     ("resnet18", "supervised", "a CNN vs a ViT, both supervised from scratch on the same images and epochs"),
+)
+
+
+# The pre-training-length curve's questions at each length E: the three masking rules pairwise (the CLS term and
+# all-token fine-tuning held), and the attention rule against the supervised ViT at its FLOPs.
+CURVE_CONTRASTS: tuple[tuple[str, str, str], ...] = (
+    *(c for c in CONTRASTS if c[:2] in {("msmae_ft_all", "msmae_uniform_ft_all"), ("msmae_ft_all", "mae_cls")}),
+    ("msmae_uniform_ft_all", "mae_cls", "uniform vs random masking (CLS term held)"),
+    *(c for c in CONTRASTS if c[:2] == ("msmae_ft_all", "supervised_eqflops")),
 )
 
 
@@ -87,28 +97,43 @@ def judge(interval: PairedDifference, seeds: tuple[float, float] | None) -> str:
     return "seed-dependent" if seeds[0] <= 0 <= seeds[1] else "holds"
 
 
+_HEAD = ("Contrasts (test macro-F1, A − B on paired seeds): mean ± sd of the per-seed differences, each seed's, the 95 % "
+         "paired bootstrap interval over test images (seeds held fixed), the 95 % t interval over seeds, McNemar's exact p; "
+         "**holds**: both intervals exclude 0, **noise**: the image interval includes 0, **seed-dependent**: the images "
+         "show a difference the seeds do not agree on, **one seed**: the images show one the seeds cannot yet confirm.")
+_COLUMNS = "| A − B | what it isolates | seeds | Δ mean ± sd | Δ per seed | 95 % CI (images) | 95 % CI (seeds) | McNemar p | verdict |"
+
+
+def contrast_cells(a: str, b: str, question: str, rows: dict[str, dict]) -> str | None:
+    """One contrast's table cells, from "A − B" to the verdict (None unless both rows ran on paired seeds)."""
+    if a not in rows or b not in rows:
+        return None
+    paired = paired_runs(rows[a]["records"], rows[b]["records"])
+    if paired is None:
+        return None
+    f1 = {name: {r["seed"]: r["test"]["macro_f1"] for r in rows[name]["records"]} for name in (a, b)}
+    per_seed = [f1[a][s] - f1[b][s] for s in paired.seeds]
+    interval, test, seeds = paired.bootstrap(), paired.mcnemar(), seed_interval(per_seed)
+    spread = f" ± {statistics.stdev(per_seed):.3f}" if len(per_seed) > 1 else ""
+    return (f"| {a} − {b} | {question} | {len(paired.seeds)} | {statistics.fmean(per_seed):+.3f}{spread} | "
+            + ", ".join(f"{d:+.3f}" for d in per_seed)
+            + f" | [{interval.low:+.3f}, {interval.high:+.3f}] | " + (f"[{seeds[0]:+.3f}, {seeds[1]:+.3f}]" if seeds else "—")
+            + f" | {test.p_exact:.3g} | **{judge(interval, seeds)}** |")
+
+
 def contrast_table(rows: dict[str, dict]) -> str | None:
     """The markdown table of every contrast whose two rows ran (``rows``: row name → its runs under "records")."""
-    lines = []
-    for a, b, question in CONTRASTS:
-        if a not in rows or b not in rows:
-            continue
-        paired = paired_runs(rows[a]["records"], rows[b]["records"])
-        if paired is None:
-            continue
-        f1 = {name: {r["seed"]: r["test"]["macro_f1"] for r in rows[name]["records"]} for name in (a, b)}
-        per_seed = [f1[a][s] - f1[b][s] for s in paired.seeds]
-        interval, test, seeds = paired.bootstrap(), paired.mcnemar(), seed_interval(per_seed)
-        spread = f" ± {statistics.stdev(per_seed):.3f}" if len(per_seed) > 1 else ""
-        lines.append(f"| {a} − {b} | {question} | {len(paired.seeds)} | {statistics.fmean(per_seed):+.3f}{spread} | "
-                     + ", ".join(f"{d:+.3f}" for d in per_seed)
-                     + f" | [{interval.low:+.3f}, {interval.high:+.3f}] | " + (f"[{seeds[0]:+.3f}, {seeds[1]:+.3f}]" if seeds else "—")
-                     + f" | {test.p_exact:.3g} | **{judge(interval, seeds)}** |")
+    lines = [cells for a, b, question in CONTRASTS if (cells := contrast_cells(a, b, question, rows))]
     if not lines:
         return None
-    head = ("Contrasts (test macro-F1, A − B on paired seeds): mean ± sd of the per-seed differences, each seed's, the 95 % "
-            "paired bootstrap interval over test images (seeds held fixed), the 95 % t interval over seeds, McNemar's exact p; "
-            "**holds**: both intervals exclude 0, **noise**: the image interval includes 0, **seed-dependent**: the images "
-            "show a difference the seeds do not agree on.")
-    return "\n".join([head, "", "| A − B | what it isolates | seeds | Δ mean ± sd | Δ per seed | 95 % CI (images) | 95 % CI (seeds) "
-                      "| McNemar p | verdict |", "|---|---|---:|---:|---|---|---|---:|---|", *lines])
+    return "\n".join([_HEAD, "", _COLUMNS, "|---|---|---:|---:|---|---|---|---:|---|", *lines])
+
+
+def curve_contrast_table(by_length: dict[int, dict[str, dict]]) -> str | None:
+    """The curve's contrasts at each pre-training length E (``by_length``: E → row name → its runs under "records"),
+    so a gap between two rules is judged at every point rather than read off the curve's means."""
+    lines = [f"| {e} " + cells for e in sorted(by_length) for a, b, question in CURVE_CONTRASTS
+             if (cells := contrast_cells(a, b, question, by_length[e]))]
+    if not lines:
+        return None
+    return "\n".join([_HEAD, "", "| E " + _COLUMNS, "|---:|---|---|---:|---:|---|---|---|---:|---|", *lines])

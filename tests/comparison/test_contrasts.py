@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from comparison.contrasts import contrast_table, judge, paired_runs, seed_interval
+from comparison.contrasts import contrast_table, curve_contrast_table, judge, paired_runs, seed_interval
 from comparison.stats import PairedDifference, macro_f1
 
 LABELS = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0] * 4
@@ -64,3 +64,18 @@ def test_the_verdict_needs_the_image_interval_and_the_seed_interval():
     assert judge(PairedDifference(-0.05, -0.09, -0.01, 1, 40, 100), seed_interval([-0.05])) == "one seed"
     low, high = seed_interval([0.02, 0.05, 0.08])
     assert abs(low - (0.05 - 4.302653 * 0.03 / 3 ** 0.5)) < 1e-5 and abs(high + low - 0.10) < 1e-12
+
+
+def test_the_curve_is_judged_rule_against_rule_at_each_pre_training_length():
+    by_length = {
+        400: {"msmae_ft_all": _row([_wrong_every(0)]), "msmae_uniform_ft_all": _row([_wrong_every(0)])},  # level
+        50: {"msmae_ft_all": _row([_wrong_every(0)]), "msmae_uniform_ft_all": _row([_wrong_every(4)]),
+             "mae_cls": _row([_wrong_every(4)])},  # attention ahead of both; uniform and random identical
+    }
+    lines = [line for line in curve_contrast_table(by_length).splitlines() if line.startswith(("| 50 |", "| 400 |"))]
+    assert [line.split(" | ")[:2] for line in lines] == [
+        ["| 50", "msmae_ft_all − msmae_uniform_ft_all"], ["| 50", "msmae_ft_all − mae_cls"],
+        ["| 50", "msmae_uniform_ft_all − mae_cls"], ["| 400", "msmae_ft_all − msmae_uniform_ft_all"]]  # by E, then the questions' order
+    assert [line.rsplit(" | ", 1)[1] for line in lines] == ["**one seed** |", "**one seed** |", "**noise** |", "**noise** |"]
+    assert "| 1 | +0.000 | +0.000 | [+0.000, +0.000] | — |" in lines[2]  # one seed: no seed interval
+    assert curve_contrast_table({50: {"msmae_ft_all": _row([_wrong_every(0)])}}) is None  # nothing to pair
