@@ -231,3 +231,24 @@ def test_map_sources_are_rows_of_their_own_and_every_rule_is_scored_on_the_lesio
     assert scored == [0, 1] and not any(c["maps_refreshed"] for c in records[1]["pretrain_curve"])
     curve_row = next(line for line in text.splitlines() if line.startswith("| msmae_uniform_ft_all | rollout | "))
     assert curve_row.rstrip(" |").split(" | ")[2:4] == [f"{c['rollout/lesion_auroc']:.3f}" for c in records[1]["pretrain_curve"]]
+
+
+def test_the_curve_table_shows_each_length_and_judges_the_rules_there():
+    labels = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0] * 4
+    worse = [(y if i % 4 else (y + 1) % 3) for i, y in enumerate(labels)]  # wrong on every 4th image
+
+    def point(method: str, e: int | None, preds: list[int], pretrain_epochs: int = 400) -> dict:
+        r = _record(method, 0, compare_stats.macro_f1(np.array(preds), np.array(labels), 3), epochs=pretrain_epochs)
+        r["recipe"]["finetune_epochs"] = 10  # one curve: every point fine-tunes 10 epochs
+        r.update(classes=["a", "b", "c"], pretrain_checkpoint_epoch=e, predictions={"test_pred": preds, "test_label": labels})
+        return r
+
+    records = [point("msmae_ft_all", 50, worse), point("msmae_uniform_ft_all", 50, labels),
+               point("msmae_ft_all", 400, labels), point("supervised_eqflops", None, worse, pretrain_epochs=50)]
+    text = compare.markdown_tables(records)
+    f1_worse = compare_stats.macro_f1(np.array(worse), np.array(labels), 3)
+    assert f"| msmae_ft_all | {f1_worse:.3f} | 1.000 |" in text  # E = 50, E = 400
+    assert f"| supervised_eqflops (FLOPs of E + fine-tuning) | {f1_worse:.3f} | — |" in text  # joins the curve at its E
+    contrasts = [line for line in text.splitlines() if line.startswith(("| 50 |", "| 400 |"))]
+    assert [line.split(" | ")[1] for line in contrasts] == ["msmae_ft_all − msmae_uniform_ft_all", "msmae_ft_all − supervised_eqflops"]
+    assert contrasts[0].endswith("| **one seed** |") and contrasts[1].endswith("| **noise** |")  # same predictions: no gap
