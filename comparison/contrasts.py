@@ -35,6 +35,7 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("msmae_frozen_maps", "msmae", "SAM fine-tuning on the pre-training's maps vs maps refreshed while fine-tuning"),
     ("msmae_released", "msmae", "the released code's rule (uniform weights, softmax-CE CLS loss) vs the paper's"),
     ("msmae_ft_all", "supervised_eqflops", "MSMAE pre-training + fine-tuning vs a supervised ViT at equal training FLOPs"),
+    ("mae", "supervised_eqflops", "MAE pre-training + fine-tuning vs a supervised ViT at about equal training FLOPs"),
     ("supervised", "supervised_eqflops", "the supervised ViT's full schedule vs its equal-FLOPs one"),
     ("resnet18", "supervised", "a CNN vs a ViT, both supervised from scratch on the same images and epochs"),
 )

@@ -38,6 +38,9 @@ def test_each_contrast_is_judged_by_its_interval_and_its_seeds():
     assert _line(table, "mae_cls − mae").endswith("| **noise** |")
     assert "| 3 | +0.000 ± 0.000 | +0.000, +0.000, +0.000 | [+0.000, +0.000] | [+0.000, +0.000] |" in _line(table, "mae_cls − mae")
     assert "msmae − msmae_ft_all" not in table  # msmae did not run
+    assert "| mae − supervised_eqflops |" not in table  # its control did not run
+    with_supervised = contrast_table({**rows, "supervised_eqflops": _row([_wrong_every(0)] * 3)})
+    assert _line(with_supervised, "mae − supervised_eqflops").endswith("| **seed-dependent** |")  # MAE pre-training at equal FLOPs is asked too
     uniform = _line(table, "msmae_ft_all − msmae_uniform_ft_all")
     gap = 1 - rows["msmae_uniform_ft_all"]["records"][0]["test"]["macro_f1"]
     assert f"| {gap:+.3f} ± 0.000 | {gap:+.3f}, {gap:+.3f}, {gap:+.3f} |" in uniform
