@@ -25,9 +25,11 @@
 # The grid's top value, 1.6e-2, was added after seven of ten BTMD rows chose 4e-3, then the top.
 # HAM10000 (5,558 training images, 8 rows): ~6 x 39 min ~ 3.9 h. SMOKE=1 took 42 s (320 images).
 # THREADS (default 2): torch threads. Two jobs at THREADS=1 side by side (say this script and
-# cpu_pretrain_curve.sh) get ~1.45x the work of one job at 2 threads out of 2 cores (pre-training,
-# tiny ViT at 48 px: 387 img/s alone at 2 threads, 280 + 280 img/s as two 1-thread jobs; the
-# losses are the same at either thread count), at the cost of longer wall times per run.
+# cpu_pretrain_curve.sh) get 1.3-1.45x the work of one job at 2 threads out of 2 cores (pre-training,
+# tiny ViT at 48 px: HAM10000 387 img/s alone at 2 threads vs 280 + 280 img/s as two 1-thread jobs;
+# BTMD 310 vs 202 + 202 img/s; the losses are the same at either thread count), at the cost of
+# longer wall times per run. A 1-thread job beside a 2-thread one takes about a third of the
+# 2-thread job's speed (BTMD curve 310 -> 180-210 img/s), even at nice 19.
 set -euo pipefail
 
 DATASET=${DATASET:-btmd}
