@@ -82,7 +82,10 @@ def test_the_curve_is_judged_rule_against_rule_at_each_pre_training_length():
     assert [line.rsplit(" | ", 1)[1] for line in lines] == ["**one seed** |", "**one seed** |", "**noise** |", "**noise** |"]
     assert "| 1 | +0.000 | +0.000 | [+0.000, +0.000] | — |" in lines[2]  # one seed: no seed interval
     assert curve_contrast_table({50: {"msmae_ft_all": _row([_wrong_every(0)])}}) is None  # nothing to pair
-    against_supervised = {e: {"supervised_eqflops": _row([_wrong_every(4)]), "msmae_uniform_ft_all": _row([_wrong_every(0)]),
-                              "mae_cls": _row([_wrong_every(4)])} for e in (50,)}
-    assert [line.split(" | ")[1] for line in curve_contrast_table(against_supervised).splitlines() if line.startswith("| 50 |")] == [
+    # every rule is asked against the supervised ViT at its FLOPs, not only the attention rule
+    against_supervised = {50: {"supervised_eqflops": _row([_wrong_every(4)]), "msmae_uniform_ft_all": _row([_wrong_every(0)]),
+                               "mae_cls": _row([_wrong_every(4)])}}
+    lines = [line for line in curve_contrast_table(against_supervised).splitlines() if line.startswith("| 50 |")]
+    assert [line.split(" | ")[1] for line in lines] == [
         "msmae_uniform_ft_all − mae_cls", "msmae_uniform_ft_all − supervised_eqflops", "mae_cls − supervised_eqflops"]
+    assert [line.rsplit(" | ", 1)[1] for line in lines] == ["**one seed** |", "**one seed** |", "**noise** |"]
