@@ -250,5 +250,7 @@ def test_the_curve_table_shows_each_length_and_judges_the_rules_there():
     assert f"| msmae_ft_all | {f1_worse:.3f} | 1.000 |" in text  # E = 50, E = 400
     assert f"| supervised_eqflops (FLOPs of E + fine-tuning) | {f1_worse:.3f} | — |" in text  # joins the curve at its E
     contrasts = [line for line in text.splitlines() if line.startswith(("| 50 |", "| 400 |"))]
-    assert [line.split(" | ")[1] for line in contrasts] == ["msmae_ft_all − msmae_uniform_ft_all", "msmae_ft_all − supervised_eqflops"]
+    assert [line.split(" | ")[1] for line in contrasts] == ["msmae_ft_all − msmae_uniform_ft_all", "msmae_ft_all − supervised_eqflops",
+                                                            "msmae_uniform_ft_all − supervised_eqflops"]
     assert contrasts[0].endswith("| **one seed** |") and contrasts[1].endswith("| **noise** |")  # same predictions: no gap
+    assert contrasts[2].endswith("| **one seed** |")
